@@ -257,3 +257,8 @@ def size(path: str | os.PathLike) -> int:
 def local_path(path: str | os.PathLike) -> str | None:
   """The OS path of a local file (e.g. to memory-map it), or None for a URL."""
   return None if is_url(path) else _local(path)
+
+
+def clear_cache() -> None:
+  """Forgets the cached filesystem clients (e.g. after the emulator's address changed)."""
+  _filesystem.cache_clear()

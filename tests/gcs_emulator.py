@@ -1,0 +1,86 @@
+"""A local, in-memory Google Cloud Storage server for tests (``gcp-storage-emulator`` from PyPI).
+
+``gcs_bucket`` (a pytest fixture, imported by the tests that use it) starts the emulator on a free
+localhost port, points every client at it with the standard variables — ``STORAGE_EMULATOR_HOST``
+(gcsfs, google-cloud-storage) and ``TENSORSTORE_GCS_HTTP_URL`` + ``GOOGLE_AUTH_TOKEN_FOR_TESTING``
+(tensorstore, i.e. orbax's array writes) — in this process and in the subprocesses it starts, and
+stops the server afterwards. It yields the bucket's URL, ``gs://<bucket>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+BUCKET = "align-jax-test"
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def emulator_env(port: int) -> dict[str, str]:
+  """The variables that send gcsfs, google-cloud-storage and tensorstore to the emulator."""
+  url = f"http://127.0.0.1:{port}"
+  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+@contextlib.contextmanager
+def running_emulator(bucket: str = BUCKET, timeout: float = 30.0):
+  """Starts the emulator with ``bucket``; yields its port; stops it on exit."""
+  port = free_port()
+  process = subprocess.Popen(
+      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+       f"--port={port}", "--in-memory", f"--default-bucket={bucket}"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + timeout
+    while True:
+      with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+          break
+      if process.poll() is not None or time.time() > deadline:
+        raise RuntimeError(f"GCS emulator did not start on port {port}")
+      time.sleep(0.1)
+    yield port
+  finally:
+    process.terminate()
+    try:
+      process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch):
+  """``gs://<bucket>`` on a fresh in-memory emulator, with this process's clients pointed at it.
+
+  The variables are also in ``os.environ``, so subprocesses (``main.py``) inherit them. gcsfs
+  instances are cached per process: the cache is cleared so no client keeps an old endpoint.
+  """
+  with running_emulator() as port:
+    for key, value in emulator_env(port).items():
+      monkeypatch.setenv(key, value)
+    _clear_client_caches()
+    yield f"gs://{BUCKET}"
+  _clear_client_caches()
+
+
+def _clear_client_caches() -> None:
+  from align_jax import storage  # pylint: disable=g-import-not-at-top
+  storage.clear_cache()
+  try:
+    import gcsfs  # pylint: disable=g-import-not-at-top
+    gcsfs.GCSFileSystem.clear_instance_cache()
+  except ImportError:  # pragma: no cover - gcsfs is in requirements.txt
+    pass
