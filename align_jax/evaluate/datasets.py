@@ -158,6 +158,10 @@ class TfdsClassificationReader:
       raise ValueError(f"{self.name} labels are WordNet ids ({raw[0]}, ...), which a text encoder "
                        "cannot read; pass class_names= a list or a file of readable names (one "
                        "per line, in label order; e.g. CLIP's 1000 ImageNet class names).")
+    elif all(n.isdigit() for n in raw):  # e.g. caltech_birds2011: ClassLabel(num_classes=200)
+      raise ValueError(f"{self.name} labels are bare numbers ({raw[0]}, {raw[1 % len(raw)]}, "
+                       "...), not class names; pass class_names= a list or a file of readable "
+                       "names (one per line, in label order).")
     else:
       self.class_names = [readable_class_name(n) for n in raw]
     if len(self._source) == 0:

@@ -15,6 +15,7 @@ captions) or change their data; the params and the encoders must match the check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -77,6 +78,43 @@ def _on_mesh(params: Any, mesh, rules) -> Any:
       params, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A checkpoint ready to evaluate: the model, its params and frozen params on the mesh."""
+  model: Any
+  params: Any
+  frozen: Any
+  mesh: Any
+  step: int
+  checkpoint: str
+
+
+def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str,
+                           step: int | None = None, mesh=None) -> Restored:
+  """Validates ``config``, restores a checkpoint's trainable params and builds the frozen encoders.
+
+  Args:
+    config: the run's config (the encoders and projectors must match the checkpoint's).
+    workdir: the training run's folder.
+    step: checkpoint step; None for the latest.
+    mesh: defaults to the one ``config.mesh`` describes over all devices.
+
+  Raises:
+    FileNotFoundError: no checkpoint (at ``step``) in ``workdir/checkpoints``.
+    ValueError: the config is invalid.
+  """
+  mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
+  config_lib.validate(config, sharding.num_batch_shards(mesh, tuple(config.mesh.batch_axes)),
+                      jax.process_count())
+  host_params, step, folder = restore_params(workdir, step)
+  params = _on_mesh(host_params, mesh, config.mesh.param_rules)
+  model = model_lib.build_model(config, mesh)
+  frozen_host = model.frozen_params()
+  frozen = jax.device_put(
+      frozen_host, sharding.param_shardings(frozen_host, mesh, config.mesh.frozen_param_rules))
+  return Restored(model, params, frozen, mesh, int(step), folder)
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
                         mesh=None) -> dict:
   """Runs every evaluator of ``config.evals`` on a checkpoint; writes ``workdir/eval_results.json``.
@@ -97,20 +135,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
   if not config.evals:
     raise ValueError("config.evals is empty: add an evaluator, e.g. --config.evals or "
                      "config.evals.imagenet = dict(type='zero_shot', data=dict(...)).")
-  mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
-  config_lib.validate(config, sharding.num_batch_shards(mesh, tuple(config.mesh.batch_axes)),
-                      jax.process_count())
-  host_params, step, folder = restore_params(workdir, step)
-  params = _on_mesh(host_params, mesh, config.mesh.param_rules)
-  model = model_lib.build_model(config, mesh)
-  frozen_host = model.frozen_params()
-  frozen = jax.device_put(
-      frozen_host, sharding.param_shardings(frozen_host, mesh, config.mesh.frozen_param_rules))
+  run = restore_for_evaluation(config, workdir, step, mesh)
   results: dict[str, float] = {}
-  for evaluator in evaluators_lib.build_evaluators(config, model, mesh):
-    results.update(evaluator.run(params, frozen))
-  logger.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in results.items()))
-  report = {"step": int(step), "checkpoint": folder, "results": results}
+  for evaluator in evaluators_lib.build_evaluators(config, run.model, run.mesh):
+    results.update(evaluator.run(run.params, run.frozen))
+  logger.info("step %d eval: %s", run.step, " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+  report = {"step": run.step, "checkpoint": run.checkpoint, "results": results}
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS_FILE)
