@@ -21,6 +21,7 @@ from PIL import Image
 
 import align_jax
 import helpers_data as hd
+from helpers_tfds import write_tfds
 from align_jax import config as config_lib
 from align_jax import train
 from align_jax.data import synthetic_images
@@ -106,50 +107,7 @@ def test_help_runs_as_a_module():
   assert "--workdir WORKDIR" in words and "flickr30k (Flickr30k (1k test))" in words
 
 
-# ------------------------------------------------------------- tiny TFDS builds of real builders
-
-
-def _fake_value(feature, key: str, image: bytes, label: int):
-  """A value of ``feature`` that TFDS can encode without TensorFlow (images as PNG bytes)."""
-  import tensorflow_datasets as tfds
-  f = tfds.features
-  if isinstance(feature, f.FeaturesDict):
-    return {k: _fake_value(sub, k, image, label) for k, sub in feature.items()}
-  if isinstance(feature, f.Sequence):
-    inner = feature.feature
-    return {k: [] for k in inner.keys()} if isinstance(inner, f.FeaturesDict) else []
-  if isinstance(feature, f.Image):
-    if key == "image":
-      return image
-    buf = io.BytesIO()
-    Image.new("L" if feature.shape[-1] == 1 else "RGB", (4, 4)).save(buf, "PNG")
-    return buf.getvalue()
-  if isinstance(feature, f.ClassLabel):
-    return label if key == "label" else 0
-  if isinstance(feature, f.BBoxFeature):
-    return f.BBox(0.0, 0.0, 1.0, 1.0)
-  if isinstance(feature, f.Text):
-    return "x"
-  return np.zeros([d or 1 for d in feature.shape], feature.np_dtype)
-
-
-def write_tfds(data_dir: str, name: str, split: str, images: list[bytes], labels: list[int]):
-  """Prepares TFDS builder ``name`` (its own code and features) as array_record with our images."""
-  import tensorflow_datasets as tfds
-  builder_name, _, config = name.partition("/")
-
-  class Tiny(tfds.builder_cls(builder_name), skip_registration=True):
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {split: self._generate_examples()}
-
-    def _generate_examples(self):
-      for i, (image, label) in enumerate(zip(images, labels)):
-        yield i, _fake_value(self.info.features, "", image, label)
-
-  Tiny.name = builder_name
-  Tiny(data_dir=data_dir, file_format="array_record",
-       **({"config": config} if config else {})).download_and_prepare()
+# ----------------------------------------------------------------------- tiny trained run + data
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -221,7 +179,7 @@ def world(tmp_path_factory):
     pixels = _scenes(count, seed)
     scores = model.embed_images(pixels) @ model.class_embeddings(class_names, templates).T
     labels, top1 = _known_labels(scores)
-    write_tfds(data_dir, builder, split, [_png(p) for p in pixels], labels)
+    write_tfds(data_dir, builder, {split: ([_png(p) for p in pixels], labels)})
     expected[key], names[key] = top1, class_names
     return scores, labels
 

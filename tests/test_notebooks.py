@@ -1,7 +1,8 @@
 """Every notebook in notebooks/ runs top to bottom on CPU, in a fresh kernel and an empty folder.
 
 The kernel sees the repository through PYTHONPATH (so the notebooks' Colab setup cell skips the
-clone) and one CPU device, as a Colab CPU runtime would. Beyond "no cell raised", each notebook's
+clone) and one CPU device, as a Colab CPU runtime would, and ``HF_HUB_OFFLINE=1``, so each notebook
+takes its offline path (tiny models; the hub path is ``tests/test_demos.py``'s). Beyond "no cell raised", each notebook's
 printed results are checked: the demos learn (held-out retrieval well above chance), AlignedModel
 reproduces the trainer's own held-out evaluation, and the selection writes a ranked table.
 """
@@ -26,6 +27,7 @@ def _run(path, workdir, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as on Colab
   monkeypatch.setenv("ALIGN_JAX_CACHE", str(workdir / "cache"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the offline path (align_jax.demos.use_hub)
   notebook = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(workdir)}})
@@ -89,4 +91,6 @@ def test_notebooks_hold_no_local_paths():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   name = os.path.basename(path)
-  CHECKS[name](name, _run(path, tmp_path, monkeypatch), tmp_path)
+  text = _run(path, tmp_path, monkeypatch)
+  assert "no network: HF_HUB_OFFLINE=1 -> offline path" in text, text[:2000]
+  CHECKS[name](name, text, tmp_path)
