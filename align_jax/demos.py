@@ -18,8 +18,10 @@ that prints which path it took.
 
 The functions below hide the difference, so the notebooks' cells are the same on both paths and
 hold no logic of their own: :func:`zero_shot_examples` and :func:`show_zero_shot`,
-:func:`heldout_recall`, :func:`search`, :func:`feature_store_configs` (extraction and
-training on stored features) and :func:`selection_candidates` (encoder-pair selection).
+:func:`heldout_recall`, :func:`search`, :func:`extract_feature_stores` and
+:func:`features_config` (training on stored features) and :func:`selection_candidates`
+(encoder-pair selection). Nothing here has been run against the real hub or TFDS downloads
+on our machines (no network): ``tests/test_demos.py`` runs the hub path with local stand-ins.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def test_network_check_is_bounded_and_says_why(server, monkeypatch):
                        "zero-shot on TFDS cifar10")
 
 
-def test_offline_examples_are_labelled_by_colour():
-  config = demo_online.get_config("steps=2")
+def test_offline_examples_are_labelled_by_colour(tmp_path):
+  config = demo_online.get_config(f"steps=2,cache={tmp_path}")
   examples = demos.zero_shot_examples(config)
   assert len(examples.images) == 12 and examples.class_names == list(synthetic_images.COLORS)
   for caption, label in zip(examples.captions, examples.labels):

@@ -226,6 +226,7 @@ def test_suite_prints_the_table_with_known_answers(world, capsys):
          f"eurosat/rgb in {data_dir})" in skipped
   assert "error in CUB-200 (cub): tfds caltech_birds2011[test] labels are bare numbers (0, 1, " \
          "...), not class names" in out
+  assert "For the suite: a cub_classes.txt in --prompts or --manifests." in out
 
   with open(os.path.join(world["workdir"], suite.RESULTS_JSON)) as f:
     report = json.load(f)

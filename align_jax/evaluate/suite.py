@@ -311,8 +311,11 @@ def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts:
       built[key] = evaluators_lib.EVALUATORS[benchmark.task](key, eval_config, config, run.model,
                                                              run.mesh)
     except _DATA_ERRORS as error:
-      errors[key] = str(error)
-      say(f"error in {benchmark.title} ({key}): {error}")
+      message = str(error)
+      if benchmark.task == ZERO_SHOT and "pass class_names" in message:
+        message += f" For the suite: a {key}_classes.txt in --prompts or --manifests."
+      errors[key] = message
+      say(f"error in {benchmark.title} ({key}): {message}")
   rows, results = [], {}
   for key, evaluator in built.items():
     benchmark, start = BY_KEY[key], time.time()
