@@ -11,52 +11,18 @@ import logging
 import os
 import struct
 
-import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 from align_jax import reporting, storage, tb_events
 
 from gcs_emulator import gcs_bucket  # noqa: F401  (pytest fixture)
+from helpers_metrics import assert_tensorboard_equals_metrics, rows as _rows, tensorboard
 
 EVAL = {"eval/i2t@1": 0.25, "eval/t2i@5": 0.5}
 
 
 def _train(step):
   return {"train/loss": 10.0 / step, "train/learning_rate": 1e-3 * step}
-
-
-def _rows(workdir):
-  return [json.loads(line) for line in storage.read_text(
-      storage.join(workdir, "metrics.jsonl")).splitlines()]
-
-
-def _tensorboard(workdir, tmp_path):
-  """{tag: [(step, value, wall_time)]} as TensorBoard reads the workdir's tensorboard/ folder."""
-  folder = storage.join(workdir, "tensorboard")
-  if storage.is_url(folder):  # TensorBoard's reader has no gs:// without TensorFlow: copy it
-    local = tmp_path / "tensorboard_copy"
-    local.mkdir(exist_ok=True)
-    for name in os.listdir(local):
-      os.remove(local / name)
-    for name in storage.listdir(folder):
-      (local / name).write_bytes(storage.read_bytes(storage.join(folder, name)))
-    folder = str(local)
-  accumulator = event_accumulator.EventAccumulator(
-      folder, size_guidance={event_accumulator.SCALARS: 0})
-  accumulator.Reload()
-  return {tag: [(e.step, e.value, e.wall_time) for e in accumulator.Scalars(tag)]
-          for tag in accumulator.Tags()["scalars"]}
-
-
-def _assert_tensorboard_equals_metrics(workdir, tmp_path):
-  expected: dict[str, list] = {}
-  for row in _rows(workdir):
-    for tag, value in reporting.scalars(row).items():
-      expected.setdefault(tag, []).append((row["step"], float(np.float32(value))))
-  got = {tag: [(s, v) for s, v, _ in points] for tag, points in _tensorboard(
-      workdir, tmp_path).items()}
-  assert got == expected
 
 
 def _kill_mid_write(workdir):
@@ -81,7 +47,7 @@ def test_torn_line_is_dropped_and_reported(tmp_path, caplog):
   writer.close()
   assert [r["step"] for r in _rows(workdir)] == [10, 20, 30, 40]
   assert _rows(workdir)[-1] == {"step": 40, **_train(40)}
-  _assert_tensorboard_equals_metrics(workdir, tmp_path)
+  assert_tensorboard_equals_metrics(workdir)
 
 
 def test_unreadable_lines_anywhere_are_dropped(tmp_path, caplog):
@@ -108,7 +74,7 @@ def test_rows_after_the_restored_step_are_dropped_eval_rows_too(tmp_path):
   rows = _rows(workdir)
   assert [(r["step"], "eval/i2t@1" in r) for r in rows] == [
       (0, True), (10, False), (10, True), (20, False), (20, True), (30, False), (30, True)]
-  _assert_tensorboard_equals_metrics(workdir, tmp_path)
+  assert_tensorboard_equals_metrics(workdir)
 
 
 def test_fresh_restarts_keep_one_step0_eval_row(tmp_path):
@@ -120,7 +86,7 @@ def test_fresh_restarts_keep_one_step0_eval_row(tmp_path):
     writer.write(10, _train(10))
   writer.close()
   assert [r["step"] for r in _rows(workdir)] == [0, 10]
-  _assert_tensorboard_equals_metrics(workdir, tmp_path)
+  assert_tensorboard_equals_metrics(workdir)
 
 
 def test_repeated_rows_of_older_runs_keep_one(tmp_path):
@@ -137,17 +103,17 @@ def test_tensorboard_keeps_tag_names_values_and_wall_times(tmp_path):
                    "train/loss": float("nan"), "note": "text"})
   writer.write(10, _train(10))
   writer.write(20, _train(20))
-  before = _tensorboard(workdir, tmp_path)
+  before = tensorboard(workdir)
   assert sorted(before) == ["data/skipped_corrupt", "eval/i2t@1", "eval/t2i@5",
                             "eval/zero_shot@imagenet/top1", "train/learning_rate", "train/loss"]
   assert before["eval/i2t@1"][0][:2] == (0, 0.25)
   assert [p[:2] for p in before["train/loss"]] == [(10, 1.0), (20, 0.5)]  # NaN: not a point
   reporting.MetricsWriter(workdir, 100, resume_step=10).close()  # resume at 10: step 20 dropped
-  after = _tensorboard(workdir, tmp_path)
+  after = tensorboard(workdir)
   assert after["train/loss"] == before["train/loss"][:1]  # the same wall time, not the rebuild's
   assert after["eval/i2t@1"] == before["eval/i2t@1"]
   assert len([n for n in os.listdir(tmp_path / "tensorboard") if "tfevents" in n]) == 1
-  _assert_tensorboard_equals_metrics(workdir, tmp_path)
+  assert_tensorboard_equals_metrics(workdir)
 
 
 def test_event_file_reader_stops_at_a_torn_frame(tmp_path):
@@ -182,9 +148,9 @@ def test_gcs_workdir_metrics_and_tensorboard(gcs_bucket, tmp_path, monkeypatch, 
   writer.write(30, EVAL)
   writer.close()
   assert [r["step"] for r in _rows(workdir)] == [0, 10, 20, 30, 30]
-  _assert_tensorboard_equals_metrics(workdir, tmp_path)
+  assert_tensorboard_equals_metrics(workdir)
   assert len(storage.listdir(f"{workdir}/tensorboard")) == 1
-  assert sorted(os.listdir(tmp_path)) == ["tensorboard_copy"]  # no local gs: folder
+  assert os.listdir(tmp_path) == []  # no local gs: folder
 
 
 @pytest.mark.parametrize("resume_step", [0, 7])
