@@ -298,7 +298,7 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def rename(source: str | os.PathLike, target: str | os.PathLike) -> None:
-  """Moves a file or folder (atomic locally; copy + delete on object stores)."""
+  """Moves a file or folder within one store (atomic locally; copy + delete on object stores)."""
   if not is_url(source) and not is_url(target):
     os.replace(_local(source), _local(target))
     return

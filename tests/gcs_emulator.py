@@ -27,6 +27,10 @@ import pytest
 
 BUCKET = "align-jax-test"
 
+# gcsfs picks its class (with or without the ~60 s gRPC bucket probe an emulator never answers)
+# when it is first imported, which may be before a fixture sets the emulator's variables.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 
 def free_port() -> int:
   with socket.socket() as s:

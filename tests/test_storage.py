@@ -148,6 +148,22 @@ def test_dead_endpoint_fails_fast_with_the_url(gcs_bucket, monkeypatch):
   assert time.time() - start < 5
 
 
+def test_endpoint_that_never_answers_fails_after_the_timeout(monkeypatch):
+  with socket.socket() as server:  # accepts connections (kernel backlog), never replies
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.getsockname()[1]}")
+    storage.clear_cache()
+    start = time.time()
+    try:
+      with pytest.raises(storage.StorageError, match=r"^cannot write gs://align-jax-test/run: no "
+                         r"answer within 2 s; check the bucket's permissions"):
+        storage.check_writable("gs://align-jax-test/run", timeout=2)
+    finally:
+      storage.clear_cache()
+  assert time.time() - start < 10
+
+
 def test_no_emulator_no_credentials_fails_in_one_line(tmp_path):
   """Real GCS endpoint, no credentials (and no network here): one line, bounded in time."""
   env = {k: v for k, v in os.environ.items()
