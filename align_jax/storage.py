@@ -313,19 +313,42 @@ def size(path: str | os.PathLike) -> int:
   return int(_call(path, "read", "size"))
 
 
-def version(path: str | os.PathLike) -> str:
-  """A string that changes whenever the file's content may have (for caches keyed on files).
-
-  Local: size and modification time. Object stores: size and the object's generation (GCS) or
-  its ETag / modification time where the store has no generations.
-  """
-  if not is_url(path):
-    st = os.stat(_local(path))
-    return f"{st.st_size}:{st.st_mtime_ns}"
-  info = _call(path, "read", "info")
+def _version_of(info: dict) -> str:
   tag = next((info[k] for k in ("generation", "ETag", "etag", "mtime", "updated", "md5Hash")
               if info.get(k)), "")
   return f"{info.get('size')}:{tag}"
+
+
+def versions(paths: list[str]) -> list[str]:
+  """For each file, a string that changes whenever its content may have (for caches).
+
+  Local: size and modification time. Object stores: size and the object's generation (GCS) or
+  its ETag / modification time where the store has no generations; one listing per folder, not
+  one request per file (thousands of WebDataset shards). A missing file raises
+  ``FileNotFoundError``.
+  """
+  out: list[str] = []
+  listings: dict[str, dict[str, dict]] = {}
+  for path in paths:
+    text = os.fspath(path)
+    if not is_url(text):
+      st = os.stat(_local(text))
+      out.append(f"{st.st_size}:{st.st_mtime_ns}")
+      continue
+    folder = dirname(text)
+    if folder not in listings:
+      entries = _call(folder, "list", "ls", detail=True) if exists(folder) else []
+      listings[folder] = {e["name"].split("://", 1)[-1].rstrip("/"): e for e in entries}
+    info = listings[folder].get(text.split("://", 1)[-1])
+    if info is None or info.get("type") == "directory":
+      raise FileNotFoundError(errno.ENOENT, "no such file or object", text)
+    out.append(_version_of(info))
+  return out
+
+
+def version(path: str | os.PathLike) -> str:
+  """:func:`versions` of one file."""
+  return versions([os.fspath(path)])[0]
 
 
 def local_path(path: str | os.PathLike) -> str | None:

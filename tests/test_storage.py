@@ -67,6 +67,10 @@ def _round_trips(root: str) -> None:
   with pytest.raises(FileNotFoundError, match="nothing.json"):
     storage.read_bytes(missing)
   assert not storage.exists(missing) and not storage.isfile(missing)
+  with pytest.raises(FileNotFoundError):
+    storage.version(missing)
+  assert len(set(storage.versions([storage.join(run, "config.json"),
+                                   storage.join(run, "rows.csv")]))) == 2
 
   storage.rename(storage.join(run, "sub"), storage.join(run, "moved"))
   assert storage.listdir(run) == ["config.json", "moved", "new.txt", "rows.csv"]

@@ -106,8 +106,8 @@ def index_shard(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str |
 def _index_digest(shards: list[str], caption_key: str) -> str:
   """Identifies a set of shards by path, size and version (mtime, or the object's generation)."""
   digest = hashlib.sha256(f"v1|{caption_key}".encode())
-  for path in shards:
-    digest.update(f"|{storage.normalize(path)}|{storage.version(path)}".encode())
+  for path, version in zip(shards, storage.versions(shards)):
+    digest.update(f"|{storage.normalize(path)}|{version}".encode())
   return digest.hexdigest()[:24]
 
 
