@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from align_jax import storage
+
 logger = logging.getLogger("align_jax")
 
 
@@ -26,7 +28,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
     self.every = every
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = storage.join(storage.normalize(workdir), "checkpoints")  # or a gs:// URL
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

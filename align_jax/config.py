@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from align_jax import storage
+
 LOSSES = ("softmax", "sigmoid")
 
 
@@ -36,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.name = ""  # tfds builder name, e.g. "coco_captions"
   c.data.data_dir = ""  # tfds data_dir
   c.data.urls = ""  # webdataset shards: paths, globs or brace lists
-  c.data.index_cache_dir = ""  # webdataset: where tar indexes are cached ("" = beside shards)
+  c.data.index_cache_dir = ""  # webdataset: folder of the tar indexes ("" = a local temp folder)
   c.data.image_root = ""  # manifest: folder the image paths are relative to
   c.data.image_key = "image"
   c.data.caption_key = ""  # "" = the reader's default (tfds: captions/text; others: caption)
@@ -181,8 +183,7 @@ def from_json(path: str) -> ml_collections.ConfigDict:
   JSON has no tuples, so lists are turned back into tuples where the schema has tuples.
   """
   import json
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(storage.read_text(path))  # a local path or a URL
   config = default_config()
 
   def merge(node: ml_collections.ConfigDict, values: dict, prefix: str):

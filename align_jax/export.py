@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import ml_collections
@@ -30,6 +29,7 @@ import numpy as np
 
 import align_jax
 from align_jax import inference
+from align_jax import storage
 
 FORMAT = inference.EXPORT_FORMAT
 
@@ -72,24 +72,26 @@ def export(workdir: str, out: str, *, step: int | None = None,
     step: the checkpoint step (default: the latest).
     config: the training config, instead of ``WORKDIR/config.json``.
   """
-  from safetensors.numpy import save_file
-  if not os.path.isdir(workdir):
+  from safetensors.numpy import save
+  if storage.is_url(out):  # an unreachable bucket: one line now, not after gcsfs's retries
+    storage.check_writable(out)
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f"--workdir {workdir!r} is not a folder: pass a training workdir")
   if config is None:
-    config_path = os.path.join(workdir, inference.CONFIG_FILE)
-    if not os.path.isfile(config_path):
+    config_path = storage.join(workdir, inference.CONFIG_FILE)
+    if not storage.isfile(config_path):
       raise FileNotFoundError(f"{config_path} is missing: pass config= (the run's config) or "
                               "re-run training once with a current align_jax to write it")
     config = inference.config_from_json(config_path)
   params, step = inference.restore_params(workdir, step)
-  os.makedirs(out, exist_ok=True)
-  save_file(_flatten(params), os.path.join(out, inference.WEIGHTS_FILE),
-            metadata={"format": FORMAT, "step": str(step)})
-  with open(os.path.join(out, inference.CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  # Each file is replaced whole (atomic; locally with the mode open() gives, 0644 under the usual
+  # umask); the model card, which marks the folder as an export, comes last.
+  storage.makedirs(out)
+  storage.write_bytes(storage.join(out, inference.WEIGHTS_FILE),
+                      save(_flatten(params), metadata={"format": FORMAT, "step": str(step)}))
+  storage.write_text(storage.join(out, inference.CONFIG_FILE), config.to_json_best_effort(indent=2))
   card = model_card(config, params, step)
-  with open(os.path.join(out, inference.MODEL_FILE), "w", encoding="utf-8") as f:
-    json.dump(card, f, indent=2)
+  storage.write_text(storage.join(out, inference.MODEL_FILE), json.dumps(card, indent=2))
   return card
 
 

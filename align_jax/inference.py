@@ -48,6 +48,7 @@ import numpy as np
 import align_jax
 from align_jax import config as config_lib
 from align_jax import model as model_lib
+from align_jax import storage
 from align_jax import toy_encoders
 
 MODEL_FILE = "align_jax_model.json"  # marks an exported folder
@@ -59,12 +60,11 @@ IMAGE_PREPROCESSING = ("eval", "encoder")
 
 def config_from_json(path: str) -> ml_collections.ConfigDict:
   """A training config read back from its ``config.json`` (keys it lacks keep their defaults)."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      values = json.load(f)
-    except json.JSONDecodeError as error:
-      raise ValueError(f"{path} is not valid JSON ({error}); pass the run's config with "
-                       "config=align_jax.config... or rewrite the file") from None
+  try:
+    values = json.loads(storage.read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not valid JSON ({error}); pass the run's config with "
+                     "config=align_jax.config... or rewrite the file") from None
   config = config_lib.default_config()
   try:
     config.update(values)
@@ -75,12 +75,17 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps of a workdir (orbax renames a step folder when it completes)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  """The finished checkpoint steps of a workdir.
+
+  Locally orbax renames a step folder from a temporary name when it completes; on an object
+  store (no rename) it writes ``commit_success.txt`` into the folder last.
+  """
+  directory = storage.join(workdir, "checkpoints")
+  if not storage.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state")))
+  marker = "commit_success.txt" if storage.is_url(directory) else "state"
+  return sorted(int(name) for name in storage.listdir(directory)
+                if name.isdigit() and storage.exists(storage.join(directory, name, marker)))
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
@@ -93,13 +98,13 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(
-        f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (python main.py "
+        f"no checkpoint in {storage.join(workdir, 'checkpoints')}: train first (python main.py "
         f"--config=... --workdir={workdir}) or load an exported folder")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; available steps: {steps}")
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  path = storage.join(storage.normalize(workdir), "checkpoints", str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
@@ -119,12 +124,12 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 def load_exported_params(folder: str) -> dict:
   """The params pytree of an exported folder's safetensors file."""
   from flax import traverse_util
-  from safetensors.numpy import load_file
-  path = os.path.join(folder, WEIGHTS_FILE)
-  if not os.path.isfile(path):
+  from safetensors.numpy import load
+  path = storage.join(folder, WEIGHTS_FILE)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path} is missing: export the run again with python -m "
                             "align_jax.export --workdir=RUN --out=FOLDER")
-  return traverse_util.unflatten_dict(load_file(path), sep="/")
+  return traverse_util.unflatten_dict(load(storage.read_bytes(path)), sep="/")
 
 
 def _as_rows(x: Any, name: str) -> np.ndarray:
@@ -184,13 +189,13 @@ class AlignedModel:
         encoder's Hugging Face processor); see the module docstring.
     """
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
       raise FileNotFoundError(f"{path!r} is not a folder: pass a training workdir or a folder "
                               "written by python -m align_jax.export")
-    exported = os.path.isfile(os.path.join(path, MODEL_FILE))
+    exported = storage.isfile(storage.join(path, MODEL_FILE))
     if config is None:
-      config_path = os.path.join(path, CONFIG_FILE)
-      if not os.path.isfile(config_path):
+      config_path = storage.join(path, CONFIG_FILE)
+      if not storage.isfile(config_path):
         raise FileNotFoundError(
             f"{config_path} is missing: pass the run's config, e.g. AlignedModel.load(path, "
             "config=configs.demo.get_config()), or train with a current align_jax (it writes "
@@ -203,8 +208,7 @@ class AlignedModel:
     if text_encoder is not None:
       config.model.text_encoder = text_encoder
     if exported:
-      with open(os.path.join(path, MODEL_FILE), encoding="utf-8") as f:
-        info = json.load(f)
+      info = json.loads(storage.read_text(storage.join(path, MODEL_FILE)))
       if info.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} holds an export of format {info.get('format')!r}; this "
                          f"align_jax ({align_jax.__version__}) reads {EXPORT_FORMAT!r}: upgrade "

@@ -1,9 +1,25 @@
 """Where metrics go: ``WORKDIR/metrics.jsonl``, TensorBoard event files and a console progress line.
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (train and eval
-keys alike), so a run can be plotted or compared with ``pandas.read_json(..., lines=True)``. When a
-run resumes from a checkpoint, lines after the restored step are dropped first, so the file
-describes a single trajectory even if the previous process was killed between a log and a save.
+keys alike), so a run can be plotted or compared with ``pandas.read_json(..., lines=True)``.
+``WORKDIR/tensorboard`` holds the same points (every finite number of every row) under the same
+tag names.
+
+The run directory describes a single trajectory, whatever killed the previous process and when.
+On start (:class:`MetricsWriter`):
+
+* an unreadable line (torn by a kill during a write, or damaged) is dropped and reported with the
+  file's path, never fatal;
+* after a resume from the checkpoint at step S, rows of steps after S (train and eval alike) are
+  dropped: the run logs them again. A fresh start (no checkpoint, S = 0) drops every row,
+  including a step-0 evaluation that the new attempt runs again;
+* TensorBoard is rebuilt from the rows kept: one new event file (original wall times kept where
+  the old files had them), after which the old files are deleted. So TensorBoard and
+  ``metrics.jsonl`` hold the same points after any kill and resume.
+
+Local files are appended to (one write per row, flushed). Object stores have no append: for a URL
+workdir the writer keeps both files' content in memory and replaces each object whole at every
+row (they are small: ~0.5 KB per row).
 """
 
 from __future__ import annotations
@@ -11,17 +27,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 
 import jax
 
-try:  # TensorBoard without TensorFlow (clu's writers import TF; see README).
-  from tensorboardX import SummaryWriter
-except ImportError:  # pragma: no cover - tensorboardX is in requirements.txt
-  SummaryWriter = None
+from align_jax import storage, tb_events
 
 logger = logging.getLogger("align_jax")
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _to_python(value):
@@ -29,44 +44,118 @@ def _to_python(value):
   return value
 
 
+def parse_metrics(data: bytes) -> tuple[list[tuple[dict, str]], int]:
+  """``([(row, line text)], number of unreadable lines)`` of a metrics.jsonl file's bytes.
+
+  A line is readable when it is UTF-8 JSON of an object with an integer ``step``.
+  """
+  rows, unreadable = [], 0
+  for raw in data.split(b"\n"):
+    if not raw.strip():
+      continue
+    try:
+      text = raw.decode("utf-8").strip()
+      row = json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+      unreadable += 1
+      continue
+    if (not isinstance(row, dict) or not isinstance(row.get("step"), int)
+        or isinstance(row.get("step"), bool)):
+      unreadable += 1
+      continue
+    rows.append((row, text))
+  return rows, unreadable
+
+
+def scalars(row: dict) -> dict[str, float]:
+  """The TensorBoard points of a metrics row: every finite number except ``step``."""
+  return {k: float(v) for k, v in row.items()
+          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v)}
+
+
 class MetricsWriter:
-  """Appends metric dicts to metrics.jsonl and TensorBoard; prints progress with steps/s and ETA."""
+  """Writes metric dicts to metrics.jsonl and TensorBoard; prints progress with steps/s and ETA.
+
+  Args:
+    workdir: the run's folder (local path or URL).
+    total_steps: for the ETA.
+    resume_step: the step of the checkpoint the run restored; 0 for a fresh start.
+    tensorboard: also write ``WORKDIR/tensorboard``.
+  """
 
   def __init__(self, workdir: str, total_steps: int, *, resume_step: int = 0,
                tensorboard: bool = True):
     self.is_writer = jax.process_index() == 0
     self.total_steps = total_steps
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(workdir, METRICS_FILE)
+    self._remote = storage.is_url(workdir)
+    self._lines: list[str] = []  # the file's content, for a URL workdir (no append there)
     self._tb = None
     if self.is_writer:
-      os.makedirs(workdir, exist_ok=True)
-      self._truncate_after(resume_step)
-      if tensorboard and SummaryWriter is not None:
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      storage.makedirs(workdir)
+      kept = self._clean(resume_step)
+      if tensorboard:
+        self._tb = self._rebuild_tensorboard(storage.join(workdir, TENSORBOARD_DIR), kept)
     self._last_time, self._last_step = time.time(), resume_step
 
-  def _truncate_after(self, step: int) -> None:
-    """Drops lines logged after ``step`` by a run that died before its next checkpoint."""
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+  def _clean(self, resume_step: int) -> list[dict]:
+    """Drops unreadable lines and rows the resumed run logs again; returns the rows kept."""
+    if not storage.exists(self.path):
+      return []
+    data = storage.read_bytes(self.path)
+    rows, unreadable = parse_metrics(data)
+    if unreadable:
+      logger.warning("%s: dropped %d unreadable line(s) (a write cut short by a kill?)",
+                     self.path, unreadable)
+    kept = [(row, text) for row, text in rows if resume_step > 0 and row["step"] <= resume_step]
+    if len(kept) != len(rows):
+      logger.info("%s: dropped %d row(s) after step %d, which this run logs again", self.path,
+                  len(rows) - len(kept), resume_step)
+    # One row per (step, kind of row): a repeated row (from a version that re-evaluated step 0
+    # on every restart) keeps its last copy.
+    last = {(row["step"], tuple(sorted(row))): i for i, (row, _) in enumerate(kept)}
+    unique = [kept[i] for i in sorted(last.values())]
+    if len(unique) != len(kept):
+      logger.info("%s: dropped %d repeated row(s)", self.path, len(kept) - len(unique))
+    self._lines = [text + "\n" for _, text in unique]
+    if unreadable or len(unique) != len(rows) or (data and not data.endswith(b"\n")):
+      storage.write_text(self.path, "".join(self._lines))
+    return [row for row, _ in unique]
+
+  def _rebuild_tensorboard(self, folder: str, rows: list[dict]) -> tb_events.EventFile:
+    """A new event file holding ``rows``; the old event files are deleted once it is written."""
+    old = [storage.join(folder, name) for name in storage.listdir(folder)
+           if tb_events.is_event_file(name)]
+    wall_times: dict[int, float] = {}
+    for path in old:
+      try:
+        wall_times.update({step: t for t, step in tb_events.read_steps(storage.read_bytes(path))})
+      except OSError:
+        pass  # an unreadable old file only loses its wall times
+    events = tb_events.EventFile(folder)
+    now = time.time()
+    for row in rows:
+      events.add(row["step"], scalars(row), wall_time=wall_times.get(row["step"], now))
+    events.flush()
+    for path in old:
+      storage.remove(path)
+    return events
 
   def write(self, step: int, metrics: dict) -> None:
-    """Writes one line ``{"step": step, **metrics}`` and the TensorBoard scalars."""
+    """Writes one line ``{"step": step, **metrics}`` and its TensorBoard scalars."""
     if not self.is_writer:
       return
     record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      storage.write_text(self.path, "".join(self._lines))
+    else:
+      with storage.open_file(self.path, "a", encoding="utf-8") as f:
+        f.write(line)
     if self._tb is not None:
-      for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-          self._tb.add_scalar(key, value, step)
+      self._tb.add(record["step"], scalars(record))
       self._tb.flush()
 
   def progress(self, step: int, metrics: dict) -> None:
@@ -83,6 +172,7 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 def _format_seconds(seconds: float) -> str:

@@ -30,7 +30,7 @@ from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
-from align_jax import losses, model as model_lib, optim, reporting, sharding
+from align_jax import losses, model as model_lib, optim, reporting, sharding, storage
 from align_jax.data import factory as data_factory
 from align_jax.evaluate import evaluators as evaluators_lib
 
@@ -177,12 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
 
   ``mesh`` defaults to the one ``config.mesh`` describes over all devices.
   """
+  storage.check_writable(workdir)  # a bad bucket or path: one line now, not after the build
   trainer = build_trainer(config, mesh)
   state, frozen, source = trainer.state, trainer.frozen, trainer.source
   if jax.process_index() == 0:  # the run's config, for evaluation, export and AlignedModel.load
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   logger.info("trainable parameters:\n%s",
               parameter_overview.get_parameter_overview(state.params, include_stats=False))
 

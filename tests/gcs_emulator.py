@@ -5,6 +5,12 @@ localhost port, points every client at it with the standard variables — ``STOR
 (gcsfs, google-cloud-storage) and ``TENSORSTORE_GCS_HTTP_URL`` + ``GOOGLE_AUTH_TOKEN_FOR_TESTING``
 (tensorstore, i.e. orbax's array writes) — in this process and in the subprocesses it starts, and
 stops the server afterwards. It yields the bucket's URL, ``gs://<bucket>``.
+
+One gap of the emulator is filled here (run as ``python tests/gcs_emulator.py start ...``): real
+GCS sends an object's generation with its bytes (``x-goog-generation`` on ``alt=media`` reads);
+the emulator does not, and tensorstore then records generation 0 for ranged reads of an OCDBT
+manifest and fails the next read of it with "Malformed StorageGeneration" (seen on about one in
+three orbax saves). :func:`_serve` adds the header before the server starts.
 """
 
 from __future__ import annotations
@@ -15,10 +21,15 @@ import socket
 import subprocess
 import sys
 import time
+from http import HTTPStatus
 
 import pytest
 
 BUCKET = "align-jax-test"
+
+# gcsfs picks its class (with or without the ~60 s gRPC bucket probe an emulator never answers)
+# when it is first imported, which may be before a fixture sets the emulator's variables.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def free_port() -> int:
@@ -39,8 +50,8 @@ def running_emulator(bucket: str = BUCKET, timeout: float = 30.0):
   """Starts the emulator with ``bucket``; yields its port; stops it on exit."""
   port = free_port()
   process = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-       f"--port={port}", "--in-memory", f"--default-bucket={bucket}"],
+      [sys.executable, os.path.abspath(__file__), "start", "--host=127.0.0.1", f"--port={port}",
+       "--in-memory", f"--default-bucket={bucket}", "--quiet"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + timeout
@@ -84,3 +95,37 @@ def _clear_client_caches() -> None:
     gcsfs.GCSFileSystem.clear_instance_cache()
   except ImportError:  # pragma: no cover - gcsfs is in requirements.txt
     pass
+
+
+def _serve(argv: list[str]) -> None:
+  """The emulator's own ``main``, with object downloads that carry their generation like GCS."""
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    bucket, name = request.params["bucket_name"], request.params["object_id"]
+    try:
+      before = storage.get_file_obj(bucket, name)
+    except Exception:  # pylint: disable=broad-except  (missing: the handler answers 404)
+      before = None
+    download(request, response, storage, *args, **kwargs)
+    if before is None or response.status not in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      return
+    try:
+      after = storage.get_file_obj(bucket, name)
+    except Exception:  # pylint: disable=broad-except
+      after = None
+    if after is None or after["generation"] != before["generation"]:  # replaced meanwhile
+      response.status = HTTPStatus.SERVICE_UNAVAILABLE  # clients retry
+      response.write_file(b"")
+      return
+    response["x-goog-generation"] = str(before["generation"])
+    response["x-goog-metageneration"] = str(before.get("metageneration") or "1")
+
+  objects.download = download_with_generation  # before the server module builds its routes
+  from gcp_storage_emulator.__main__ import main  # pylint: disable=g-import-not-at-top
+  main(argv)
+
+
+if __name__ == "__main__":
+  _serve(sys.argv[1:])

@@ -231,3 +231,17 @@ def test_clear_errors(demo_run, tmp_path):
     align_jax.AlignedModel.load(workdir, image_preprocessing="hf")
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 4 .* steps: \[3, 6\]"):
     align_jax.AlignedModel.load(workdir, step=4)
+
+
+def test_export_files_are_readable_by_others(demo_run, tmp_path):
+  """Issue 12: projectors.safetensors was written 0600; exports are meant to be shared."""
+  _, workdir = demo_run
+  old = os.umask(0o022)
+  try:
+    export_lib.export(workdir, str(tmp_path / "export"))
+  finally:
+    os.umask(old)
+  modes = {name: os.stat(tmp_path / "export" / name).st_mode & 0o777
+           for name in os.listdir(tmp_path / "export")}
+  assert modes == {inference.WEIGHTS_FILE: 0o644, inference.CONFIG_FILE: 0o644,
+                   inference.MODEL_FILE: 0o644}

@@ -17,12 +17,13 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import warnings
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
+
+from align_jax import storage
 
 
 class SkipRecord(Exception):
@@ -147,11 +148,11 @@ class ManifestReader:
 
   def __init__(self, path: str, *, image_root: str = "", image_key: str = "image",
                caption_key: str = "caption"):
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise ValueError(f"manifest {path!r} does not exist: set data.path to a .jsonl or .csv file")
     self.name = f"manifest {path}"
     self.index_skips: dict[str, int] = {}
-    self._root = image_root or os.path.dirname(os.path.abspath(path))
+    self._root = image_root or storage.dirname(path)
     rows = self._read_rows(path, image_key, caption_key)
     order: dict[str, int] = {}
     self._images: list[str] = []
@@ -173,9 +174,9 @@ class ManifestReader:
   @staticmethod
   def _read_rows(path: str, image_key: str, caption_key: str):
     """Yields ``(line, image, captions, error)`` per data row; ``error``: ``(reason, detail)``."""
-    ext = os.path.splitext(path)[1].lower()
+    ext = storage.extension(path)
     if ext == ".jsonl":
-      with open(path, "rb") as f:
+      with storage.open_file(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
           if not raw.strip():
             continue
@@ -193,7 +194,8 @@ class ManifestReader:
           yield line_no, row[image_key], _as_caption_list(row.get(caption_key)), None
     elif ext == ".csv":
       # surrogateescape keeps undecodable bytes; decode_captions turns them into bad_encoding.
-      with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+      with storage.open_file(path, "r", newline="", encoding="utf-8",
+                             errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or image_key not in reader.fieldnames:
           raise ValueError(f"manifest {path!r} has no column {image_key!r} (columns: "
@@ -210,10 +212,9 @@ class ManifestReader:
     key = self._images[index]
     if self._errors[index] is not None:
       raise SkipRecord(self._errors[index][0], f"{key}: {self._errors[index][1]}")
-    file = key if os.path.isabs(key) else os.path.join(self._root, key)
+    file = key if storage.is_absolute(key) else storage.join(self._root, key)
     try:
-      with open(file, "rb") as f:
-        data = f.read()
+      data = storage.read_bytes(file)
     except FileNotFoundError:
       raise SkipRecord("missing_file", f"{file}: no such file") from None
     except OSError as e:

@@ -3,22 +3,24 @@
 A sample is the group of tar members sharing a key (the path up to the first dot of the file
 name): ``{key}.jpg`` (or .jpeg/.png/.webp) plus ``{key}.txt`` or ``{key}.json`` with a caption
 field. The shards are indexed once, headers only (tarfile seeks over the member data), into flat
-numpy arrays of offsets, so any sample can be read with one ``os.pread``: random access gives a
-seeded global shuffle and an exact resume without replaying the stream.
+numpy arrays of offsets, so any sample can be read with one ``os.pread`` (or one ranged request
+for a URL): random access gives a seeded global shuffle and an exact resume without replaying the
+stream.
 
-Only uncompressed local tars can be read by offset (img2dataset's default output). A shard that
-cannot be opened is skipped and counted (``unreadable_shard``); a truncated shard keeps the
-samples stored before the damage (``truncated_shard``).
+Shards are local paths or URLs (``gs://bucket/shards-{00000..00099}.tar``, globs included), read
+through :mod:`align_jax.storage`. Only uncompressed tars can be read by offset (img2dataset's
+default output). A shard that cannot be opened is skipped and counted (``unreadable_shard``); a
+truncated shard keeps the samples stored before the damage (``truncated_shard``).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import itertools
 import json
 import logging
-import os
 import re
 import tarfile
 import tempfile
@@ -26,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from align_jax import storage
 from align_jax.data.sources import RawRecord, SkipRecord
 
 _log = logging.getLogger(__name__)
@@ -54,17 +57,19 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-  """Local paths, globs and brace lists (a list, or one string joined by '::') → shard paths."""
+  """Paths or URLs, globs and brace lists (a list, or one string joined by '::') → shard paths."""
   if isinstance(urls, str):
     urls = urls.split("::")
   paths: list[str] = []
   for url in urls:
-    if re.match(r"^[a-z][a-z0-9+]*:", url) and not os.path.exists(url):
-      raise ValueError(f"webdataset url {url!r} is not a local path; download or mount the shards "
-                       "and give local paths or globs in data.urls")
+    if (not storage.is_url(url) and re.match(r"^[a-z][a-z0-9+]*:", url)
+        and not storage.exists(url)):
+      raise ValueError(f"webdataset url {url!r} is neither a local path nor a URL such as "
+                       "gs://bucket/shard-{000..009}.tar ('pipe:' commands are not supported); "
+                       "fix data.urls")
     for pattern in expand_braces(url):
       if glob.has_magic(pattern):
-        paths.extend(sorted(glob.glob(pattern)))
+        paths.extend(storage.glob(pattern))
       else:
         paths.append(pattern)
   for path in paths:
@@ -78,8 +83,8 @@ def index_shard(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str |
   """Reads one tar's headers: ``{key: {ext: (data_offset, size)}}`` and a problem, if any."""
   members: dict[str, dict[str, tuple[int, int]]] = {}
   try:
-    file_size = os.path.getsize(path)
-    with tarfile.open(path, mode="r:") as tar:
+    file_size = storage.size(path)
+    with storage.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
       try:
         for info in tar:
           if not info.isfile():
@@ -99,20 +104,21 @@ def index_shard(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str |
 
 
 def _index_digest(shards: list[str], caption_key: str) -> str:
-  """Identifies a set of shards by path, size and modification time (any change re-indexes)."""
+  """Identifies a set of shards by path, size and version (mtime, or the object's generation)."""
   digest = hashlib.sha256(f"v1|{caption_key}".encode())
-  for path in shards:
-    st = os.stat(path)
-    digest.update(f"|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+  for path, version in zip(shards, storage.versions(shards)):
+    digest.update(f"|{storage.normalize(path)}|{version}".encode())
   return digest.hexdigest()[:24]
 
 
 class WebDatasetReader:
-  """Samples of local WebDataset shards, in shard order then member order.
+  """Samples of WebDataset shards (local or URLs), in shard order then member order.
 
   The index (a ``[n, 6]`` int64 table and the keys) is saved as ``.npy`` files under
-  ``index_cache_dir`` and memory-mapped, so grain workers share one copy in the page cache
-  instead of each unpickling its own (about 60 bytes per sample), and a restart reuses it.
+  ``index_cache_dir`` (default: a local temp folder, since data buckets are often read-only) and
+  memory-mapped, so grain workers share one copy in the page cache instead of each unpickling its
+  own (about 60 bytes per sample), and a restart reuses it. A URL ``index_cache_dir`` (shared by
+  the hosts of a pod) is read into memory instead.
   """
 
   def __init__(self, urls: str | Sequence[str], *, caption_key: str = "caption",
@@ -123,22 +129,22 @@ class WebDatasetReader:
       raise ValueError(f"{self.name}: no shard matched; check data.urls")
     self._caption_key = caption_key
     self.index_skips: dict[str, int] = {}
-    cache_dir = index_cache_dir or os.path.join(tempfile.gettempdir(), "align_jax_wds_index")
+    cache_dir = index_cache_dir or storage.join(tempfile.gettempdir(), "align_jax_wds_index")
     try:
-      base = os.path.join(cache_dir, _index_digest(self._shards, caption_key))
+      base = storage.join(cache_dir, _index_digest(self._shards, caption_key))
     except OSError:
       base = None  # A shard cannot be stat'ed: index without caching, counting it below.
     self._paths = (base + "-table.npy", base + "-keys.npy") if base else None
-    if self._paths and all(os.path.exists(p) for p in self._paths):
+    if self._paths and all(storage.exists(p) for p in self._paths):
       _log.info("%s: reusing the shard index %s", self.name, base)
     else:
       table, keys = self._build_index()
       if self._paths and not self.index_skips:  # Never cache an index of damaged shards.
-        os.makedirs(cache_dir, exist_ok=True)
         for path, array in zip(self._paths, (table, keys)):
-          tmp = f"{path}.{os.getpid()}.tmp.npy"
-          np.save(tmp, array, allow_pickle=False)
-          os.replace(tmp, path)  # Atomic: processes indexing the same shards do not clash.
+          buffer = io.BytesIO()
+          np.save(buffer, array, allow_pickle=False)
+          # Replaced whole (atomic): processes indexing the same shards do not clash.
+          storage.write_bytes(path, buffer.getvalue())
       else:
         self._paths = None
         self._table, self._keys = table, keys
@@ -146,8 +152,11 @@ class WebDatasetReader:
 
   def _open(self) -> None:
     if self._paths is not None:
-      self._table = np.load(self._paths[0], mmap_mode="r", allow_pickle=False)
-      self._keys = np.load(self._paths[1], mmap_mode="r", allow_pickle=False)
+      self._table, self._keys = (
+          np.load(storage.local_path(p), mmap_mode="r", allow_pickle=False)
+          if storage.local_path(p) is not None
+          else np.load(io.BytesIO(storage.read_bytes(p)), allow_pickle=False)
+          for p in self._paths)
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -191,17 +200,11 @@ class WebDatasetReader:
     descriptor is shared between loader threads and thousands of shards never exhaust the limit."""
     path = self._shards[shard]
     try:
-      fd = os.open(path, os.O_RDONLY)
+      out = storage.read_ranges(path, spans)
     except FileNotFoundError:
       raise SkipRecord("missing_file", f"{path}:{key}: shard disappeared") from None
     except OSError as e:
       raise SkipRecord("unreadable_shard", f"{path}:{key}: {e}") from None
-    try:
-      out = [os.pread(fd, size, offset) for offset, size in spans]
-    except OSError as e:
-      raise SkipRecord("unreadable_shard", f"{path}:{key}: {e}") from None
-    finally:
-      os.close(fd)
     if any(len(data) != size for data, (_, size) in zip(out, spans)):
       raise SkipRecord("unreadable_shard", f"{path}:{key}: short read (shard changed on disk?)")
     return out

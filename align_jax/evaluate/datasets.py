@@ -35,12 +35,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
+from align_jax import storage
 from align_jax.data import sources
 
 
@@ -98,11 +98,10 @@ def readable_class_name(name: str) -> str:
 def load_class_names(value: str | Sequence[str]) -> list[str]:
   """``class_names`` from a config: a list of names, or a text file with one name per line."""
   if isinstance(value, str):
-    if not os.path.isfile(value):
+    if not storage.isfile(value):
       raise ValueError(f"class_names file {value!r} not found; pass a list of names or a text "
                        "file with one class name per line, in label order.")
-    with open(value, encoding="utf-8") as f:
-      names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in storage.read_text(value).splitlines() if line.strip()]
   else:
     names = [str(name) for name in value]
   if not names or not all(names):
@@ -178,10 +177,10 @@ class TfdsClassificationReader:
 
 def _label_rows(path: str, image_key: str, label_key: str) -> list[tuple[str, Any]]:
   """(image path, raw label) per row of a JSONL or CSV manifest; bad rows raise with the line."""
-  ext = os.path.splitext(path)[1].lower()
+  ext = storage.extension(path)
   rows = []
   if ext == ".jsonl":
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path, "r", encoding="utf-8") as f:
       for line_no, line in enumerate(f, start=1):
         if not line.strip():
           continue
@@ -195,7 +194,7 @@ def _label_rows(path: str, image_key: str, label_key: str) -> list[tuple[str, An
                            f"a {label_key!r} (class name or index), got {row!r}.")
         rows.append((row[image_key], row[label_key]))
   elif ext == ".csv":
-    with open(path, newline="", encoding="utf-8") as f:
+    with storage.open_file(path, "r", newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
       missing = [k for k in (image_key, label_key) if k not in (reader.fieldnames or [])]
       if missing:
@@ -216,13 +215,13 @@ class ManifestClassificationReader:
 
   def __init__(self, path: str, *, image_root: str = "", image_key: str = "image",
                label_key: str = "label", class_names: Sequence[str] | None = None):
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise FileNotFoundError(
           f"classification manifest {path!r} not found. Write a .jsonl file with one row per "
           'image, {"image": "relative/path.jpg", "label": "class name" or class index}, and set '
           "data.path (and data.image_root if the paths are not relative to the manifest).")
     self.name = f"manifest {path}"
-    self._root = image_root or os.path.dirname(os.path.abspath(path))
+    self._root = image_root or storage.dirname(path)
     rows = _label_rows(path, image_key, label_key)
     names = None if class_names is None else load_class_names(class_names)
     if names is None:
@@ -251,10 +250,9 @@ class ManifestClassificationReader:
 
   def read(self, index: int) -> LabeledRecord:
     image = self._images[index]
-    file = image if os.path.isabs(image) else os.path.join(self._root, image)
+    file = image if storage.is_absolute(image) else storage.join(self._root, image)
     try:
-      with open(file, "rb") as f:
-        data = f.read()
+      data = storage.read_bytes(file)
     except FileNotFoundError:
       raise sources.SkipRecord("missing_file", f"{file}: no such file") from None
     except OSError as e:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from align_jax import storage
 from align_jax.evaluate.templates import TEMPLATES
 
 __all__ = ["TEMPLATES", "class_embeddings", "load_descriptions"]
@@ -156,8 +157,7 @@ def load_descriptions(path: str | os.PathLike) -> dict[str, list[str]]:
   """
   path = os.fspath(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))  # a local path or a URL
   except FileNotFoundError:
     raise FileNotFoundError(f"description file {path!r} not found; pass the path of a JSON "
                             'file {"class name": ["sentence", ...], ...}.') from None

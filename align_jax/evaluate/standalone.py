@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ import orbax.checkpoint as ocp
 from align_jax import config as config_lib
 from align_jax import model as model_lib
 from align_jax import sharding
+from align_jax import storage
 from align_jax.evaluate import evaluators as evaluators_lib
 
 logger = logging.getLogger("align_jax")
@@ -46,10 +46,10 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int, str
   Raises:
     FileNotFoundError: no checkpoint in the folder, or none at ``step`` (lists the ones there).
   """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  directory = storage.join(storage.normalize(workdir), "checkpoints")
   missing = FileNotFoundError(f"no checkpoint in {directory}; train first (python main.py "
                               f"--config=... --workdir={workdir}) or pass the workdir of a run.")
-  if not os.path.isdir(directory):  # checked first: the manager would create the folder
+  if not storage.isdir(directory):  # checked first: the manager would create the folder
     raise missing
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   try:
@@ -66,7 +66,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int, str
   finally:
     manager.close()
   params = jax.tree.map(np.asarray, restored["state"]["params"])
-  return params, step, os.path.join(directory, str(step))
+  return params, step, storage.join(directory, str(step))
 
 
 def _on_mesh(params: Any, mesh, rules) -> Any:
@@ -135,16 +135,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
   if not config.evals:
     raise ValueError("config.evals is empty: add an evaluator, e.g. --config.evals or "
                      "config.evals.imagenet = dict(type='zero_shot', data=dict(...)).")
+  if storage.is_url(workdir):  # an unreachable bucket: one line now, not after gcsfs's retries
+    storage.check_writable(workdir)
   run = restore_for_evaluation(config, workdir, step, mesh)
   results: dict[str, float] = {}
   for evaluator in evaluators_lib.build_evaluators(config, run.model, run.mesh):
     results.update(evaluator.run(run.params, run.frozen))
   logger.info("step %d eval: %s", run.step, " ".join(f"{k}={v:.4f}" for k, v in results.items()))
-  report = {"step": run.step, "checkpoint": run.checkpoint, "results": results}
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, RESULTS_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+  report = {"step": int(run.step), "checkpoint": run.checkpoint, "results": results}
+  if jax.process_index() == 0:  # replaced whole (atomic locally and on object stores)
+    storage.write_text(storage.join(workdir, RESULTS_FILE), json.dumps(report, indent=2))
   return report
