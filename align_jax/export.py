@@ -25,11 +25,12 @@ import json
 import os
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 
 import align_jax
-from align_jax import inference
+from align_jax import distributed, inference
 
 FORMAT = inference.EXPORT_FORMAT
 
@@ -81,13 +82,15 @@ def export(workdir: str, out: str, *, step: int | None = None,
       raise FileNotFoundError(f"{config_path} is missing: pass config= (the run's config) or "
                               "re-run training once with a current align_jax to write it")
     config = inference.config_from_json(config_path)
-  params, step = inference.restore_params(workdir, step)
+  params, step = inference.restore_params(workdir, step)  # every process (orbax syncs them)
+  card = model_card(config, params, step)
+  if jax.process_index() != 0:  # a multi-process run: process 0 writes the folder
+    return card
   os.makedirs(out, exist_ok=True)
   save_file(_flatten(params), os.path.join(out, inference.WEIGHTS_FILE),
             metadata={"format": FORMAT, "step": str(step)})
   with open(os.path.join(out, inference.CONFIG_FILE), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
-  card = model_card(config, params, step)
   with open(os.path.join(out, inference.MODEL_FILE), "w", encoding="utf-8") as f:
     json.dump(card, f, indent=2)
   return card
@@ -102,12 +105,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="the folder to write")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the latest)")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
+  distributed.initialize_or_exit(args)
   try:
     card = export(args.workdir, args.out, step=args.step)
   except (ValueError, OSError) as error:
     sys.exit(f"error: {error}")
-  print(f"exported step {card['step']} ({card['num_params']:,} params) to {args.out}")
+  if jax.process_index() == 0:
+    print(f"exported step {card['step']} ({card['num_params']:,} params) to {args.out}")
 
 
 if __name__ == "__main__":
