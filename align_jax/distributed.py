@@ -137,7 +137,7 @@ def settings_from(values: Any, environ=None) -> Settings | None:
                            f"got {pid}")
   if timeout < 1:
     raise DistributedError(f"--initialization_timeout must be at least 1 second, got {timeout}")
-  if address is not None:  # an explicit coordinator: jax's cluster detection is not consulted
+  if given["coordinator_address"] is not None:  # given by hand: so must the other two be
     for name, value in (("num_processes", num), ("process_id", pid)):
       if value is None:
         raise DistributedError(
@@ -172,7 +172,7 @@ def _check_port_free(address: str) -> None:
 def _timeout_message(settings: Settings) -> str:
   wait = f"within --initialization_timeout={settings.timeout} s"
   address = settings.coordinator_address
-  if address is None:
+  if address is None or settings.num_processes is None or settings.process_id is None:
     return (f"error: --distributed: the processes jax detected did not all connect {wait}; "
             "check that every host started the same command")
   if settings.process_id != 0 and not _answers(address):

@@ -50,12 +50,13 @@ def cpu_env(devices: int, extra: dict | None = None) -> dict:
 class Process:
   """One started ``main.py`` process; its output goes to ``log`` (no pipe to fill up)."""
 
-  def __init__(self, args: Sequence[str], env: dict, log: str, audit: str | None):
+  def __init__(self, program: Sequence[str], args: Sequence[str], env: dict, log: str,
+               audit: str | None):
     self.log = log
     self.audit = audit
     prefix = [sys.executable] + ([AUDIT, audit] if audit else [])
     with open(log, "wb") as out:
-      self.popen = subprocess.Popen([*prefix, "main.py", *args], cwd=REPO, env=env, stdout=out,
+      self.popen = subprocess.Popen([*prefix, *program, *args], cwd=REPO, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
   @property
@@ -63,13 +64,21 @@ class Process:
     with open(self.log, errors="replace") as f:
       return f.read()
 
+  def _audit(self, kind: str) -> list[str]:
+    if not self.audit or not os.path.exists(self.audit):
+      return []
+    with open(self.audit) as f:
+      return [line[2:].rstrip("\n") for line in f if line.startswith(kind + " ")]
+
   @property
   def writes(self) -> set[str]:
     """Absolute paths this process opened for writing from Python (``audit=True`` only)."""
-    if not self.audit or not os.path.exists(self.audit):
-      return set()
-    with open(self.audit) as f:
-      return {line.rstrip("\n") for line in f}
+    return set(self._audit("w"))
+
+  @property
+  def reads(self) -> list[str]:
+    """Files under ``reads_under`` (see :func:`start_main`) this process opened, in order."""
+    return self._audit("r")
 
   def signal(self, sig: int) -> None:
     if self.popen.poll() is None:
@@ -123,15 +132,20 @@ class Group:
 
 @contextlib.contextmanager
 def start_main(args: Sequence[str], *, processes: int, devices: int, logs: str,
-               audit: bool = False, port: int | None = None) -> Iterator[Group]:
+               audit: bool = False, reads_under: str | None = None, port: int | None = None,
+               program: Sequence[str] = ("main.py",)) -> Iterator[Group]:
   """Starts ``main.py ARGS`` as ``processes`` JAX processes with ``devices`` CPU devices each.
 
   With one process no distributed flag is passed (a plain single-host run). ``logs``: a folder
-  for each process's output (``process-I.log``) and write audit. Everything started is SIGKILLed
-  when the block exits, so a failing test leaves nothing running.
+  for each process's output (``process-I.log``) and audit record. ``audit``: record the files
+  each process writes, and reads under the folder ``reads_under``. ``port``: the coordinator's
+  (default: a free one). ``program``: what runs instead of ``main.py`` (e.g. ``("-m",
+  "align_jax.export")``; ``audit`` needs a script path). Everything started is SIGKILLed when
+  the block exits, so a failing test leaves nothing running.
   """
+  assert not audit or not program[0].startswith("-"), "the write audit runs a script path"
   os.makedirs(logs, exist_ok=True)
-  env = cpu_env(devices)
+  env = cpu_env(devices, {"ALIGN_JAX_AUDIT_READS": str(reads_under)} if reads_under else None)
   started = []
   try:
     port = port or free_port()
@@ -140,8 +154,8 @@ def start_main(args: Sequence[str], *, processes: int, devices: int, logs: str,
                                         f"--num_processes={processes}", f"--process_id={index}",
                                         "--initialization_timeout=120"]
       audit_file = os.path.join(logs, f"writes-{index}.txt") if audit else None
-      started.append(Process([*args, *flags], env, os.path.join(logs, f"process-{index}.log"),
-                             audit_file))
+      started.append(Process(program, [*args, *flags], env,
+                             os.path.join(logs, f"process-{index}.log"), audit_file))
     yield Group(started)
   finally:
     for process in started:
@@ -149,9 +163,9 @@ def start_main(args: Sequence[str], *, processes: int, devices: int, logs: str,
 
 
 def run_main(args: Sequence[str], *, processes: int, devices: int, logs: str, timeout: float,
-             audit: bool = False) -> Group:
+             **kwargs) -> Group:
   """Runs ``main.py ARGS`` to completion as in :func:`start_main`; fails unless all exit 0."""
-  with start_main(args, processes=processes, devices=devices, logs=logs, audit=audit) as group:
+  with start_main(args, processes=processes, devices=devices, logs=logs, **kwargs) as group:
     group.wait_ok(timeout)
   return group
 

@@ -38,6 +38,10 @@ def test_flags_and_environment():
   # flags win over the environment; one flag implies --distributed
   assert distributed.settings_from(_values(process_id=0), environ=env) == (
       distributed.Settings("node-0:8476", 2, 0, 300))
+  # the coordinator from the environment alone: jax's cluster detection may fill in the rest
+  assert distributed.settings_from(
+      _values(distributed=True), environ={"JAX_COORDINATOR_ADDRESS": "node-0:8476"}) == (
+      distributed.Settings("node-0:8476", None, None, 300))
   # --distributed alone: jax's cluster detection fills in everything
   assert distributed.settings_from(_values(distributed=True), environ={}) == (
       distributed.Settings(None, None, None, 300))
