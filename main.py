@@ -4,6 +4,7 @@
     python main.py --config=configs/demo.py:steps=100 --config.batch_size=256 --workdir=...
     python main.py --mode=extract_features --config=configs/demo_online.py --workdir=/tmp/feats
     python main.py --mode=evaluate --config=configs/demo.py --workdir=/tmp/align_demo
+    python main.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I  # per host
 
 ``--config`` is a Python file with ``get_config(arg)`` (the text after ``:`` selects a variant);
 ``--config.key=value`` overrides any key, and an unknown key is rejected. Running the same command
@@ -18,6 +19,8 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from align_jax import distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                 lock_config=True)
@@ -28,9 +31,7 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "extract_features"],
                   "extract_features: run the frozen encoders over config.data once and write a "
                   "feature store to --workdir.")
 flags.DEFINE_integer("step", None, "--mode=evaluate: the checkpoint step (default: latest).")
-flags.DEFINE_bool("distributed", False,
-                  "Multi-host run: call jax.distributed.initialize() first (it detects Cloud TPU "
-                  "pods and SLURM by itself; launch/ scripts pass this flag).")
+distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -70,12 +71,7 @@ def main(argv):
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       stream=sys.stdout, force=True)
   logging.getLogger("align_jax").setLevel(logging.INFO)  # orbax and absl stay at WARNING
-  import jax  # after flag parsing, so --help stays fast
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-    logging.getLogger("align_jax").info("process %d of %d, %d local / %d global devices",
-                                        jax.process_index(), jax.process_count(),
-                                        jax.local_device_count(), jax.device_count())
+  distributed.initialize_or_exit()  # multi-process runs: before jax starts its backends
   from align_jax import train
   config = load_config()
   logging.getLogger("align_jax").info("config:\n%s", config)

@@ -24,11 +24,12 @@ import argparse
 import json
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 
 import align_jax
-from align_jax import inference
+from align_jax import distributed, inference
 from align_jax import storage
 
 FORMAT = inference.EXPORT_FORMAT
@@ -83,14 +84,16 @@ def export(workdir: str, out: str, *, step: int | None = None,
       raise FileNotFoundError(f"{config_path} is missing: pass config= (the run's config) or "
                               "re-run training once with a current align_jax to write it")
     config = inference.config_from_json(config_path)
-  params, step = inference.restore_params(workdir, step)
+  params, step = inference.restore_params(workdir, step)  # every process (orbax syncs them)
+  card = model_card(config, params, step)
+  if jax.process_index() != 0:  # a multi-process run: process 0 writes the folder
+    return card
   # Each file is replaced whole (atomic; locally with the mode open() gives, 0644 under the usual
   # umask); the model card, which marks the folder as an export, comes last.
   storage.makedirs(out)
   storage.write_bytes(storage.join(out, inference.WEIGHTS_FILE),
                       save(_flatten(params), metadata={"format": FORMAT, "step": str(step)}))
   storage.write_text(storage.join(out, inference.CONFIG_FILE), config.to_json_best_effort(indent=2))
-  card = model_card(config, params, step)
   storage.write_text(storage.join(out, inference.MODEL_FILE), json.dumps(card, indent=2))
   return card
 
@@ -104,12 +107,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="the folder to write")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the latest)")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
+  distributed.initialize_or_exit(args)
   try:
     card = export(args.workdir, args.out, step=args.step)
   except (ValueError, OSError) as error:
     sys.exit(f"error: {error}")
-  print(f"exported step {card['step']} ({card['num_params']:,} params) to {args.out}")
+  if jax.process_index() == 0:
+    print(f"exported step {card['step']} ({card['num_params']:,} params) to {args.out}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
-from align_jax import losses, model as model_lib, optim, reporting, sharding, storage
+from align_jax import losses, model as model_lib, optim, preemption, reporting, sharding
+from align_jax import storage
 from align_jax.data import factory as data_factory
 from align_jax.evaluate import evaluators as evaluators_lib
 
@@ -207,31 +208,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
 
   if start_step == 0 and config.eval_at_start:
     evaluate(0)
+  elif 0 < start_step < config.total_steps and start_step % config.checkpoint_every:
+    evaluate(start_step)  # saved at a preemption, before that step's due evaluations (below)
   last = {}
   pending: list[tuple[int, dict]] = []
   window_start, window_steps = time.time(), 0
-  for step in range(start_step + 1, config.total_steps + 1):
-    state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
-    pending.append((step, metrics))
-    window_steps += 1
-    is_last = step == config.total_steps
-    if step % config.log_every == 0 or is_last:
-      _check_finite(pending)
-      elapsed = time.time() - window_start
-      last = {k: float(v) for k, v in pending[-1][1].items()}
-      last["train/examples_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-      last.update(source.skipped())  # data/skipped_<reason> counters
-      writer.write(step, last)
-      writer.progress(step, last)
-      pending, window_start, window_steps = [], time.time(), 0
-    if any(evaluator.is_due(step, is_last) for evaluator in evaluators):
-      _check_finite(pending)
-      last.update(evaluate(step))
-    if step % config.checkpoint_every == 0 or is_last:
-      _check_finite(pending)
-      checkpointer.maybe_save(step, state, source.get_state(), force=is_last)
+  preempted_at = None
+  with preemption.PreemptionWatch() as watch:
+    for step in range(start_step + 1, config.total_steps + 1):
+      state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
+      pending.append((step, metrics))
+      window_steps += 1
+      is_last = step == config.total_steps
+      if step % config.log_every == 0 or is_last:
+        _check_finite(pending)
+        elapsed = time.time() - window_start
+        last = {k: float(v) for k, v in pending[-1][1].items()}
+        last["train/examples_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+        last.update(source.skipped())  # data/skipped_<reason> counters
+        writer.write(step, last)
+        writer.progress(step, last)
+        pending, window_start, window_steps = [], time.time(), 0
+      regular_save = step % config.checkpoint_every == 0 or is_last
+      preempted = watch.reached(step)  # every process answers the same at every step
+      # A preemption saves at once; evaluations due at this step run after the restart.
+      if not (preempted and not regular_save) and any(
+          evaluator.is_due(step, is_last) for evaluator in evaluators):
+        _check_finite(pending)
+        last.update(evaluate(step))
+      if regular_save or preempted:
+        _check_finite(pending)
+        checkpointer.maybe_save(step, state, source.get_state(), force=is_last or preempted)
+      if preempted:
+        preempted_at = step
+        break
   checkpointer.close()
   writer.close()
+  if preempted_at is not None:
+    logger.warning("preempted: saved a checkpoint at step %d of %d in %s; run the same command "
+                   "to continue", preempted_at, config.total_steps, workdir)
   return last
 
 

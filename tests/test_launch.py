@@ -18,7 +18,7 @@ LAUNCH = os.path.join(REPO, "launch")
 FAKEBIN = os.path.join(REPO, "tests", "fakebin")
 FAKES = {"gcloud", "git", "srun", "sbatch", "nvidia-smi", "python"}
 SCRIPTS = ["tpu_create.sh", "tpu_setup.sh", "tpu_run.sh", "tpu_delete.sh", "gpu_single_node.sh",
-           "slurm_submit.sh", "slurm_multinode.sbatch"]
+           "gpu_multinode.sh", "slurm_submit.sh", "slurm_multinode.sbatch"]
 TEE = ["2>&1", "|", "tee", "-a"]
 
 
@@ -28,7 +28,7 @@ def _launch(tmp_path, script, *args, env=None, path=None):
   record.unlink(missing_ok=True)
   full_env = {k: v for k, v in os.environ.items() if k not in (
       "TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PYTHON", "DRY_RUN",
-      "SLURM_JOB_ID", "SLURM_SUBMIT_DIR")}
+      "SLURM_JOB_ID", "SLURM_SUBMIT_DIR", "COORDINATOR", "NUM_NODES", "NODE_RANK")}
   full_env.update(PATH=path or f"{FAKEBIN}{os.pathsep}{os.environ['PATH']}",
                   FAKEBIN_LOG=str(record), TMPDIR=str(tmp_path), **(env or {}))
   result = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=tmp_path,
@@ -195,6 +195,32 @@ def test_gpu_single_node_without_gpus_stops(tmp_path):
     assert result.returncode != 0 and "nvidia-smi not found" in result.stderr
 
 
+def test_gpu_multinode_one_command_per_node(tmp_path):
+  node = ["--coordinator", "10.0.0.1:8476", "--num-nodes", "2", "--config", "configs/demo.py",
+          "--workdir", "/shared/runs/demo", "--python", "python", "--config.batch_size=16384"]
+  for rank in ("0", "1"):
+    result = _check(
+        tmp_path, "gpu_multinode.sh", [*node, "--node-rank", rank, "--", "--config.seed=3"],
+        [["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
+         ["python", "main.py", "--config=configs/demo.py", "--workdir=/shared/runs/demo",
+          "--coordinator_address=10.0.0.1:8476", "--num_processes=2", f"--process_id={rank}",
+          "--config.batch_size=16384", "--config.seed=3"]])
+    assert "7, NVIDIA H100 80GB HBM3" in result.stdout
+  log = str(tmp_path / "node.log")
+  env = {"COORDINATOR": "[fd00::1]:1234", "NUM_NODES": "4", "NODE_RANK": "3",
+         "PYTHON": "/venv/bin/python"}
+  dry, calls = _launch(tmp_path, "gpu_multinode.sh", "--config=c.py", "--workdir=/w", "--install",
+                       "--gpus=0,1", "--timeout=60", "--log", log, "--dry-run", env=env)
+  assert dry.returncode == 0 and calls == [], dry.stderr
+  assert _printed(dry.stdout) == [
+      ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
+      ["/venv/bin/python", "-m", "pip", "install", "-q", "-r", "requirements.txt",
+       "jax[cuda13]==0.10.2"],
+      ["env", "CUDA_VISIBLE_DEVICES=0,1", "/venv/bin/python", "main.py", "--config=c.py",
+       "--workdir=/w", "--coordinator_address=[fd00::1]:1234", "--num_processes=4",
+       "--process_id=3", "--initialization_timeout=60", *TEE, log]]
+
+
 def test_slurm_submit_two_nodes_by_eight_gpus(tmp_path):
   logs = str(tmp_path / "slurm-logs")
   result = _check(
@@ -236,6 +262,8 @@ def test_help_exits_zero_and_runs_nothing(tmp_path, script):
     ("tpu_run.sh", "missing required --name (or TPU_NAME), --zone (or ZONE), --config, --workdir"),
     ("tpu_delete.sh", "missing required --name (or TPU_NAME), --zone (or ZONE)"),
     ("gpu_single_node.sh", "missing required --config, --workdir"),
+    ("gpu_multinode.sh", "missing required --coordinator (or COORDINATOR), --num-nodes (or "
+     "NUM_NODES), --node-rank (or NODE_RANK), --config, --workdir"),
     ("slurm_submit.sh", "missing required --config, --workdir"),
     ("slurm_multinode.sbatch", "missing required --config, --workdir"),
 ])
@@ -255,6 +283,14 @@ def test_missing_arguments_stop_with_a_message(tmp_path, script, message):
     ("slurm_submit.sh", ["--config=c", "--workdir=w", "--nodes=two"],
      "--nodes needs a positive integer"),
     ("gpu_single_node.sh", ["--config=c", "--workdir=w", "--gpus=all"], "--gpus needs GPU"),
+    ("gpu_multinode.sh", ["--coordinator=10.0.0.1", "--num-nodes=2", "--node-rank=0",
+                          "--config=c", "--workdir=w"], "--coordinator needs HOST:PORT"),
+    ("gpu_multinode.sh", ["--coordinator=h:1", "--num-nodes=2", "--node-rank=2", "--config=c",
+                          "--workdir=w"], "--node-rank 2 is not below --num-nodes 2"),
+    ("gpu_multinode.sh", ["--coordinator=h:1", "--num-nodes=0", "--node-rank=0", "--config=c",
+                          "--workdir=w"], "--num-nodes needs a positive integer"),
+    ("gpu_multinode.sh", ["--coordinator=h:1", "--num-nodes=2", "--node-rank=0", "--config=c",
+                          "--workdir=w", "--timeout=soon"], "--timeout needs a positive number"),
 ])
 def test_bad_arguments_stop_with_a_message(tmp_path, script, args, message):
   result, calls = _launch(tmp_path, script, *args)

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from align_jax import distributed
 from align_jax.analysis import curation
 
 logger = logging.getLogger("align_jax")
@@ -84,7 +85,11 @@ def curate_pool(pool: str, features: str, prototypes: np.ndarray, names: Sequenc
 
 def main(argv):
   del argv
-  flags = FLAGS
+  distributed.initialize_or_exit()
+  distributed.on_first_process(_curate, FLAGS)  # one process writes --out; the others wait
+
+
+def _curate(flags):
   if bool(flags.prototypes) == bool(flags.text_encoder):
     raise SystemExit("error: give either --text_encoder (prototypes from concept names) or "
                      "--prototypes (a [C, D] .npy)")
@@ -115,6 +120,7 @@ if __name__ == "__main__":
   absl_flags.DEFINE_integer("chunk_size", 65536, "Captions scored per chunk (bounds memory).")
   absl_flags.DEFINE_string("out", None, "Curated manifest (.jsonl).")
   absl_flags.mark_flags_as_required(["pool", "features", "concepts", "out"])
+  distributed.define_flags()
   FLAGS = absl_flags.FLAGS
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   app.run(main)

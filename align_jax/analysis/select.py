@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
+from align_jax import distributed
 from align_jax.analysis import cka
 from align_jax.data import sources
 
@@ -191,15 +192,19 @@ def select_encoders(data_config, image_encoders: Sequence[str], text_encoders: S
 def main(argv):
   del argv
   flags = FLAGS
+  distributed.initialize_or_exit()
   split = flags.split or {"tfds": "validation", "synthetic_shapes": "heldout"}.get(flags.source,
                                                                                   "train")
   data = ml_collections.ConfigDict({
       "source": flags.source, "path": flags.path, "name": flags.name, "split": split,
       "data_dir": flags.data_dir, "urls": flags.urls, "image_root": flags.image_root,
       "image_key": "image", "caption_key": flags.caption_key, "num_pairs": flags.num_images})
-  rows = select_encoders(data, flags.image_encoders, flags.text_encoders, flags.out,
-                         num_images=flags.num_images, layers=flags.layers,
-                         batch_size=flags.batch_size, max_text_length=flags.max_text_length)
+  rows = distributed.on_first_process(  # one process writes --out; the others wait for it
+      select_encoders, data, flags.image_encoders, flags.text_encoders, flags.out,
+      num_images=flags.num_images, layers=flags.layers, batch_size=flags.batch_size,
+      max_text_length=flags.max_text_length)
+  if rows is None:
+    return
   with open(os.path.join(flags.out, "ranking.md")) as f:
     print(f.read())
   print(f"best pair: {rows[0]['image_encoder']} + {rows[0]['text_encoder']} "
@@ -225,6 +230,7 @@ if __name__ == "__main__":
   absl_flags.DEFINE_bool("layers", False, "Also score every layer pair.")
   absl_flags.DEFINE_string("out", None, "Output folder.")
   absl_flags.mark_flag_as_required("out")
+  distributed.define_flags()
   FLAGS = absl_flags.FLAGS
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   app.run(main)
