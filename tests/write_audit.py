@@ -2,7 +2,8 @@
 
 A Python audit hook (``sys.addaudithook``) sees every ``open`` made from Python (``open()``,
 ``io.open``, ``os.open``, from any thread) and appends to RECORD ``w PATH`` (absolute) the first
-time a file is opened for writing, and ``r PATH`` every time a file under
+time a file is opened for writing or is the target of ``os.rename`` / ``os.replace`` (atomic
+writes go through a temporary file), and ``r PATH`` every time a file under
 ``$ALIGN_JAX_AUDIT_READS`` (a folder) is opened for reading, in order. The multi-host tests use it
 to check that only process 0 writes ``metrics.jsonl``, ``config.json`` and TensorBoard events,
 and which image files each process's input pipeline read. (Checkpoint shards are written by
@@ -23,6 +24,12 @@ def _install(record: str) -> None:
   reads_under = os.path.join(os.path.abspath(reads_under), "") if reads_under else None
 
   def hook(event, args):
+    if event == "os.rename" and len(args) >= 2:  # os.rename / os.replace: the target is written
+      target = os.path.abspath(os.fsdecode(args[1]))
+      if target not in seen:
+        seen.add(target)
+        os.write(sink, f"w {target}\n".encode())
+      return
     if event != "open" or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
       return
     path, mode, flags = args[0], args[1], args[2]
