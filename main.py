@@ -32,6 +32,7 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "extract_features"],
                   "feature store to --workdir.")
 flags.DEFINE_integer("step", None, "--mode=evaluate: the checkpoint step (default: latest).")
 distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
+flags.adopt_module_key_flags(distributed)  # ... listed by --help with main.py's own
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -8,9 +8,10 @@ returns, so the same command continues bit-exact from that step.
 * Multi-process runs (``jax.distributed`` initialised): jax's preemption sync manager already
   catches SIGTERM in every process; a notice on any host is shared through the coordination
   service, and ``multihost_utils.reached_preemption_sync_point(step)`` turns True on all of them
-  at the same step (one past the furthest step any process had reached).
+  at the same step (one past the furthest step any process had reached). With
+  ``jax_enable_preemption_service`` off, nothing is caught and SIGTERM ends the processes.
 * A single process (no ``jax.distributed``): there is nothing to agree with, so a SIGTERM handler
-  installed for the duration of the loop records the notice and the next step is the one.
+  installed for the duration of the loop records the notice; the step running then is the one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class PreemptionWatch:
 
   def __init__(self):
     self.distributed = jax.distributed.is_initialized()
+    # With jax's preemption service turned off, SIGTERM keeps its default (the process ends).
+    self.enabled = not self.distributed or bool(jax.config.jax_enable_preemption_service)
     self._notice = threading.Event()
     self._previous = None
     self._installed = False
@@ -55,5 +58,5 @@ class PreemptionWatch:
   def reached(self, step: int) -> bool:
     """Whether to save at ``step`` (just finished) and stop; call it after every step."""
     if self.distributed:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return self.enabled and multihost_utils.reached_preemption_sync_point(step)
     return self._notice.is_set()

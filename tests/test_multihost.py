@@ -264,3 +264,29 @@ def test_sigkill_then_preemption_restarts_continue_the_same_trajectory(tmp_path)
   assert sorted(one) == sorted(two)
   for name in one:
     np.testing.assert_array_equal(two[name], one[name])
+
+
+@pytest.mark.slow
+def test_curate_command_two_processes_writes_one_manifest(tmp_path):
+  """Analysis commands run as 2 processes too: process 0 writes --out, the other waits for it."""
+  import helpers_data
+  features = np.eye(4, dtype=np.float32)[[0, 1, 1, 2, 0, 3]]
+  names = helpers_data.write_image_folder(str(tmp_path), len(features))
+  helpers_data.write_manifest(str(tmp_path / "pool.jsonl"), [
+      {"image": name, "caption": helpers_data.caption(i)} for i, name in enumerate(names)])
+  np.save(tmp_path / "feats.npy", features)
+  np.save(tmp_path / "protos.npy", np.eye(4, dtype=np.float32)[:2])
+  (tmp_path / "concepts.txt").write_text("alpha\nbeta\n")
+  outputs = {}
+  for processes in (1, 2):
+    out = tmp_path / f"curated-{processes}.jsonl"
+    group = multihost.run_main(
+        [f"--pool={tmp_path / 'pool.jsonl'}", f"--features={tmp_path / 'feats.npy'}",
+         f"--concepts={tmp_path / 'concepts.txt'}", f"--prototypes={tmp_path / 'protos.npy'}",
+         "--top_k=2", "--quota=2", f"--out={out}"], processes=processes, devices=4 * (3 - processes),
+        logs=tmp_path / f"logs-{processes}", timeout=TIMEOUT,
+        program=("-m", "align_jax.analysis.curate"))
+    outputs[processes] = out.read_text()
+    assert "selected 4" in group[0].output
+  assert outputs[2] == outputs[1] and len(outputs[1].splitlines()) == 4
+  assert sorted(p.name for p in tmp_path.glob("curated-2*")) == ["curated-2.jsonl"]
