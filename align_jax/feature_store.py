@@ -210,6 +210,7 @@ def _write_manifest(out_dir: str, config, dtype: str) -> dict:
       "image_encoder": m.image_encoder, "image_pooling": m.image_pooling,
       "image_size": m.image_size, "text_encoder": m.text_encoder,
       "text_pooling": m.text_pooling, "max_text_length": m.max_text_length,
+      "image_layer": m.image_layer, "text_layer": m.text_layer, "text_prefix": m.text_prefix,
       "encoder_dtype": m.encoder_dtype, "dtype": dtype,
       "data": {k: v for k, v in config.data.to_dict().items() if isinstance(v, (str, int, float))},
       "num_images": sum(s["num_images"] for s in shards),
