@@ -153,8 +153,12 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *, shard_b
   batch_sharding = sharding.batch_sharding(mesh, batch_axes)
   frozen = jax.device_put(model.frozen_params(), sharding.param_shardings(
       model.frozen_params(), mesh, config.mesh.frozen_param_rules))
-  encode_images = jax.jit(lambda p, x: model._run(model.image_encoder, p, x))
-  encode_texts = jax.jit(lambda p, x: model._run(model.text_encoder, p, x))
+  # Features come back split by rows only: with FSDP-sharded frozen params XLA could otherwise
+  # leave them split along the feature axis, and _local_rows reads row blocks.
+  encode_images = jax.jit(lambda p, x: model._run(model.image_encoder, p, x),
+                          out_shardings=batch_sharding)
+  encode_texts = jax.jit(lambda p, x: model._run(model.text_encoder, p, x),
+                         out_shardings=batch_sharding)
   text_local = batch_size // jax.process_count()
 
   writer = _ShardWriter(out_dir, process, np.dtype(dtype))
