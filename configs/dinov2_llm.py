@@ -43,8 +43,12 @@ processor files, read by align_jax.aot's abstract loading)::
         --topology=v5e-64
 
 It prints per-device memory (arguments include 1/64 of the text tower) and FLOPs. On any machine,
-the same config with tiny random checkpoints compiles on ``--topology=cpu:8``
-(tests/test_llm_config.py).
+the same config compiles on ``--topology=cpu:8`` with tiny random checkpoints (written by
+``align_jax.encoders.tiny.make_tiny_dinov2(dir, image_size=16)`` / ``make_tiny_llama(dir)``;
+tests/test_llm_config.py)::
+
+    python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/tiny_dinov2,text=/tmp/tiny_llama,size=16,length=12,batch=64,micro=2 \
+        --topology=cpu:8
 """
 
 from align_jax import config as config_lib
@@ -76,7 +80,7 @@ GLU_PARAM_RULES = (
 def get_config(arg=None):
   variant = config_lib.parse_arg(
       arg, batch=32768, steps=15_500, micro=32, image="facebook/dinov2-large",
-      text="intfloat/e5-mistral-7b-instruct", pooling="last", length=77, fsdp=True)
+      text="intfloat/e5-mistral-7b-instruct", pooling="last", length=77, size=224, fsdp=True)
   config = config_lib.default_config()
   config.total_steps = variant.steps
   config.batch_size = variant.batch
@@ -90,7 +94,7 @@ def get_config(arg=None):
 
   m = config.model
   m.image_encoder = variant.image
-  m.image_size = 224
+  m.image_size = variant.size
   m.image_pooling = "cls+mean_patch"
   m.text_encoder = variant.text
   m.text_pooling = variant.pooling

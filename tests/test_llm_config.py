@@ -79,6 +79,7 @@ def test_online_step_with_sharded_llm_on_eight_devices_equals_one(folders, devic
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, trainer8.frozen))
 
 
+@pytest.mark.slow
 def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(folders, devices):
   """``python -m align_jax.aot --config=configs/dinov2_llm.py --topology=cpu:8`` on tiny models."""
   del devices
