@@ -27,7 +27,7 @@ freeze-align schedule (SAIL used Lion, lr 1e-5, which align_jax does not impleme
 **Sharding.** 7B params are ~14.5 GB in bfloat16: with activations they do not fit replicated on
 a 16 GB v5e chip. ``LLM_FROZEN_RULES`` splits every text-tower matrix and the embedding table over
 the ``data`` axis along the model width (4,096 for Mistral-7B: divisible by up to 4,096 devices),
-so each device holds 1/N of the text weights (~230 MB each on v5e-64) and XLA gathers one
+so each device holds 1/N of the text weights (~220 MB on a v5e-64) and XLA gathers one
 layer's weights where it needs them; norms stay replicated. The decoder's params are loaded into
 host memory and placed shard by shard (align_jax.encoders.host_weights), never whole on one chip.
 DINOv2-L (0.6 GB) stays replicated.
@@ -47,7 +47,7 @@ the same config compiles on ``--topology=cpu:8`` with tiny random checkpoints (w
 ``align_jax.encoders.tiny.make_tiny_dinov2(dir, image_size=16)`` / ``make_tiny_llama(dir)``;
 tests/test_llm_config.py)::
 
-    python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/tiny_dinov2,text=/tmp/tiny_llama,size=16,length=12,batch=64,micro=2 \
+    python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/tiny_dinov2,text=/tmp/tiny_llama,size=16,length=12,batch=64,micro=2 \\
         --topology=cpu:8
 """
 

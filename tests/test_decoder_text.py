@@ -184,7 +184,7 @@ def test_llama_tokenizer_without_pad_token_pads_with_eos(checkpoints):
   assert (tokens["input_ids"][0, :8] == eos).all() and tokens["attention_mask"][0, :8].sum() == 0
 
 
-def test_sharded_safetensors_load_like_one_file(checkpoints, tmp_path, torch):
+def test_sharded_safetensors_load_like_one_file(checkpoints, tmp_path, torch, monkeypatch):
   import transformers
   folder = checkpoints["gemma", "pt"]
   sharded = tmp_path / "gemma_sharded"
@@ -198,6 +198,26 @@ def test_sharded_safetensors_load_like_one_file(checkpoints, tmp_path, torch):
   one = encoders.TextEncoder.from_pretrained(folder, pooling="mean", max_length=16)
   many = encoders.TextEncoder.from_pretrained(str(sharded), pooling="mean", max_length=16)
   jax.tree.map(np.testing.assert_array_equal, one.params, many.params)
+
+  # A hub id of a sharded repo downloads the shards (a stand-in for the hub copies the files
+  # that snapshot_download's allow_patterns select from the "remote" folder).
+  import fnmatch
+  import huggingface_hub
+  downloads = tmp_path / "hub"
+
+  def snapshot_download(repo_id, allow_patterns):
+    assert repo_id == "align-jax-tests/sharded-gemma"
+    downloads.mkdir(exist_ok=True)
+    for name in os.listdir(sharded):
+      if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+        shutil.copy(sharded / name, downloads)
+    return str(downloads)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  hub = encoders.TextEncoder.from_pretrained("align-jax-tests/sharded-gemma", pooling="mean",
+                                             max_length=16)
+  assert sorted(n for n in os.listdir(downloads) if n.endswith(".safetensors")) == sorted(shards)
+  jax.tree.map(np.testing.assert_array_equal, one.params, hub.params)
+
   os.remove(sharded / sorted(shards)[1])
   with pytest.raises(ValueError, match=f"shard {sorted(shards)[1]} listed in .* is missing"):
     encoders.TextEncoder.from_pretrained(str(sharded), max_length=16)

@@ -25,6 +25,22 @@ def folders(tmp_path_factory):
           tiny.make_tiny_llama(str(root / "llama"), save_format="flax", corpus=corpus))
 
 
+@pytest.mark.parametrize("family", ["gemma", "mistral", "t5"])
+def test_rules_shard_every_matrix_of_each_family(tmp_path, family, devices):
+  """LLM_FROZEN_RULES name every text-tower matrix of Llama / Mistral / Gemma and T5 (only T5's
+  small relative-position table [buckets, heads] and the 1-D norms stay replicated)."""
+  folder = getattr(tiny, f"make_tiny_{family}")(str(tmp_path / family), save_format="flax")
+  pooling = "mean" if family == "t5" else "last"
+  params = {"text": TextEncoder.from_pretrained(folder, pooling=pooling, max_length=12).params}
+  mesh = sharding.make_mesh(("data",), (8,))
+  shardings = sharding.param_shardings(params, mesh, dinov2_llm.LLM_FROZEN_RULES)
+  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree.leaves(shardings)):
+    name = "/".join(str(k.key) for k in path)
+    split = "data" in tuple(spec.spec)
+    assert split == (leaf.ndim == 2 and "relative_attention_bias" not in name), name
+
+
 def _config(folders, **variant):
   image, text = folders
   arg = ",".join(f"{k}={v}" for k, v in dict(dict(image=image, text=text, batch=16, micro=1,
