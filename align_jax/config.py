@@ -66,8 +66,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.image_encoder = "features"
   c.model.text_encoder = "features"
   c.model.image_pooling = "cls"  # cls | mean | cls+mean_patch | tokens
-  c.model.text_pooling = "mean"  # cls | mean | tokens
+  c.model.text_pooling = "mean"  # cls | mean | last (decoder LLMs) | tokens
   c.model.image_size = 0  # 0: the checkpoint's own resolution
+  # which hidden layer each encoder's features come from (align_jax.encoders.layers): an index,
+  # -1 = the final output after the encoder's final norm (default), 0 = embeddings, k = HF's
+  # hidden_states[k] (negative: from the end); or a list/tuple of indices, averaged
+  c.model.image_layer = ml_collections.FieldReference(-1, field_type=object)
+  c.model.text_layer = ml_collections.FieldReference(-1, field_type=object)
+  c.model.text_prefix = ""  # put before every text (an embedder's instruction, e.g. E5-Mistral)
   c.model.max_text_length = 77
   c.model.encoder_dtype = "float32"  # or bfloat16
   c.model.encoder_micro_batch = 0  # rows per device per encoder call inside the step; 0 = all

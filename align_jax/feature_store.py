@@ -153,7 +153,8 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *, shard_b
   batch_sharding = sharding.batch_sharding(mesh, batch_axes)
   frozen = jax.device_put(model.frozen_params(), sharding.param_shardings(
       model.frozen_params(), mesh, config.mesh.frozen_param_rules))
-  # Outputs stay split like the batch, so each process keeps exactly its own rows (_local_rows).
+  # Outputs stay split like the batch (rows only: with FSDP-sharded frozen params XLA could
+  # otherwise split them along the feature axis), so each process keeps its own rows.
   encode_images = jax.jit(lambda p, x: model._run(model.image_encoder, p, x),
                           out_shardings=batch_sharding)
   encode_texts = jax.jit(lambda p, x: model._run(model.text_encoder, p, x),
@@ -213,6 +214,7 @@ def _write_manifest(out_dir: str, config, dtype: str) -> dict:
       "image_encoder": m.image_encoder, "image_pooling": m.image_pooling,
       "image_size": m.image_size, "text_encoder": m.text_encoder,
       "text_pooling": m.text_pooling, "max_text_length": m.max_text_length,
+      "image_layer": m.image_layer, "text_layer": m.text_layer, "text_prefix": m.text_prefix,
       "encoder_dtype": m.encoder_dtype, "dtype": dtype,
       "data": {k: v for k, v in config.data.to_dict().items() if isinstance(v, (str, int, float))},
       "num_images": sum(s["num_images"] for s in shards),

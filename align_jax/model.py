@@ -160,9 +160,11 @@ def build_encoder(spec: str, config: ml_collections.ConfigDict, tower: str):
   m = config.model
   if tower == "image":
     return encoders.ImageEncoder.from_pretrained(
-        spec, pooling=m.image_pooling, image_size=m.image_size or None, dtype=m.encoder_dtype)
+        spec, pooling=m.image_pooling, image_size=m.image_size or None, dtype=m.encoder_dtype,
+        layer=m.image_layer)
   return encoders.TextEncoder.from_pretrained(
-      spec, pooling=m.text_pooling, max_length=m.max_text_length, dtype=m.encoder_dtype)
+      spec, pooling=m.text_pooling, max_length=m.max_text_length, dtype=m.encoder_dtype,
+      layer=m.text_layer, prefix=m.text_prefix)
 
 
 def build_model(config: ml_collections.ConfigDict, mesh=None) -> AlignModel:

@@ -197,9 +197,11 @@ def _torch_text(torch, family, folder, inputs):
                 attention_mask=torch.from_numpy(inputs["attention_mask"]).long())
   tokens = out.last_hidden_state.numpy()
   mask = inputs["attention_mask"][..., None].astype(np.float32)
+  last = inputs["attention_mask"].sum(1) - 1  # these tokenizers pad on the right
   return {"tokens": tokens,
           "cls": out.pooler_output.numpy() if family == "clip" else tokens[:, 0],
-          "mean": (tokens * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)}
+          "mean": (tokens * mask).sum(1) / np.maximum(mask.sum(1), 1e-9),
+          "last": tokens[np.arange(len(tokens)), last]}
 
 
 @pytest.mark.parametrize("family,fmt", TEXT_CASES)

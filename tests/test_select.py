@@ -56,6 +56,31 @@ def test_ranking_matches_direct_cka_with_layers(encoders, tmp_path):
   with Image.open(tmp_path / "cka_heatmap.png") as heatmap:
     assert heatmap.size == (260 + 2 * 90, 40 + 2 * 90)
 
+  # The override file names the pair and layers of the highest CKA over all layer pairs, and
+  # encoders built from it (through the config, as training builds them) reproduce that CKA.
+  best = max(rows, key=lambda r: r["best_layer_cka"])
+  config = _config_with_flagfile(tmp_path / "best_config_overrides.txt")
+  m = config.model
+  assert (m.image_encoder, m.text_encoder) == (best["image_encoder"], best["text_encoder"])
+  assert m.image_layer == (-1 if best["best_image_layer"] == 2 else best["best_image_layer"])
+  assert m.text_layer == (-1 if best["best_text_layer"] == 2 else best["best_text_layer"])
+  x = ImageEncoder.from_pretrained(m.image_encoder, pooling="mean", layer=m.image_layer).encode(pil)
+  text_encoder = TextEncoder.from_pretrained(m.text_encoder, pooling="mean", max_length=32,
+                                             layer=m.text_layer)
+  y = np.stack([text_encoder.encode(r.captions).mean(0) for r in records])
+  assert cka.linear_cka(x, y) == pytest.approx(best["best_layer_cka"], abs=1e-4)
+
+
+def _config_with_flagfile(path):
+  """configs/dinov2_roberta.py with ``--flagfile=path``, parsed by absl as main.py parses it."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["prog", f"--config={REPO}/configs/dinov2_roberta.py", f"--flagfile={path}"]
+  values = flags.FlagValues()  # config_flags reads the overrides from this argv, as from sys.argv
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
 
 def test_command_line(encoders, tmp_path):
   images, texts = encoders
@@ -65,4 +90,10 @@ def test_command_line(encoders, tmp_path):
        "--max_text_length=32", f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "best pair:" in result.stdout
-  assert len(json.loads((tmp_path / "ranking.json").read_text())) == 2
+  rows = json.loads((tmp_path / "ranking.json").read_text())
+  assert len(rows) == 2
+  assert f"--flagfile={tmp_path / 'best_config_overrides.txt'}" in result.stdout
+  config = _config_with_flagfile(tmp_path / "best_config_overrides.txt")  # without --layers:
+  assert (config.model.image_encoder, config.model.text_encoder) == (
+      rows[0]["image_encoder"], rows[0]["text_encoder"])  # the top-ranked pair, final layers
+  assert (config.model.image_layer, config.model.text_layer) == (-1, -1)

@@ -13,6 +13,16 @@ with linear CKA (and mutual k-NN); higher CKA went with better retrieval after a
 text encoders). With ``--layers`` every layer of every encoder is scored too and the best-aligned
 layer pair of each encoder pair is reported (STRUCTURE's observation, RECIPES §5).
 
+It also writes ``best_config_overrides.txt``, the chosen pair as config overrides, one flag a line
+(absl flagfile syntax), ready for training::
+
+    python main.py --config=configs/dinov2_roberta.py \\
+        --flagfile=/tmp/selection/best_config_overrides.txt --workdir=...
+
+That is the best pair by final-layer CKA with ``model.image_layer`` / ``model.text_layer`` -1; with
+``--layers``, the pair and layers of the highest CKA over every layer pair of every encoder pair
+(layer indices as :mod:`align_jax.encoders.layers` counts them; the final output written -1).
+
 Records come from the image-caption readers of :mod:`align_jax.data.sources` (manifest, tfds,
 webdataset, synthetic_shapes); unreadable records are skipped and counted. Each encoder
 preprocesses images with its own Hugging Face processor.
@@ -142,6 +152,38 @@ def write_ranking(rows: list[dict], out_dir: str) -> None:
     f.write("\n".join(lines) + "\n")
 
 
+OVERRIDES_FILE = "best_config_overrides.txt"
+
+
+def best_overrides(rows: list[dict]) -> tuple[dict, list[str]]:
+  """The chosen row and its config override flags (see the module docstring)."""
+  if "best_layer_cka" not in rows[0]:
+    best, image_layer, text_layer = rows[0], -1, -1
+    how = f"best pair by final-layer linear CKA ({best['linear_cka']:.4f})"
+  else:
+    best = max(rows, key=lambda r: r["best_layer_cka"])
+    image_last, text_last = len(best["layer_cka"]) - 1, len(best["layer_cka"][0]) - 1
+    image_layer = -1 if best["best_image_layer"] == image_last else best["best_image_layer"]
+    text_layer = -1 if best["best_text_layer"] == text_last else best["best_text_layer"]
+    how = (f"best pair and layers by linear CKA over every layer pair "
+           f"({best['best_layer_cka']:.4f}; final layers: {best['linear_cka']:.4f})")
+  return best, [
+      f"# python -m align_jax.analysis.select: {how}; features scored with mean pooling",
+      f"# use: python main.py --config=CONFIG --flagfile={OVERRIDES_FILE} ...",
+      f"--config.model.image_encoder={best['image_encoder']}",
+      f"--config.model.text_encoder={best['text_encoder']}",
+      f"--config.model.image_layer={image_layer}",
+      f"--config.model.text_layer={text_layer}"]
+
+
+def write_overrides(rows: list[dict], out_dir: str) -> str:
+  """Writes ``best_config_overrides.txt`` into ``out_dir``; returns its path."""
+  path = os.path.join(out_dir, OVERRIDES_FILE)
+  with open(path, "w") as f:
+    f.write("\n".join(best_overrides(rows)[1]) + "\n")
+  return path
+
+
 def _colour(value: float) -> tuple[int, int, int]:
   """A dark-blue -> yellow ramp for values in [0, 1]."""
   v = float(np.clip(value, 0.0, 1.0))
@@ -173,7 +215,8 @@ def write_heatmap(rows: list[dict], image_names: Sequence[str], text_names: Sequ
 def select_encoders(data_config, image_encoders: Sequence[str], text_encoders: Sequence[str],
                     out_dir: str, *, num_images: int = 5000, layers: bool = False,
                     batch_size: int = 64, max_text_length: int = 77) -> list[dict]:
-  """Scores every pair and writes ranking.md / ranking.json / cka_heatmap.png; returns the rows."""
+  """Scores every pair and writes ranking.md / ranking.json / cka_heatmap.png and the best pair's
+  config overrides (best_config_overrides.txt); returns the rows."""
   if not image_encoders or not text_encoders:
     raise ValueError("give at least one image encoder and one text encoder")
   os.makedirs(out_dir, exist_ok=True)
@@ -185,6 +228,7 @@ def select_encoders(data_config, image_encoders: Sequence[str], text_encoders: S
                                    max_length=max_text_length) for name in text_encoders}
   rows = score_pairs(image_feats, text_feats)
   write_ranking(rows, out_dir)
+  write_overrides(rows, out_dir)
   write_heatmap(rows, image_encoders, text_encoders, os.path.join(out_dir, "cka_heatmap.png"))
   return rows
 
@@ -209,6 +253,8 @@ def main(argv):
     print(f.read())
   print(f"best pair: {rows[0]['image_encoder']} + {rows[0]['text_encoder']} "
         f"(linear CKA {rows[0]['linear_cka']:.4f}); files in {flags.out}")
+  print(f"config overrides ({'pair and layers' if flags.layers else 'pair'}): "
+        f"--flagfile={os.path.join(flags.out, OVERRIDES_FILE)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Weights are read from ``flax_model.msgpack`` when present, else from a single Py
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import types
@@ -21,9 +22,11 @@ import numpy as np
 # Config, tokenizer and processor files; weights are fetched in the order below, stopping at the
 # first format the repo has, so a repo with several formats is downloaded once (TF, ONNX never).
 _CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]
-_WEIGHT_PATTERNS = (["model.safetensors"], ["flax_model.msgpack*"], ["pytorch_model.bin"])
-_WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "flax_model.msgpack.index.json",
-                 "pytorch_model.bin")
+# Sharded safetensors (multi-GB LLMs) are read by align_jax.encoders.host_weights.
+_WEIGHT_PATTERNS = (["model.safetensors"], ["model-*-of-*.safetensors"], ["flax_model.msgpack*"],
+                    ["pytorch_model.bin"])
+_WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "flax_model.msgpack",
+                 "flax_model.msgpack.index.json", "pytorch_model.bin")
 
 
 class EncoderNotFoundError(OSError):
@@ -52,7 +55,7 @@ def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.ima
     for weights in _WEIGHT_PATTERNS:
       folder = huggingface_hub.snapshot_download(repo_id=str(name_or_path),
                                                  allow_patterns=_CONFIG_PATTERNS + weights)
-      if any(os.path.isfile(os.path.join(folder, f)) for f in _WEIGHT_FILES):
+      if any(glob.glob(os.path.join(glob.escape(folder), f)) for f in _WEIGHT_FILES):
         break
     return folder
   except Exception as e:  # Offline cache miss, unknown repo, invalid id, network error, ...

@@ -17,6 +17,7 @@ import numpy as np
 
 from align_jax.encoders import hub
 from align_jax.encoders import image_processing
+from align_jax.encoders import layers as layers_lib
 from align_jax.encoders import pooling as pooling_lib
 from align_jax.encoders import pos_embed
 
@@ -146,11 +147,13 @@ class ImageEncoder:
     pooling: the pooling ``apply`` returns.
     preprocessing: the full preprocessing settings (resize, crop, normalisation).
     num_tokens: tokens per image (CLS + patches).
+    layers: the layer indices ``apply`` pools (see :mod:`align_jax.encoders.layers`); ``(N,)``,
+      the final output, by default.
   """
 
   def __init__(self, *, name: str, family: ImageFamily, module: Any, params: Any, config: Any,
                pooling: str, preprocessing: image_processing.ImagePreprocessing,
-               dtype: jnp.dtype):
+               dtype: jnp.dtype, layers: tuple[int, ...] | None = None):
     self.name = name
     self.family = family
     self.module = module
@@ -165,11 +168,13 @@ class ImageEncoder:
     self.num_tokens = 1 + (self.image_size // config.patch_size) ** 2
     width = int(config.hidden_size)
     self.output_dim = 2 * width if pooling == "cls+mean_patch" else width
+    self.num_layers = int(config.num_hidden_layers)
+    self.layers = (self.num_layers,) if layers is None else tuple(layers)
     self._jit_apply = jax.jit(self.apply)
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, pooling: str = "cls", image_size: int | None = None,
-                      dtype: str = "float32") -> "ImageEncoder":
+                      dtype: str = "float32", layer: Any = layers_lib.FINAL) -> "ImageEncoder":
     """Loads a checkpoint (local folder or hub id) as a frozen Flax encoder.
 
     Args:
@@ -180,6 +185,9 @@ class ImageEncoder:
         patch grid other than the checkpoint's, position embeddings are resampled once, exactly as
         PyTorch does at run time.
       dtype: compute (and frozen-param) dtype, e.g. "bfloat16"; outputs are always float32.
+      layer: which layer's tokens are pooled, or a list of layers to average (see
+        :mod:`align_jax.encoders.layers`): -1 (default) is the final output after the family's
+        final LayerNorm, as always; other indices are HF's raw ``hidden_states[k]``.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.IMAGE_POOLINGS, "image")
     dtype = compute_dtype(dtype)
@@ -189,6 +197,8 @@ class ImageEncoder:
     with hub.quiet_transformers():
       config = getattr(transformers, family.config_class).from_pretrained(folder)
       processor = image_processing.load_image_processor(folder, family.default_processor)
+    layers = layers_lib.parse_layers(layer, int(config.num_hidden_layers),
+                                     "--config.model.image_layer")
     preprocessing = image_processing.ImagePreprocessing.from_processor(processor)
     if image_size is None:
       if preprocessing.output_hw is None or len(set(preprocessing.output_hw)) != 1:
@@ -217,7 +227,7 @@ class ImageEncoder:
       params = hub.select_like(params, _abstract_params(module, config))
     params = cast_params(params, dtype)
     return cls(name=str(name_or_path), family=family, module=module, params=params, config=config,
-               pooling=pooling, preprocessing=preprocessing, dtype=dtype)
+               pooling=pooling, preprocessing=preprocessing, dtype=dtype, layers=layers)
 
   def apply(self, params: Any, inputs: dict[str, Any]) -> dict[str, jnp.ndarray]:
     """Features of normalised NHWC pixels; pure and jit-able.
@@ -234,9 +244,14 @@ class ImageEncoder:
     if pixels.ndim != 4 or tuple(pixels.shape[1:3]) != (self.image_size, self.image_size):
       raise ValueError(f"pixel_values must be [B, {self.image_size}, {self.image_size}, 3] (NHWC), "
                        f"got {tuple(pixels.shape)}: load the encoder with image_size=... to match")
+    if layers_lib.is_final(self.layers, self.num_layers):
+      out = self.module.apply({"params": params}, jnp.asarray(pixels, self.dtype),
+                              deterministic=True)
+      return pooling_lib.pool_image(self._final_tokens(params, out.last_hidden_state),
+                                    self.pooling)
     out = self.module.apply({"params": params}, jnp.asarray(pixels, self.dtype),
-                            deterministic=True)
-    return pooling_lib.pool_image(self._final_tokens(params, out.last_hidden_state),
+                            deterministic=True, output_hidden_states=True)
+    return pooling_lib.pool_image(layers_lib.combine(self._layer_tokens(params, out), self.layers),
                                   self.pooling)
 
   def apply_all_layers(self, params: Any, inputs: dict[str, Any]) -> jnp.ndarray:
@@ -249,9 +264,13 @@ class ImageEncoder:
     pixels = jnp.asarray(inputs["pixel_values"], self.dtype)
     out = self.module.apply({"params": params}, pixels, deterministic=True,
                             output_hidden_states=True)
-    hidden = list(out.hidden_states[:-1]) + [self._final_tokens(params, out.last_hidden_state)]
     pooling = "mean" if self.pooling == "tokens" else self.pooling
-    return jnp.stack([pooling_lib.pool_image(h, pooling)["pooled"] for h in hidden])
+    return jnp.stack([pooling_lib.pool_image(h, pooling)["pooled"]
+                      for h in self._layer_tokens(params, out)])
+
+  def _layer_tokens(self, params: Any, out: Any) -> list[jnp.ndarray]:
+    """Layers 0..N (:mod:`align_jax.encoders.layers`): raw hidden states, then the final tokens."""
+    return list(out.hidden_states[:-1]) + [self._final_tokens(params, out.last_hidden_state)]
 
   def _final_tokens(self, params: Any, tokens: jnp.ndarray) -> jnp.ndarray:
     """The last layer's tokens after the family's final LayerNorm (CLIP applies it to all)."""

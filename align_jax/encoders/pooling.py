@@ -1,8 +1,8 @@
 """Pooling of encoder token outputs into the project's "features" dict.
 
-``{"pooled": [B, D']}`` for "cls", "mean" and "cls+mean_patch"; ``{"tokens": [B, T, D], "mask": bool
-[B, T]}`` for "tokens". Everything is float32, whatever the encoder's compute dtype, so projectors and
-losses see one dtype.
+``{"pooled": [B, D']}`` for "cls", "mean", "last" and "cls+mean_patch"; ``{"tokens": [B, T, D],
+"mask": bool [B, T]}`` for "tokens". Everything is float32, whatever the encoder's compute dtype, so
+projectors and losses see one dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from align_jax.projectors import masked_mean  # one definition of the features convention
 
 IMAGE_POOLINGS = ("cls", "mean", "cls+mean_patch", "tokens")
-TEXT_POOLINGS = ("cls", "mean", "tokens")
+TEXT_POOLINGS = ("cls", "mean", "tokens", "last")
 
 
 def check_pooling(pooling: str, valid: tuple[str, ...], kind: str) -> str:
@@ -42,6 +42,17 @@ def pool_image(tokens: jnp.ndarray, pooling: str) -> dict[str, jnp.ndarray]:
   raise ValueError(f"unknown image pooling {pooling!r}; valid: {', '.join(IMAGE_POOLINGS)}")
 
 
+def last_token_index(mask: jnp.ndarray) -> jnp.ndarray:
+  """Per row [B], the position of the last real token of mask [B, L], for left or right padding.
+
+  With right padding it is ``sum(mask) - 1``; with left padding ``L - 1``; in general the largest
+  position whose mask is 1 (0 for a row without real tokens).
+  """
+  mask = mask.astype(bool)
+  positions = jnp.arange(mask.shape[1], dtype=jnp.int32)
+  return jnp.max(jnp.where(mask, positions, 0), axis=1)
+
+
 def pool_text(tokens: jnp.ndarray, mask: jnp.ndarray, pooling: str,
               cls_index: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
   """Pools text tokens [B, L, D] with attention mask [B, L].
@@ -49,8 +60,9 @@ def pool_text(tokens: jnp.ndarray, mask: jnp.ndarray, pooling: str,
   Args:
     tokens: last hidden states.
     mask: 1 for real tokens, 0 for padding.
-    pooling: "cls" (the token at ``cls_index``, or position 0), "mean" (over real tokens) or
-      "tokens".
+    pooling: "cls" (the token at ``cls_index``, or position 0), "mean" (over real tokens),
+      "last" (the last real token, as decoder-LLM embedders such as E5-Mistral pool: with the
+      EOS the tokenizer appends, the one token that has attended to the whole text) or "tokens".
     cls_index: per-row index [B] of the summary token; CLIP's text tower uses its EOS token.
   """
   tokens = tokens.astype(jnp.float32)
@@ -59,6 +71,9 @@ def pool_text(tokens: jnp.ndarray, mask: jnp.ndarray, pooling: str,
     return {"tokens": tokens, "mask": mask}
   if pooling == "mean":
     return {"pooled": masked_mean(tokens, mask)}
+  if pooling == "last":
+    return {"pooled": jnp.take_along_axis(tokens, last_token_index(mask)[:, None, None],
+                                          axis=1)[:, 0]}
   if pooling == "cls":
     if cls_index is None:
       return {"pooled": tokens[:, 0]}

@@ -12,7 +12,12 @@ single ``model.safetensors`` (needs torch); this is how most hub checkpoints shi
 for a Flax folder is ``TorchModel.from_pretrained(path, from_flax=True)``.
 
 The tokenizers are trained on a small built-in corpus with the ``tokenizers`` library, so they are
-real WordPiece / byte-level BPE tokenizers with a small vocabulary (a few hundred entries).
+real WordPiece / byte-level BPE / SentencePiece-style (Metaspace BPE, Unigram) tokenizers with a
+small vocabulary (a few hundred entries).
+
+The decoder LLMs (Llama, Mistral, Gemma) use grouped-query attention (4 query heads, 2 key/value
+heads) and a larger initialiser scale (``initializer_range`` 0.2) than the real models, so their
+attention is far from uniform and position or padding mistakes show in the outputs.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ _SAVE_FORMATS = ("flax", "pt")
 
 
 def _save_model(path: str, config: Any, torch_cls_name: str, flax_cls_name: str,
-                save_format: str, seed: int) -> None:
+                save_format: str, seed: int, flax_std: float = 0.02) -> None:
   """Initialises a model of ``config`` with ``seed`` and saves it to ``path`` in ``save_format``."""
   if save_format not in _SAVE_FORMATS:
     raise ValueError(f"save_format must be one of {_SAVE_FORMATS}, got {save_format!r}")
@@ -58,14 +63,15 @@ def _save_model(path: str, config: Any, torch_cls_name: str, flax_cls_name: str,
     model.save_pretrained(path, safe_serialization=True)
   else:
     model = getattr(transformers, flax_cls_name)(config, _do_init=False)
-    model.save_pretrained(path, params=_random_flax_params(model, seed))
+    model.save_pretrained(path, params=_random_flax_params(model, seed, flax_std))
 
 
-def _random_flax_params(model: Any, seed: int) -> dict[str, Any]:
+def _random_flax_params(model: Any, seed: int, std: float = 0.02) -> dict[str, Any]:
   """Seeded random weights in the model's param tree, without compiling its init (seconds on CPU).
 
-  Shapes come from an abstract trace of ``init_weights``; LayerNorm scales are 1 + N(0, 0.1^2),
-  everything else N(0, 0.02^2) (the transformers init scale), as float32 numpy arrays.
+  Shapes come from an abstract trace of ``init_weights``; LayerNorm / RMSNorm scales ("scale",
+  "weight") are 1 + N(0, 0.1^2), everything else N(0, std^2) (0.02: the transformers init
+  scale), as float32 numpy arrays.
   """
   import jax
   import numpy as np
@@ -76,7 +82,7 @@ def _random_flax_params(model: Any, seed: int) -> dict[str, Any]:
   def fill(path: tuple[Any, ...], leaf: Any) -> np.ndarray:
     name = str(getattr(path[-1], "key", path[-1]))
     values = rng.normal(size=leaf.shape).astype(np.float32)
-    return 1.0 + 0.1 * values if name == "scale" else 0.02 * values
+    return 1.0 + 0.1 * values if name in ("scale", "weight") else np.float32(std) * values
 
   return jax.tree_util.tree_map_with_path(fill, jax.tree.map(lambda x: x, dict(shapes)))
 
@@ -224,4 +230,106 @@ def make_tiny_clip(path: str, image_size: int = 24, patch_size: int = 6, save_fo
   transformers.CLIPImageProcessor(
     size={"shortest_edge": image_size}, crop_size=image_size, image_mean=list(_CLIP_MEAN),
     image_std=list(_CLIP_STD)).save_pretrained(path)
+  return path
+
+
+def _metaspace_tokenizer(specials: list[str], unk: str, corpus=CORPUS, unigram: bool = False):
+  """A SentencePiece-style tokenizer (Metaspace "▁" word starts; BPE, or Unigram for T5)."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  alphabet = sorted({c for line in corpus for c in line.replace(" ", "▁")} | {"▁"})
+  if unigram:
+    tok = tokenizers.Tokenizer(models.Unigram())
+    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=specials, unk_token=unk,
+                                      initial_alphabet=alphabet)
+  else:
+    tok = tokenizers.Tokenizer(models.BPE(unk_token=unk))
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=specials,
+                                  initial_alphabet=alphabet)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+  tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+  tok.train_from_iterator(list(corpus), trainer)
+  return tok
+
+
+# model_type -> (transformers class prefix, special tokens in id order, bos, eos, unk, pad)
+_DECODERS = {
+  "llama": ("Llama", ["<unk>", "<s>", "</s>"], "<s>", "</s>", "<unk>", None),
+  "mistral": ("Mistral", ["<unk>", "<s>", "</s>"], "<s>", "</s>", "<unk>", None),
+  "gemma": ("Gemma", ["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<eos>", "<unk>", "<pad>"),
+}
+
+
+def make_tiny_decoder(path: str, model_type: str = "llama", save_format: str = "pt",
+                      seed: int = 0, max_position_embeddings: int = 64, add_eos: bool = True,
+                      padding_side: str = "left", corpus=CORPUS, **config_overrides) -> str:
+  """Writes a tiny random Llama, Mistral or Gemma checkpoint with its tokenizer; returns ``path``.
+
+  The tokenizer adds BOS and, with ``add_eos`` (as E5-Mistral's), EOS; like the real Llama /
+  Mistral tokenizers those two have no pad token (the encoder pads with EOS), Gemma's has one.
+  ``padding_side`` is the tokenizer's default side (Llama and Gemma tokenizers pad on the left).
+  ``config_overrides`` go to the config (e.g. ``sliding_window=4``, ``rope_theta=...``).
+  """
+  prefix, specials, bos, eos, unk, pad = _DECODERS[model_type]
+  tok_cls = getattr(transformers, f"{'Gemma' if model_type == 'gemma' else 'Llama'}TokenizerFast")
+  extra = {} if model_type == "gemma" else {"legacy": False}
+  tok = tok_cls(tokenizer_object=_metaspace_tokenizer(specials, unk, corpus), bos_token=bos,
+                eos_token=eos, unk_token=unk, pad_token=pad, add_bos_token=True,
+                add_eos_token=add_eos, padding_side=padding_side, **extra)
+  tok.save_pretrained(path)
+  ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+         "pad_token_id": tok.pad_token_id}
+  sizes = dict(_TINY, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+               initializer_range=0.2)
+  if model_type == "gemma":
+    sizes.update(head_dim=8, hidden_act="gelu_pytorch_tanh", hidden_activation=None)
+  config = getattr(transformers, f"{prefix}Config")(vocab_size=len(tok), **ids,
+                                                    **{**sizes, **config_overrides})
+  _save_model(path, config, f"{prefix}Model", f"Flax{prefix}Model", save_format, seed,
+              flax_std=0.2)
+  return path
+
+
+def make_tiny_llama(path: str, save_format: str = "pt", seed: int = 0, **kwargs) -> str:
+  """Writes a tiny random Llama checkpoint (see ``make_tiny_decoder``); returns ``path``."""
+  return make_tiny_decoder(path, "llama", save_format=save_format, seed=seed, **kwargs)
+
+
+def make_tiny_mistral(path: str, save_format: str = "pt", seed: int = 0, **kwargs) -> str:
+  """Writes a tiny random Mistral checkpoint (see ``make_tiny_decoder``); returns ``path``."""
+  return make_tiny_decoder(path, "mistral", save_format=save_format, seed=seed, **kwargs)
+
+
+def make_tiny_gemma(path: str, save_format: str = "pt", seed: int = 0, **kwargs) -> str:
+  """Writes a tiny random Gemma checkpoint (see ``make_tiny_decoder``); returns ``path``."""
+  return make_tiny_decoder(path, "gemma", save_format=save_format, seed=seed, **kwargs)
+
+
+def make_tiny_t5(path: str, save_format: str = "pt", seed: int = 0, mt5: bool = False,
+                 encoder_only: bool = True, corpus=CORPUS) -> str:
+  """Writes a tiny random T5 (or mT5) checkpoint with a Unigram tokenizer; returns ``path``.
+
+  T5 v1.1 style, as GTR and sentence-T5 (gated-GELU feed-forward, relative position buckets);
+  the tokenizer appends ``</s>`` and pads on the right with ``<pad>`` = 0. ``encoder_only=False``
+  writes a full encoder-decoder model (``T5ForConditionalGeneration``), whose encoder align_jax
+  loads the same way.
+  """
+  from tokenizers import processors
+  from align_jax.encoders import t5_compat
+  t5_compat.patch_flax_t5()  # the Flax init traces the model
+  backend = _metaspace_tokenizer(["<pad>", "</s>", "<unk>"], "<unk>", corpus, unigram=True)
+  backend.post_processor = processors.TemplateProcessing(
+    single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+  tok = transformers.T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>",
+                                     pad_token="<pad>", extra_ids=0)
+  tok.save_pretrained(path)
+  prefix = "MT5" if mt5 else "T5"
+  config = getattr(transformers, f"{prefix}Config")(
+    vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=1,
+    num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+    relative_attention_max_distance=20, pad_token_id=0, eos_token_id=1,
+    decoder_start_token_id=0, tie_word_embeddings=False)
+  torch_cls = f"{prefix}EncoderModel" if encoder_only else f"{prefix}ForConditionalGeneration"
+  flax_cls = f"Flax{prefix}EncoderModel" if encoder_only else f"Flax{prefix}ForConditionalGeneration"
+  _save_model(path, config, torch_cls, flax_cls, save_format, seed, flax_std=0.2)
   return path

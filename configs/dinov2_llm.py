@@ -1,0 +1,127 @@
+"""DINOv2-L + a 7B decoder-LLM text encoder (E5-Mistral-7B-instruct), frozen and FSDP-sharded.
+
+    # 1. SAIL's two stages: store the frozen features once (both encoders sharded as below) ...
+    python main.py --config=configs/dinov2_llm.py --mode=extract_features \\
+        --config.data.urls='/data/cc12m/{00000..01242}.tar' --workdir=/features/cc12m
+    # ... 2. then train the heads on them (no encoder in the step)
+    python main.py --config=configs/dinov2_llm.py --config.data.source=features \\
+        --config.data.path=/features/cc12m --config.model.image_encoder=features \\
+        --config.model.text_encoder=features --workdir=/ckpt/llm
+    # or online, both encoders inside every step (as configs/dinov2_roberta.py)
+    python main.py --config=configs/dinov2_llm.py --config.data.urls=... --workdir=/ckpt/llm_online
+
+SAIL (Zhang et al., CVPR 2025) reaches ImageNet 73.4 with DINOv2-L and NV-Embed-v2, a
+Mistral-7B-based embedder. NV-Embed-v2 itself is not a transformers model (hub code: bidirectional
+attention and a latent-attention pooler), so the text tower here is the closest plain
+``MistralModel`` embedder, ``intfloat/e5-mistral-7b-instruct``, pooled as its model card says: the
+last token (the EOS its tokenizer appends), ``text_pooling="last"``. Its card puts an instruction
+before queries only (``"Instruct: {task}\\nQuery: "``) and none before documents; captions are
+encoded as documents here, so ``model.text_prefix`` is empty; set it for an instruction, e.g.
+``--config.model.text_prefix=$'Instruct: Retrieve images that match the caption\\nQuery: '``.
+Any Llama-2 / Mistral-7B-v0.1 / Gemma-1 checkpoint (``variant text=...``) and T5 / mT5 encoders
+(GTR, sentence-T5; ``pooling=mean``) work with the same rules. SAIL's heads: image feature
+concat(CLS, mean patch) of DINOv2 (2 x 1024), GLU projectors (8x width) on both towers, sigmoid
+loss with logit scale 20 and bias -10, batch 32,768. The optimiser is align_jax's AdamW with the
+freeze-align schedule (SAIL used Lion, lr 1e-5, which align_jax does not implement).
+
+**Sharding.** 7B params are ~14.5 GB in bfloat16: with activations they do not fit replicated on
+a 16 GB v5e chip. ``LLM_FROZEN_RULES`` splits every text-tower matrix and the embedding table over
+the ``data`` axis along the model width (4,096 for Mistral-7B: divisible by up to 4,096 devices),
+so each device holds 1/N of the text weights (~220 MB on a v5e-64) and XLA gathers one
+layer's weights where it needs them; norms stay replicated. The decoder's params are loaded into
+host memory and placed shard by shard (align_jax.encoders.host_weights), never whole on one chip.
+DINOv2-L (0.6 GB) stays replicated.
+
+**Checking the 7B step before a pod** (compile only, no weights: needs libtpu, ``pip install
+'jax[tpu]==0.10.2'``, and config-only encoder folders, i.e. ``config.json`` plus the tokenizer and
+processor files, read by align_jax.aot's abstract loading)::
+
+    huggingface-cli download intfloat/e5-mistral-7b-instruct --include '*.json' 'tokenizer*' \\
+        --local-dir /tmp/e5-mistral-config
+    huggingface-cli download facebook/dinov2-large --include '*.json' --local-dir /tmp/dinov2-config
+    python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/dinov2-config,text=/tmp/e5-mistral-config \\
+        --topology=v5e-64
+
+It prints per-device memory (arguments include 1/64 of the text tower) and FLOPs. On any machine,
+the same config compiles on ``--topology=cpu:8`` with tiny random checkpoints (written by
+``align_jax.encoders.tiny.make_tiny_dinov2(dir, image_size=16)`` / ``make_tiny_llama(dir)``;
+tests/test_llm_config.py)::
+
+    python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/tiny_dinov2,text=/tmp/tiny_llama,size=16,length=12,batch=64,micro=2 \\
+        --topology=cpu:8
+"""
+
+from align_jax import config as config_lib
+
+# Frozen text-tower params split over the data axis along the model width D (first match wins;
+# paths are "text/<Flax param path>"). Llama / Mistral / Gemma: q, k, v, gate and up kernels are
+# [D, out], o and down kernels [in, D], the embedding [vocab, D]. T5 / mT5: q, k, v, wi kernels
+# [D, out], o and wo [in, D], the shared embedding [vocab, D].
+LLM_FROZEN_RULES = (
+    (r"^text/.*/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("data", None)),
+    (r"^text/.*/(o_proj|down_proj)/kernel$", (None, "data")),
+    (r"^text/embed_tokens/embedding$", (None, "data")),
+    (r"^text/.*/SelfAttention/(q|k|v)/kernel$", ("data", None)),
+    (r"^text/.*/DenseReluDense/(wi|wi_0|wi_1)/kernel$", ("data", None)),
+    (r"^text/.*/(SelfAttention/o|DenseReluDense/wo)/kernel$", (None, "data")),
+    (r"^text/shared/embedding$", (None, "data")),
+)
+
+# The trainable GLU heads are large too (8 x 4,096 = 32,768 hidden units on the text side: ~386M
+# params, ~6 GB with AdamW's moments in float32): their wide dimension is split over the data
+# axis, in the params and in the optimiser state alike (the rules match both paths).
+GLU_PARAM_RULES = (
+    (r"/(gate|value)/kernel$", (None, "data")),
+    (r"/(gate|value)/bias$", ("data",)),
+    (r"/out/kernel$", ("data", None)),
+)
+
+
+def get_config(arg=None):
+  variant = config_lib.parse_arg(
+      arg, batch=32768, steps=15_500, micro=32, image="facebook/dinov2-large",
+      text="intfloat/e5-mistral-7b-instruct", pooling="last", length=77, size=224, fsdp=True)
+  config = config_lib.default_config()
+  config.total_steps = variant.steps
+  config.batch_size = variant.batch
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+
+  config.data.source = "webdataset"
+  config.data.urls = ""  # required: --config.data.urls=...
+  config.data.num_workers = 16
+
+  m = config.model
+  m.image_encoder = variant.image
+  m.image_size = variant.size
+  m.image_pooling = "cls+mean_patch"
+  m.text_encoder = variant.text
+  m.text_pooling = variant.pooling
+  m.max_text_length = variant.length
+  m.encoder_dtype = "bfloat16"
+  m.encoder_micro_batch = variant.micro
+  m.image_projector = "glu"
+  m.text_projector = "glu"
+  m.glu_hidden_mult = 8
+  m.embed_dim = 1024
+  m.dropout = 0.0
+
+  config.loss.name = "sigmoid"
+  config.loss.scale_init = 20.0
+  config.loss.scale_max = 100.0
+  config.loss.bias_init = -10.0
+
+  config.optim.learning_rate = 1e-3
+  config.optim.end_learning_rate = 1e-5
+  config.optim.warmup_steps = 1000
+  config.optim.weight_decay = 0.02
+
+  if variant.fsdp:
+    config.mesh.frozen_param_rules = LLM_FROZEN_RULES
+    config.mesh.param_rules = GLU_PARAM_RULES
+
+  config.evals.coco = dict(type="retrieval", every=0, batch_size=1024, ks=(1, 5, 10),
+                           data=dict(source="tfds", name="coco_captions", split="test",
+                                     num_workers=8))
+  return config
