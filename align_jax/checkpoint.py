@@ -40,12 +40,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from align_jax import storage
+from align_jax import checksums, storage
 
 logger = logging.getLogger("align_jax")
 
@@ -60,51 +59,9 @@ class CheckpointError(OSError):
   """A checkpoint that cannot be written or restored; the message is one line naming the path."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Checksums: one uint32 per array, sharding-independent (exact integer sums, computed on device).
-
-
-def _words(x: jax.Array) -> jax.Array:
-  """The bits of ``x`` as a flat uint32 vector."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  x = jnp.ravel(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  size = x.dtype.itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size in (1, 2):
-    unsigned = jnp.uint8 if size == 1 else jnp.uint16
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))  # 8-byte types: two words each
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """sum_i words[i] * (2i + 1) mod 2^32: odd weights, so any single changed word changes it."""
-  words = _words(x)
-  weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-  return jnp.sum(words * weights, dtype=jnp.uint32)
-
-
-_checksums_jit = jax.jit(lambda leaves: [_checksum(x) for x in leaves])
-
-
 def state_checksums(state: Any) -> dict[str, int]:
-  """``{path: checksum}`` of every array in ``state`` (global arrays, any sharding).
-
-  One jitted computation per set of devices the arrays live on (normally one: the mesh).
-  """
-  flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  groups: dict[Any, list[int]] = {}
-  for i, (_, x) in enumerate(flat):
-    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
-    groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
-  sums: dict[int, jax.Array] = {}
-  for indices in groups.values():
-    sums.update(zip(indices, _checksums_jit([jnp.asarray(flat[i][1]) for i in indices])))
-  return {jax.tree_util.keystr(flat[i][0]): int(np.asarray(sums[i].addressable_data(0)))
-          for i in range(len(flat))}
+  """``{path: checksum}`` of every array of a train state (see :mod:`align_jax.checksums`)."""
+  return checksums.tree_checksums(state)
 
 
 # ---------------------------------------------------------------------------------------------

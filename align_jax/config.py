@@ -49,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_image_pixels = 89_478_485  # larger images are skipped (decompression bombs)
   c.data.min_image_size = 8
   c.data.max_consecutive_skips = 0  # 0 = min(records, 10,000): then the source is broken
+  # features source: sha256 of every shard file checked "once" per machine (cached), "always", or
+  # "size" (shapes and sizes only; align_jax.data.feature_files)
+  c.data.verify_features = "once"
+  c.data.feature_cache_dir = ""  # verified-digest cache and local copies of gs:// stores
   # synthetic source: a shared latent seen through two different fixed nonlinear views
   c.data.num_pairs = 8192
   c.data.num_heldout = 1000
@@ -101,6 +105,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 1.0  # 0 disables clipping
+
+  # --mode=extract_features (align_jax.feature_store)
+  c.extract = ml_collections.ConfigDict()
+  # delete a feature store already in --workdir (whatever it holds) and extract from scratch;
+  # without it, a store extracted with other encoders/settings/data is refused
+  c.extract.overwrite = False
+  c.extract.dtype = "float16"  # storage dtype: float16 | float32
+  c.extract.shard_batches = 16  # global batches per shard (the resume granularity)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ("data",)

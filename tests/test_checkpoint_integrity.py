@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from align_jax import checkpoint as checkpoint_lib
+from align_jax import checksums
 from align_jax import train
 from configs import demo
 
@@ -224,15 +225,15 @@ def test_checksums_are_sharding_independent(devices):
   tree = {"a": jax.device_put(x, sharding.batch_sharding(mesh8, ("data",))),
           "b": jax.numpy.asarray(x[:3].astype(jax.numpy.bfloat16)),
           "k": jax.random.PRNGKey(3), "n": jax.numpy.int32(7)}
-  sums = checkpoint_lib.state_checksums(tree)
+  sums = checksums.tree_checksums(tree)
   words = x.reshape(-1).view(np.uint32).astype(np.uint64)
   expected_a = int(np.sum(words * (2 * np.arange(len(words), dtype=np.uint64) + 1)) % 2**32)
   assert sums["['a']"] == expected_a
   assert sums["['n']"] == 7
-  assert checkpoint_lib.state_checksums({"a": jax.numpy.asarray(x)})["['a']"] == expected_a
+  assert checksums.tree_checksums({"a": jax.numpy.asarray(x)})["['a']"] == expected_a
   changed = x.copy()
   changed[17, 3] = np.nextafter(changed[17, 3], np.float32(1e9))
-  assert checkpoint_lib.state_checksums({"a": jax.numpy.asarray(changed)})["['a']"] != expected_a
+  assert checksums.tree_checksums({"a": jax.numpy.asarray(changed)})["['a']"] != expected_a
 
 
 # --- failed saves ----------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class RetrievalEvaluator:
     self.prefix = eval_config.get("prefix", "eval/")
     self.ks = tuple(eval_config.get("ks", (1, 5, 10)))
     self.mesh, self.model = mesh, model
-    self.data = factory.eval_data_config(config, eval_config.get("data", None))
+    self.data = factory.eval_data_config(config, eval_config.get("data", None), name=name)
     self.embedder = _Embedder(model, config, mesh, eval_config.get("batch_size", 1024))
     if factory.is_array_source(self.data):
       self.source = features_data.make_array_source(
