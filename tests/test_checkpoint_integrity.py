@@ -295,7 +295,7 @@ def test_full_disk_stops_the_run_with_one_line(tmp_path):
     assert last.startswith(f"error: saving checkpoint step 20 to {checkpoints}/20 failed: "
                            "No space left on device (ENOSPC); the last good checkpoint is step "
                            f"10 ({checkpoints}/10)"), last
-    assert max(_losses(str(workdir))) < 40  # it did not train on without saving
+    assert max(_losses(str(workdir))) <= 25  # stopped right after the failed save of step 20
     checkpointer = checkpoint_lib.Checkpointer(str(workdir), every=10, keep=3)
     restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(
         train.build_trainer(_config()).state))
