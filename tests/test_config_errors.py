@@ -64,7 +64,8 @@ def test_error_raised_by_a_config_file_gives_file_line(tmp_path):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--config.optim.lr=1e-3", "unknown config key 'optim.lr'; did you mean 'optim.learning_rate'?"),
+    ("--config.optim.lr=1e-3",
+     "unknown config key 'optim.lr'; did you mean 'optim.learning_rate'?"),
     ("--config.lr=1e-3", "unknown config key 'lr'; did you mean 'optim.learning_rate'?"),
     ("--config.model.img_encoder=x",
      "unknown config key 'model.img_encoder'; did you mean 'model.image_encoder'?"),

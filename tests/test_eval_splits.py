@@ -11,7 +11,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -148,7 +147,8 @@ def test_split_of_a_split_less_manifest_is_an_error(online_config, manifests):
 
 
 def test_webdataset_and_tfds_splits():
-  config = tiny_config(**{"data.source": "webdataset", "data.urls": "/data/cc-{split}-{000..009}.tar"})
+  config = tiny_config(**{"data.source": "webdataset",
+                          "data.urls": "/data/cc-{split}-{000..009}.tar"})
   data = factory.eval_data_config(config, {"split": "validation"})
   assert data.urls == "/data/cc-validation-{000..009}.tar"
   assert factory.resolve_split(config.data).urls == "/data/cc-train-{000..009}.tar"
@@ -164,4 +164,14 @@ def test_synthetic_split_that_does_not_exist_is_an_error(devices):
   config.evals.heldout.data = dict(split="validation")
   mesh = sharding.make_mesh(("data",), (8,))
   with pytest.raises(ValueError, match=r"unknown synthetic split 'validation'"):
+    evaluators_lib.build_evaluators(config, model_lib.build_model(config, mesh), mesh)
+
+
+def test_raw_data_evaluator_on_a_features_run_fails_before_training(devices):
+  config = tiny_config()
+  config.evals.coco = dict(type="retrieval",
+                           data=dict(source="tfds", name="coco_captions", split="test"))
+  mesh = sharding.make_mesh(("data",), (8,))
+  with pytest.raises(ValueError, match=r"^config.evals.coco: data.source 'tfds' yields raw images "
+                     r"and captions, so config.model.image_encoder must be a Hugging Face"):
     evaluators_lib.build_evaluators(config, model_lib.build_model(config, mesh), mesh)

@@ -184,7 +184,8 @@ def test_training_on_a_mixed_store_stops_with_one_line(store, online_config, tmp
   text = np.load(out / "shard-00000-00000" / "text.npy")  # as if encoded with max length 7
   _rewrite_shard_file(out, "shard-00000-00000", "text.npy",
                       np.zeros(text.shape[:1] + (7, text.shape[2]), np.float32))
-  _rewrite_shard_file(out, "shard-00000-00000", "text_mask.npy", np.ones(text.shape[:1] + (7,), bool))
+  _rewrite_shard_file(out, "shard-00000-00000", "text_mask.npy",
+                      np.ones(text.shape[:1] + (7,), bool))
   config = online_config.copy_and_resolve_references()
   config.data.source, config.data.path = "features", str(out)
   config.model.image_encoder = config.model.text_encoder = "features"

@@ -21,12 +21,13 @@ def is_array_source(data_config) -> bool:
   return data_config.source in ARRAY_SOURCES
 
 
-def _check_raw_encoders(model, data_config) -> None:
+def check_raw_encoders(model, data_config, where: str = "") -> None:
+  """Raw images and captions need Hugging Face encoders (not stored features or random MLPs)."""
   for tower in ("image_encoder", "text_encoder"):
     if not hasattr(getattr(model, tower), "preprocess"):
-      raise ValueError(f"data.source {data_config.source!r} yields raw images and captions, so "
-                       f"config.model.{tower} must be a Hugging Face encoder (id or folder), not "
-                       f"{getattr(model, tower).name!r}")
+      raise ValueError(f"{where + ': ' if where else ''}data.source {data_config.source!r} yields "
+                       f"raw images and captions, so config.model.{tower} must be a Hugging Face "
+                       f"encoder (id or folder), not {getattr(model, tower).name!r}")
 
 
 def make_image_transform(model, data_config, *, train: bool):
@@ -44,7 +45,7 @@ def make_train_source(config: ml_collections.ConfigDict, model):
   if is_array_source(data):
     return features.make_array_source(data, split=data.split, global_batch_size=config.batch_size,
                                       seed=config.seed)
-  _check_raw_encoders(model, data)
+  check_raw_encoders(model, data)
   from align_jax.data import pipeline
   data = resolve_split(data)
   return pipeline.make_pair_source(

@@ -187,7 +187,7 @@ def _download(url: str, entry: dict, cache_dir: str, where: str) -> str:
   return target
 
 
-# --- reading ---------------------------------------------------------------------------------------
+# --- reading -----------------------------------------------------------------------------------
 
 
 def _load_npy(path: str) -> np.ndarray:

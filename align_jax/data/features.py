@@ -14,8 +14,10 @@ contiguous slice of every global batch. So the state is a single integer.
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
-:mod:`align_jax.feature_store` (shards + manifest, several captions per image). Rows are read with
-one sorted fancy index per batch, so memory-mapped files far larger than RAM train at disk speed.
+:mod:`align_jax.feature_store` (shards + manifest, several captions per image), whose every shard
+is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
+``gs://`` are read through verified local copies). Rows are read with one sorted fancy index per
+batch, so memory-mapped files far larger than RAM train at disk speed.
 """
 
 from __future__ import annotations
