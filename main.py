@@ -12,6 +12,7 @@ again resumes from the workdir's latest checkpoint. All logic lives in ``align_j
 """
 
 import logging
+import os
 import re
 import sys
 
@@ -36,26 +37,70 @@ flags.adopt_module_key_flags(distributed)  # ... listed by --help with main.py's
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_file_frame(error: BaseException):
+  """(file, line) of the innermost frame of the error inside a config file, or None."""
+  import traceback
+  found = None
+  for frame, line in traceback.walk_tb(error.__traceback__):
+    name = frame.f_code.co_filename
+    if not any(part in name for part in ("site-packages", "importlib", "<frozen")) and (
+        os.path.abspath(name) != os.path.abspath(__file__)):
+      found = (name, line)
+  return found
+
+
+def _unknown_key_message(error: BaseException, argv) -> str:
+  """``unknown config key 'optim.lr'; did you mean 'optim.learning_rate'?`` with the full key."""
+  from align_jax import config as config_lib
+  import traceback
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  quoted = re.search(r"""Key ["']([^"']+)["']|^["']+([^"']+)["']+$""", text.strip())
+  leaf = next((g for g in quoted.groups() if g), None) if quoted else None
+  where = _config_file_frame(error)
+  path = None
+  if where is not None:  # raised by a config file: its ConfigDict block tells the full key
+    blocks = [f.f_locals.get("self") for f, _ in traceback.walk_tb(error.__traceback__)]
+    block = next((b for b in reversed(blocks) if isinstance(b, ml_collections.ConfigDict)), None)
+    prefix = config_lib.block_path(block) if block is not None else None
+    if leaf and prefix is not None:
+      path = f"{prefix}.{leaf}" if prefix else leaf
+  else:  # --config.<key>=...: the flag whose key is not in the schema
+    for arg in argv[1:]:
+      match = re.match(r"--config\.([\w.]+)", arg)
+      if match and not config_lib.key_exists(match.group(1)):
+        path = match.group(1)
+        break
+  path = path or leaf or text
+  suggestion = config_lib.suggest_key(path)
+  location = f" in {where[0]}:{where[1]}" if where is not None else ""
+  return f"unknown config key {path!r}{location}" + (
+      f"; did you mean {suggestion!r}?" if suggestion else "")
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with config errors (unknown key, bad variant) as one clear message."""
+  """absl's flag parsing, with config errors (unknown key, bad file, bad variant) as one line."""
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError) as error:
+  except Exception as error:  # pylint: disable=broad-except
     text = str(error).replace("\\n", "\n").replace("\\'", "'")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(error, (AttributeError, KeyError)):  # --config.<unknown key>=...
-      key = re.search(r"[\w.]+", text)
-      suggestion = re.search(r'Did you mean "([^"]+)"', text)
-      message = f"unknown config key {key.group(0) if key else text!r}" + (
-          f"; did you mean {suggestion.group(1)!r}?" if suggestion else "")
-    else:  # config_flags wraps errors from get_config() in a traceback: keep the last line.
+    if isinstance(error, (AttributeError, KeyError)):  # a key the locked config does not have
+      message = _unknown_key_message(error, argv)
+    elif isinstance(error, SyntaxError):
+      message = (f"could not load --config: {error.filename}:{error.lineno}: "
+                 f"SyntaxError: {error.msg}")
+    elif isinstance(error, flags.Error) or _config_file_frame(error) is None:
+      # config_flags wraps errors from get_config() in a traceback: keep the last line.
       message = lines[-1] if "Traceback" in text else " ".join(lines)
+    else:  # any other error raised while running the config file
+      file, line = _config_file_frame(error)
+      message = f"could not load --config: {file}:{line}: {type(error).__name__}: {' '.join(lines)}"
     sys.exit(f"error: {message}\n(see --helpfull, and the keys in "
              "align_jax/config.py:default_config)")
 
 
 def load_config():
-  """The parsed config; a config file that failed to load exits with its own error line."""
+  """The parsed, checked config; a config file that failed to load exits with its own error line."""
   config = FLAGS.config
   if not isinstance(config, ml_collections.ConfigDict):
     try:
@@ -63,6 +108,11 @@ def load_config():
     except Exception as error:  # pylint: disable=broad-except
       lines = [line.strip() for line in str(error).splitlines() if line.strip()]
       sys.exit(f"error: could not load --config: {' '.join(lines[-2:])}")
+  from align_jax import config as config_lib
+  try:
+    config_lib.check_choices(config)  # e.g. --config.data.source=bogus, before anything is built
+  except ValueError as error:
+    sys.exit(f"error: {error}")
   return config
 
 

@@ -14,6 +14,10 @@ import ml_collections
 from align_jax import storage
 
 LOSSES = ("softmax", "sigmoid")
+# config.data.source: arrays (align_jax.data.features) or raw images + captions (data.pipeline)
+SOURCES = ("synthetic", "features", "tfds", "webdataset", "manifest", "synthetic_shapes")
+VERIFY_FEATURES = ("once", "always", "size")
+STORE_DTYPES = ("float16", "float32")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_image_pixels = 89_478_485  # larger images are skipped (decompression bombs)
   c.data.min_image_size = 8
   c.data.max_consecutive_skips = 0  # 0 = min(records, 10,000): then the source is broken
+  # features source: sha256 of every shard file checked "once" per machine (cached), "always", or
+  # "size" (shapes and sizes only; align_jax.data.feature_files)
+  c.data.verify_features = "once"
+  c.data.feature_cache_dir = ""  # verified-digest cache and local copies of gs:// stores
   # synthetic source: a shared latent seen through two different fixed nonlinear views
   c.data.num_pairs = 8192
   c.data.num_heldout = 1000
@@ -110,6 +118,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 1.0  # 0 disables clipping
 
+  # --mode=extract_features (align_jax.feature_store)
+  c.extract = ml_collections.ConfigDict()
+  # delete a feature store already in --workdir (whatever it holds) and extract from scratch;
+  # without it, a store extracted with other encoders/settings/data is refused
+  c.extract.overwrite = False
+  c.extract.dtype = "float16"  # storage dtype: float16 | float32
+  c.extract.shard_batches = 16  # global batches per shard (the resume granularity)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ("data",)
   c.mesh.shape = (-1,)  # -1: all remaining devices
@@ -153,9 +169,112 @@ def parse_arg(arg: str | None, **defaults):
   return result
 
 
+def _choice_problems(config: ml_collections.ConfigDict) -> list[str]:
+  problems = []
+  for key, choices in (("data.source", SOURCES), ("loss.name", LOSSES),
+                       ("data.verify_features", VERIFY_FEATURES),
+                       ("extract.dtype", STORE_DTYPES)):
+    block, leaf = key.split(".")
+    value = config[block][leaf]
+    if value not in choices:
+      what = {"data.source": "data source", "loss.name": "loss"}.get(key, key)
+      problems.append(f"unknown {what} {value!r}: set --config.{key} to one of "
+                      f"{', '.join(repr(c) for c in choices)}")
+  return problems
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one line) if a key with a fixed set of values has another one.
+
+  Needs no devices, so ``main.py`` runs it for every mode before anything is built.
+  """
+  problems = _choice_problems(config)
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
+def key_exists(path: str) -> bool:
+  """Whether a dotted key (``"optim.learning_rate"``) is in the schema; ``evals.*`` is free-form."""
+  node = default_config()
+  for i, part in enumerate(path.split(".")):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    if path.split(".")[:i + 1] == ["evals"]:
+      return True
+    node = node[part]
+  return True
+
+
+def _initials(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
+def _close_match(word: str, candidates: list[str]) -> str | None:
+  """A misspelling (difflib) or initials (``lr`` -> ``learning_rate``) of one candidate."""
+  import difflib
+  if len(word) >= 2:
+    by_initials = [c for c in candidates if "_" in c and _initials(c) == word.lower()]
+    if len(by_initials) == 1:
+      return by_initials[0]
+  close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+  return close[0] if close else None
+
+
+def _abbreviation_of(word: str, candidates: list[str]) -> str | None:
+  """The shortest candidate with the same first letter and ``word``'s letters in order."""
+  def is_subsequence(short, long):
+    letters = iter(long)
+    return all(ch in letters for ch in short)
+  if len(word) < 2:
+    return None
+  found = sorted((c for c in candidates if c[0] == word[0] and
+                  is_subsequence(word.lower(), c.lower())), key=len)
+  return found[0] if found else None
+
+
+def suggest_key(path: str) -> str | None:
+  """The existing dotted key closest to an unknown one: ``optim.lr`` -> ``optim.learning_rate``,
+  ``batchsize`` -> ``batch_size``, ``lr`` -> ``optim.learning_rate`` (searched in every block)."""
+  node, prefix = default_config(), []
+  parts = path.split(".")
+  for part in parts[:-1]:
+    if part in node and isinstance(node[part], ml_collections.ConfigDict):
+      node, prefix = node[part], prefix + [part]
+    else:
+      break
+  leaf = parts[len(prefix)]
+  local = list(node.keys())
+  everywhere = {}
+  for block, value in default_config().items():
+    if isinstance(value, ml_collections.ConfigDict):
+      for key in value.keys():
+        everywhere.setdefault(key, f"{block}.{key}")
+  for finder in (_close_match, _abbreviation_of):
+    match = finder(leaf, local)
+    if match is not None:
+      return ".".join(prefix + [match])
+    match = finder(leaf, list(everywhere))
+    if match is not None:
+      return everywhere[match]
+  return None
+
+
+def block_path(node: ml_collections.ConfigDict) -> str | None:
+  """The dotted path of a block of the schema, recognised by its keys ("" for the root)."""
+  keys = set(node.keys())
+  default = default_config()
+  if keys == set(default.keys()):
+    return ""
+  for name, value in default.items():
+    if isinstance(value, ml_collections.ConfigDict) and name != "evals" and (
+        set(value.keys()) == keys):
+      return name
+  return None
+
+
 def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_processes: int = 1):
   """Checks values against each other and the mesh; raises ValueError naming the fix."""
-  problems = []
+  problems = _choice_problems(config)
   for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
     if config[key] <= 0:
       problems.append(f"{key} must be positive (got {config[key]}): set --config.{key}=N")
@@ -168,8 +287,6 @@ def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_proc
   if config.batch_size % num_processes:
     problems.append(f"batch_size {config.batch_size} is not divisible by the {num_processes} "
                     "processes; use a multiple of the process count")
-  if config.loss.name not in LOSSES:
-    problems.append(f"unknown loss {config.loss.name!r}: set --config.loss.name to one of {LOSSES}")
   if not 0 < config.loss.temperature_min <= config.loss.temperature_init <= (
       config.loss.temperature_max):
     problems.append("need 0 < loss.temperature_min <= loss.temperature_init <= "

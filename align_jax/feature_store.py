@@ -4,18 +4,31 @@
 
 SAIL-style (RECIPES §2): the image-caption source named by ``config.data`` is read once (every
 image once, with all its captions), both frozen encoders run jitted and sharded over every device
-and process, and each process writes its rows in shards::
+and process, and each process writes its rows in shards (``OUT`` is a local folder or a URL such
+as ``gs://bucket/feats``; all I/O goes through :mod:`align_jax.storage`)::
 
+    OUT/fingerprint.json  everything that determines the features (written before any shard)
     OUT/shard-<process>-<n>/image.npy  [n, D] or [n, T, D] (+ image_mask.npy)   float16 by default
     OUT/shard-<process>-<n>/text.npy   [m, ...] for every caption (+ text_mask.npy)
     OUT/shard-<process>-<n>/text_to_image.npy  [m] int32, row of the shard's image
     OUT/shard-<process>-<n>/image_ids.npy      [n] int64, record index in the source
-    OUT/manifest.json   model ids, poolings, dtype, counts, every shard with its checksums
+    OUT/manifest.json   format, fingerprint, split, counts, every file's shape, size and sha256
+    OUT/<split>/        the same for each retrieval evaluator's split (e.g. ``heldout``)
 
-A shard is written to a temporary folder and renamed when complete; after each shard the process
-saves the source position in ``progress-<process>.json``. Interrupted, the same command resumes
-after the last complete shard: no duplicates, no gaps. Training reads the folder with
-``data.source = "features"`` (memory-mapped; one caption sampled per image and step).
+The fingerprint records the encoder ids and a digest of their parameters
+(:func:`align_jax.checksums.tree_digest`, on device), poolings, image size, the evaluation
+transform's normalisation, max text length, a digest of the tokenizer, the encoder and storage
+dtypes, and the data source, split and the keys that select its records. Extraction into a folder
+whose store has another fingerprint (or none) is refused with one line listing what differs;
+``--config.extract.overwrite=True`` deletes that store and starts over. Reading a store
+(:mod:`align_jax.data.feature_files`) checks every shard against the manifest.
+
+A local shard is written to a temporary folder and renamed when complete (on ``gs://``, where a
+folder rename is a copy, its files are written in place and only count once listed); after each
+shard the process saves the source position in ``progress-<process>.json``. Interrupted, the same
+command resumes after the last complete shard: no duplicates, no gaps. Training reads the folder
+with ``data.source = "features"`` (one caption sampled per image and step), and an evaluator that
+asks for another split of the same data reads ``OUT/<split>/``.
 """
 
 from __future__ import annotations
@@ -24,26 +37,110 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from align_jax import model as model_lib, sharding
-from align_jax.data import factory
+from align_jax import checksums, model as model_lib, sharding, storage
+from align_jax.data import factory, feature_files
 
 logger = logging.getLogger("align_jax")
-MANIFEST = "manifest.json"
+MANIFEST = feature_files.MANIFEST
+FINGERPRINT = feature_files.FINGERPRINT
+FeatureStoreError = feature_files.FeatureStoreError
+
+# The data keys that select which records a source yields (everything else -- threads, prefetch,
+# training augmentation -- does not change the stored features).
+_DATA_KEYS = {"tfds": ("name", "data_dir", "image_key", "caption_key"),
+              "webdataset": ("urls", "caption_key"),
+              "manifest": ("path", "image_root", "image_key", "caption_key"),
+              "synthetic_shapes": ("num_pairs", "data_seed")}
 
 
 def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+  return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+
+
+def _is_store_file(name: str) -> bool:
+  return (name in (MANIFEST, FINGERPRINT) or name.startswith("shard-")
+          or (name.startswith("progress-") and name.endswith(".json")))
+
+
+def _tokenizer_digest(tokenizer) -> str | None:
+  if tokenizer is None:
+    return None
+  backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: the full pipeline
+  if backend is not None:
+    text = backend.to_str()
+  else:
+    text = json.dumps(sorted(tokenizer.get_vocab().items()))
+  return f"{type(tokenizer).__name__}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def _encoder_id(name: str) -> str:
+  return storage.normalize(name) if not storage.is_url(name) and os.path.isdir(name) else name
+
+
+def _layer_id(layer):
+  """A hidden-state index or a list of them (averaged), JSON-comparable."""
+  return [int(i) for i in layer] if isinstance(layer, (tuple, list)) else int(layer)
+
+
+def fingerprint(config: ml_collections.ConfigDict, data, model, frozen: dict, dtype: str) -> dict:
+  """Everything that determines the features of ``data`` (see the module docstring)."""
+  m = config.model
+  image, text = model.image_encoder, model.text_encoder
+  return {
+      "model": {
+          "image_encoder": _encoder_id(m.image_encoder),
+          "image_params": checksums.tree_digest(frozen["image"]),
+          "image_pooling": m.image_pooling, "image_size": int(image.image_size),
+          "image_layer": _layer_id(m.image_layer),
+          "image_transform": {"kind": "resize + centre crop", "mean": list(image.mean),
+                              "std": list(image.std)},
+          "text_encoder": _encoder_id(m.text_encoder),
+          "text_params": checksums.tree_digest(frozen["text"]),
+          "text_pooling": m.text_pooling, "max_text_length": int(m.max_text_length),
+          "text_layer": _layer_id(m.text_layer), "text_prefix": m.text_prefix,
+          "tokenizer": _tokenizer_digest(getattr(text, "tokenizer", None)),
+          "encoder_dtype": m.encoder_dtype},
+      "dtype": dtype,
+      "data": {"source": data.source, "split": data.split,
+               "max_image_pixels": int(data.max_image_pixels),
+               "min_image_size": int(data.min_image_size),
+               **{k: data.get(k) for k in _DATA_KEYS.get(data.source, ())}},
+  }
+
+
+def _prepare_folder(out_dir: str, current: dict, overwrite: bool) -> None:
+  """Refuses a store with another fingerprint (or deletes it with ``overwrite``); every process
+  reads the same answer, process 0 deletes and writes ``fingerprint.json``."""
+  existing = [n for n in storage.listdir(out_dir) if _is_store_file(n)]
+  hint = ("use another --workdir, or --config.extract.overwrite=True to delete it and extract "
+          "again")
+  if existing and not overwrite:
+    path = storage.join(out_dir, FINGERPRINT)
+    stored = feature_files.read_json(path) if storage.exists(path) else None
+    if stored is None:
+      manifest = feature_files.read_manifest(out_dir) if MANIFEST in existing else None
+      stored = (manifest or {}).get("fingerprint")
+    if stored is None:
+      raise FeatureStoreError(f"{out_dir} holds a feature store without a fingerprint (written by "
+                              f"an older align_jax): what it holds cannot be checked; {hint}")
+    differences = feature_files.fingerprint_differences(stored, current)
+    if differences:
+      raise FeatureStoreError(f"feature store {out_dir} holds other features: "
+                              f"{'; '.join(differences)}; {hint}")
+  multihost_utils.sync_global_devices("feature_store_checked")
+  if jax.process_index() == 0:
+    if existing and overwrite:
+      for name in existing:
+        storage.remove(storage.join(out_dir, name))
+      logger.warning("deleted the feature store in %s (--config.extract.overwrite)", out_dir)
+    storage.write_text(storage.join(out_dir, FINGERPRINT), json.dumps(current, indent=1))
+  multihost_utils.sync_global_devices("feature_store_prepared")
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -58,19 +155,15 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows)
 
 
-def _write_tower(folder: str, tower: str, features: list[dict], dtype) -> None:
+def _tower_arrays(tower: str, features: list[dict], dtype) -> dict[str, np.ndarray]:
   if "pooled" in features[0]:
-    np.save(os.path.join(folder, f"{tower}.npy"),
-            np.concatenate([f["pooled"] for f in features]).astype(dtype))
-  else:
-    np.save(os.path.join(folder, f"{tower}.npy"),
-            np.concatenate([f["tokens"] for f in features]).astype(dtype))
-    np.save(os.path.join(folder, f"{tower}_mask.npy"),
-            np.concatenate([f["mask"] for f in features]).astype(bool))
+    return {f"{tower}.npy": np.concatenate([f["pooled"] for f in features]).astype(dtype)}
+  return {f"{tower}.npy": np.concatenate([f["tokens"] for f in features]).astype(dtype),
+          f"{tower}_mask.npy": np.concatenate([f["mask"] for f in features]).astype(bool)}
 
 
 class _ShardWriter:
-  """Collects one shard's rows and writes them atomically."""
+  """Collects one shard's rows and writes them (atomically on local disks)."""
 
   def __init__(self, out_dir: str, process: int, dtype):
     self.out_dir, self.process, self.dtype = out_dir, process, dtype
@@ -93,37 +186,55 @@ class _ShardWriter:
     if not self.num_images:
       return None
     name = f"shard-{self.process:05d}-{index:05d}"
-    final, staging = os.path.join(self.out_dir, name), os.path.join(self.out_dir, name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    _write_tower(staging, "image", self.images, self.dtype)
-    _write_tower(staging, "text", self.texts, self.dtype)
-    np.save(os.path.join(staging, "text_to_image.npy"), np.asarray(self.text_to_image, np.int32))
-    np.save(os.path.join(staging, "image_ids.npy"), np.concatenate(self.image_ids))
-    files = {f: _sha256(os.path.join(staging, f)) for f in sorted(os.listdir(staging))}
-    os.rename(staging, final)
+    final = storage.join(self.out_dir, name)
+    # Object stores have no folder rename: files go in place, and the shard only counts once
+    # progress-<process>.json lists it. Local disks get a staging folder renamed when complete.
+    folder = final if storage.is_url(final) else final + ".tmp"
+    storage.remove(folder)
+    storage.makedirs(folder)
+    arrays = {**_tower_arrays("image", self.images, self.dtype),
+              **_tower_arrays("text", self.texts, self.dtype),
+              "text_to_image.npy": np.asarray(self.text_to_image, np.int32),
+              "image_ids.npy": np.concatenate(self.image_ids).astype(np.int64)}
+    files = {}
+    for file in sorted(arrays):
+      data = feature_files.npy_bytes(arrays[file])
+      files[file] = feature_files.file_entry(data, arrays[file])
+      storage.write_bytes(storage.join(folder, file), data)
+      del data
+    if folder != final:
+      storage.remove(final)  # left by a run killed between this rename and its progress file
+      storage.rename(folder, final)
     entry = {"name": name, "num_images": self.num_images, "num_texts": len(self.text_to_image),
-             "sha256": files}
+             "files": files}
     self.reset()
     return entry
 
 
-def extract_features(config: ml_collections.ConfigDict, out_dir: str, *, shard_batches: int = 16,
-                     batch_size: int | None = None, dtype: str = "float16", mesh=None) -> dict:
+def extract_features(config: ml_collections.ConfigDict, out_dir: str, *,
+                     shard_batches: int | None = None, batch_size: int | None = None,
+                     dtype: str | None = None, mesh=None, eval_splits: bool = True) -> dict:
   """Encodes ``config.data`` with the frozen encoders of ``config.model`` into ``out_dir``.
 
   Args:
     config: a training config (its data source and encoders are used).
-    out_dir: the feature store folder; created, or resumed if a previous run was interrupted.
-    shard_batches: global batches per shard (the resume granularity).
+    out_dir: the feature store folder (local or a URL); created, or resumed if a previous run with
+      the same fingerprint was interrupted.
+    shard_batches: global batches per shard (the resume granularity; default
+      ``config.extract.shard_batches``).
     batch_size: global batch for encoding (default ``config.batch_size``).
-    dtype: storage dtype ("float16" or "float32").
+    dtype: storage dtype, "float16" or "float32" (default ``config.extract.dtype``).
     mesh: defaults to ``config.mesh``.
+    eval_splits: also extract the split of every retrieval evaluator that reads another split of
+      the same data into ``out_dir/<split>`` (where training from the store finds it).
 
   Returns:
-    The manifest.
+    The manifest of ``out_dir``.
   """
-  from align_jax.data import pipeline
+  shard_batches = shard_batches or config.extract.shard_batches
+  dtype = dtype or config.extract.dtype
+  if dtype not in ("float16", "float32"):
+    raise ValueError(f"config.extract.dtype is {dtype!r}; use 'float16' or 'float32'")
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
   batch_axes = tuple(config.mesh.batch_axes)
   batch_size = batch_size or config.batch_size
@@ -134,25 +245,64 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *, shard_b
     raise ValueError("extract_features reads raw images and captions: set config.data.source to "
                      "tfds, webdataset, manifest or synthetic_shapes")
   model = model_lib.build_model(config, mesh)
+  frozen = jax.device_put(model.frozen_params(), sharding.param_shardings(
+      model.frozen_params(), mesh, config.mesh.frozen_param_rules))
+  out_dir = storage.normalize(out_dir)
+  splits = [(out_dir, factory.resolve_split(config.data))]
+  if eval_splits:
+    splits += [(storage.join(out_dir, data.split), data) for data in _evaluator_splits(config)]
+  manifests = [_extract_split(config, data, folder, model, frozen, mesh, batch_size=batch_size,
+                              shard_batches=shard_batches, dtype=dtype) for folder, data in splits]
+  return manifests[0]
+
+
+_EVAL_KEYS_KEEPING_DATA = {"split", "num_threads", "num_workers", "prefetch",
+                           "max_consecutive_skips"}
+
+
+def _evaluator_splits(config) -> list:
+  """Data configs of the other splits retrieval evaluators read from the training data."""
+  out, seen = [], {config.data.split}
+  for name, eval_config in config.evals.items():
+    if eval_config.get("type") != "retrieval":
+      continue
+    overrides = dict(eval_config.get("data", None) or {})
+    split = overrides.get("split", config.data.split)
+    if split in seen:
+      continue
+    if set(overrides) - _EVAL_KEYS_KEEPING_DATA:
+      logger.info("config.evals.%s reads other data (%s): not extracted here; give it its own "
+                  "feature store (config.evals.%s.data.path)", name,
+                  sorted(set(overrides) - _EVAL_KEYS_KEEPING_DATA), name)
+      continue
+    seen.add(split)
+    out.append(factory.eval_data_config(config, overrides, name=name))
+  return out
+
+
+def _extract_split(config, data, out_dir: str, model, frozen, mesh, *, batch_size: int,
+                   shard_batches: int, dtype: str) -> dict:
+  """Encodes ``data`` (one split of a data config) into the store ``out_dir``."""
+  from align_jax.data import pipeline
+  batch_axes = tuple(config.mesh.batch_axes)
   process = jax.process_index()
-  os.makedirs(out_dir, exist_ok=True)
-  progress_path = os.path.join(out_dir, f"progress-{process:05d}.json")
+  current = fingerprint(config, data, model, frozen, dtype)
+  storage.makedirs(out_dir)
+  _prepare_folder(out_dir, current, bool(config.extract.overwrite))
+  progress_path = storage.join(out_dir, f"progress-{process:05d}.json")
   progress = {"shards": [], "source_state": None, "batches_done": 0}
-  if os.path.exists(progress_path):
-    with open(progress_path) as f:
-      progress = json.load(f)
-    logger.info("resuming feature extraction after %d batches (%d shards)",
+  if storage.exists(progress_path):
+    progress = feature_files.read_json(progress_path)
+    logger.info("resuming feature extraction into %s after %d batches (%d shards)", out_dir,
                 progress["batches_done"], len(progress["shards"]))
 
   source = pipeline.make_pair_source(
-      config.data, global_batch_size=batch_size, seed=0,
-      image_transform=factory.make_image_transform(model, config.data, train=False),
+      data, global_batch_size=batch_size, seed=0,
+      image_transform=factory.make_image_transform(model, data, train=False),
       tokenize=model.text_encoder.preprocess, train=False)
   if progress["source_state"] is not None:
     source.set_state(progress["source_state"])
   batch_sharding = sharding.batch_sharding(mesh, batch_axes)
-  frozen = jax.device_put(model.frozen_params(), sharding.param_shardings(
-      model.frozen_params(), mesh, config.mesh.frozen_param_rules))
   # Outputs stay split like the batch (rows only: with FSDP-sharded frozen params XLA could
   # otherwise split them along the feature axis), so each process keeps its own rows.
   encode_images = jax.jit(lambda p, x: model._run(model.image_encoder, p, x),
@@ -164,8 +314,8 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *, shard_b
   writer = _ShardWriter(out_dir, process, np.dtype(dtype))
   total = len(source)
   from tqdm import tqdm
-  bar = tqdm(total=total, initial=progress["batches_done"], desc="encoding", unit="batch",
-             disable=process != 0)
+  bar = tqdm(total=total, initial=progress["batches_done"], desc=f"encoding {data.split}",
+             unit="batch", disable=process != 0)
   for batch in source:
     valid = batch["valid"]
     images = jax.tree.map(_local_rows, encode_images(
@@ -190,37 +340,33 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *, shard_b
       state = source.get_state()
       state.update(image_ids=[], captions_flat=[], text_to_image=[])  # not needed to resume
       progress["source_state"] = state
-      with open(progress_path + ".tmp", "w") as f:
-        json.dump(progress, f)
-      os.replace(progress_path + ".tmp", progress_path)
+      storage.write_text(progress_path, json.dumps(progress))
   bar.close()
   multihost_utils.sync_global_devices("feature_store_done")
-  manifest = _write_manifest(out_dir, config, dtype)
-  logger.info("stored %d images and %d captions in %s", manifest["num_images"],
-              manifest["num_texts"], out_dir)
+  manifest = _write_manifest(out_dir, current)
+  logger.info("stored %d images and %d captions (split %r) in %s", manifest["num_images"],
+              manifest["num_texts"], data.split, out_dir)
   return manifest
 
 
-def _write_manifest(out_dir: str, config, dtype: str) -> dict:
+def _write_manifest(out_dir: str, current: dict) -> dict:
   shards = []
-  for name in sorted(os.listdir(out_dir)):
+  for name in storage.listdir(out_dir):
     if name.startswith("progress-") and name.endswith(".json"):
-      with open(os.path.join(out_dir, name)) as f:
-        shards.extend(json.load(f)["shards"])
+      shards.extend(feature_files.read_json(storage.join(out_dir, name))["shards"])
   shards.sort(key=lambda s: s["name"])
-  m = config.model
+  model = current["model"]
   manifest = {
-      "format": "align_jax.feature_store/1",
-      "image_encoder": m.image_encoder, "image_pooling": m.image_pooling,
-      "image_size": m.image_size, "text_encoder": m.text_encoder,
-      "text_pooling": m.text_pooling, "max_text_length": m.max_text_length,
-      "image_layer": m.image_layer, "text_layer": m.text_layer, "text_prefix": m.text_prefix,
-      "encoder_dtype": m.encoder_dtype, "dtype": dtype,
-      "data": {k: v for k, v in config.data.to_dict().items() if isinstance(v, (str, int, float))},
+      "format": feature_files.FORMAT, "split": current["data"]["split"],
+      "image_encoder": model["image_encoder"], "image_pooling": model["image_pooling"],
+      "image_size": model["image_size"], "text_encoder": model["text_encoder"],
+      "text_pooling": model["text_pooling"], "max_text_length": model["max_text_length"],
+      "image_layer": model["image_layer"], "text_layer": model["text_layer"],
+      "text_prefix": model["text_prefix"],
+      "encoder_dtype": model["encoder_dtype"], "dtype": current["dtype"],
       "num_images": sum(s["num_images"] for s in shards),
-      "num_texts": sum(s["num_texts"] for s in shards), "shards": shards}
+      "num_texts": sum(s["num_texts"] for s in shards),
+      "fingerprint": current, "shards": shards}
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
-      json.dump(manifest, f, indent=1)
-    os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
+    storage.write_text(storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
   return manifest

@@ -190,8 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       workdir, every=config.checkpoint_every, keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
   start_step = 0
-  if checkpointer.latest_step() is not None:
-    state, data_state, start_step = checkpointer.restore(checkpoint_lib.abstract_like(state))
+  restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state))  # skips damaged ones
+  if restored is not None:
+    state, data_state, start_step = restored
     source.set_state(data_state)
   writer = reporting.MetricsWriter(workdir, config.total_steps, resume_step=start_step)
   evaluators = evaluators_lib.build_evaluators(config, trainer.model, trainer.mesh)
@@ -217,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   with preemption.PreemptionWatch() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
       state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
+      checkpointer.check(collective=step % config.log_every == 0)  # a failed async save stops here
       pending.append((step, metrics))
       window_steps += 1
       is_last = step == config.total_steps

@@ -27,8 +27,11 @@ def test_manifest_counts_and_checksums(online_config, tmp_path, devices):
   assert manifest["image_encoder"] == online_config.model.image_encoder
   on_disk = json.loads((tmp_path / "manifest.json").read_text())
   for shard in on_disk["shards"]:
-    for name, digest in shard["sha256"].items():
-      assert feature_store._sha256(str(tmp_path / shard["name"] / name)) == digest
+    for name, entry in shard["files"].items():
+      path = tmp_path / shard["name"] / name
+      assert feature_store._sha256(str(path)) == entry["sha256"]
+      assert entry["bytes"] == path.stat().st_size
+      assert entry["shape"] == list(np.load(path).shape)
   image, text, text_to_image = features.load_stored_features(str(tmp_path))
   assert image["tokens"].shape[:2] == (40, 17) and text["tokens"].shape[:2] == (80, 12)
   np.testing.assert_array_equal(text_to_image, np.repeat(np.arange(40), 2))

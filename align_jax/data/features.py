@@ -14,18 +14,21 @@ contiguous slice of every global batch. So the state is a single integer.
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
-:mod:`align_jax.feature_store` (shards + manifest, several captions per image). Rows are read with
-one sorted fancy index per batch, so memory-mapped files far larger than RAM train at disk speed.
+:mod:`align_jax.feature_store` (shards + manifest, several captions per image), whose every shard
+is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
+``gs://`` are read through verified local copies). Rows are read with one sorted fancy index per
+batch, so memory-mapped files far larger than RAM train at disk speed.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterator
 
 import jax
 import numpy as np
+
+from align_jax import storage
+from align_jax.data import feature_files
 
 
 class ConcatenatedArray:
@@ -159,48 +162,24 @@ class ArrayPairSource:
       yield self._rows(arrays, np.where(valid, rows, 0)), valid
 
 
-def _load_tower(path: str, tower: str) -> dict:
-  array_path = os.path.join(path, f"{tower}.npy")
-  if not os.path.exists(array_path):
-    raise FileNotFoundError(f"stored features not found: {array_path} (config.data.path should "
-                            f"be a folder with image.npy and text.npy)")
-  array = np.load(array_path, mmap_mode="r")
-  if array.ndim == 2:
-    return {"pooled": array}
-  mask_path = os.path.join(path, f"{tower}_mask.npy")
-  if array.ndim != 3 or not os.path.exists(mask_path):
-    raise ValueError(f"{array_path}: expected [N, D] features, or [N, T, D] tokens with "
-                     f"{tower}_mask.npy [N, T]; got shape {array.shape}")
-  mask = np.load(mask_path, mmap_mode="r")
-  if mask.shape != array.shape[:2]:
-    raise ValueError(f"{mask_path} has shape {mask.shape}, expected {array.shape[:2]}")
-  return {"tokens": array, "mask": mask}
+def load_stored_features(path: str, *, split: str = "", verify: str = "once",
+                         cache_dir: str = "") -> tuple[dict, dict, np.ndarray | None]:
+  """Opens stored features -> (image features, text features, text_to_image or None).
 
-
-def load_stored_features(path: str) -> tuple[dict, dict, np.ndarray | None]:
-  """Memory-maps stored features -> (image features, text features, text_to_image or None).
-
-  ``path`` is either a folder with ``image.npy`` / ``text.npy`` (one caption per image), or a
-  feature store written by :mod:`align_jax.feature_store` (``manifest.json`` and shards).
+  ``path`` (local or a URL such as ``gs://...``) is either a feature store written by
+  :mod:`align_jax.feature_store` (``manifest.json`` and shards: every shard's shapes, sizes and
+  digests are checked against the manifest, and ``split``, if given, must be the store's split;
+  :mod:`align_jax.data.feature_files`), or a plain folder with ``image.npy`` / ``text.npy`` (one
+  caption per image). Local files are memory-mapped.
   """
-  manifest_path = os.path.join(path, "manifest.json")
-  if not os.path.exists(manifest_path):
-    return _load_tower(path, "image"), _load_tower(path, "text"), None
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if not manifest["shards"]:
-    raise ValueError(f"feature store {path} has no shards")
-  towers = {"image": [], "text": []}
-  text_to_image, image_offset = [], 0
-  for shard in manifest["shards"]:
-    folder = os.path.join(path, shard["name"])
-    for tower in towers:
-      towers[tower].append(_load_tower(folder, tower))
-    text_to_image.append(np.load(os.path.join(folder, "text_to_image.npy")) + image_offset)
-    image_offset += shard["num_images"]
+  if feature_files.read_manifest(path) is None:
+    return (feature_files.load_tower(path, "image"), feature_files.load_tower(path, "text"),
+            None)
+  images, texts, text_to_image = feature_files.open_store(path, split=split, verify=verify,
+                                                          cache_dir=cache_dir)
   joined = {t: {k: ConcatenatedArray([part[k] for part in parts]) for k in parts[0]}
-            for t, parts in towers.items()}
-  return joined["image"], joined["text"], np.concatenate(text_to_image)
+            for t, parts in (("image", images), ("text", texts))}
+  return joined["image"], joined["text"], text_to_image
 
 
 def synthetic_pairs(data_config, split: str) -> tuple[dict, dict]:
@@ -235,7 +214,14 @@ def make_array_source(data_config, *, split: str, global_batch_size: int, seed: 
     path = path or data_config.path
     if not path:
       raise ValueError("no stored-feature folder: set config.data.path (and an evaluator's path)")
-    image, text, text_to_image = load_stored_features(path)
+    if not storage.exists(path):
+      raise FileNotFoundError(
+          f"no stored features at {path} (data.source='features', split {split!r}): "
+          "--mode=extract_features writes the training split to --workdir and each retrieval "
+          "evaluator's split to <workdir>/<split>; or set data.path")
+    image, text, text_to_image = load_stored_features(
+        path, split=split, verify=data_config.get("verify_features", "once") or "once",
+        cache_dir=data_config.get("feature_cache_dir", ""))
     kwargs["text_to_image"] = text_to_image
   else:
     raise ValueError(f"unknown data source {data_config.source!r}; choose 'synthetic' or "

@@ -8,7 +8,8 @@ and within an epoch the processes' records are disjoint and together complete.
 
 Bad records. A process that meets a bad record takes the next record of its own chunks, so it
 never needs another process's data, and the batch keeps its fixed shape. Skips are counted
-(``data/skipped_<reason>``) and logged with the file or key.
+(``data/skipped_<reason>``); the first few per reason are logged with the file or key, then only
+counts (:mod:`align_jax.data.skip_log`).
 
 Determinism. Example ``k`` is decoded, captioned and augmented with a generator seeded by
 ``(seed, k, record)``: independent of the number of workers. The state is the number of local
@@ -33,12 +34,12 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from align_jax.data import skip_log
 from align_jax.data import sources as sources_lib
 
 _log = logging.getLogger(__name__)
 
 Tokenize = Callable[[list[str]], dict[str, np.ndarray]]
-_LOG_FIRST = 100  # Skips logged per reason at WARNING; later ones at DEBUG (then every 1000th).
 
 
 class StreamPlan:
@@ -154,9 +155,8 @@ class _BaseSource:
 
   def _record_skip(self, example: dict[str, Any]) -> None:
     name = f"data/skipped_{example['skip']}"
-    count = self._skipped[name] = self._skipped.get(name, 0) + 1
-    level = logging.WARNING if count <= _LOG_FIRST or count % 1000 == 0 else logging.DEBUG
-    _log.log(level, "data: %s (#%d) %s", name, count, example["detail"])
+    self._skipped[name] = self._skipped.get(name, 0) + 1
+    skip_log.record(_log, self.reader.name, example["skip"], example["detail"])
     self._consecutive_skips += 1
     if self._consecutive_skips >= self._max_consecutive_skips:
       raise ValueError(
@@ -240,6 +240,8 @@ class EvalPairSource(_BaseSource):
 
   def __next__(self) -> dict[str, Any]:
     if self._batches_done >= self.num_batches:
+      if self._iterator is not None:
+        skip_log.summary(_log, f"data: {self.reader.name}: evaluation pass", self._skipped)
       self.close()  # Lets the worker processes go as soon as the pass is over.
       raise StopIteration
     b = self._plan.local_batch

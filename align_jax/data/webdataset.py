@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from align_jax import storage
+from align_jax.data import skip_log
 from align_jax.data.sources import RawRecord, SkipRecord
 
 _log = logging.getLogger(__name__)
@@ -176,8 +177,8 @@ class WebDatasetReader:
       if problem is not None:
         reason = problem.split(":", 1)[0]
         self.index_skips[reason] = self.index_skips.get(reason, 0) + 1
-        _log.warning("data: skipped_%s %s (%s); kept %d samples from it", reason, path,
-                     problem.split(":", 1)[1].strip(), len(members))
+        skip_log.record(_log, self.name, reason, f"{path} ({problem.split(':', 1)[1].strip()}); "
+                        f"kept {len(members)} samples from it")
       for key, exts in members.items():
         image = next((exts[e] for e in IMAGE_EXTS if e in exts), (_MISSING, 0))
         if "txt" in exts:

@@ -62,9 +62,11 @@ class RetrievalEvaluator:
     self.prefix = eval_config.get("prefix", "eval/")
     self.ks = tuple(eval_config.get("ks", (1, 5, 10)))
     self.mesh, self.model = mesh, model
-    self.data = factory.eval_data_config(config, eval_config.get("data", None))
+    self.data = factory.eval_data_config(config, eval_config.get("data", None), name=name)
     self.embedder = _Embedder(model, config, mesh, eval_config.get("batch_size", 1024))
-    if factory.is_array_source(self.data):
+    if not factory.is_array_source(self.data):
+      factory.check_raw_encoders(model, self.data, where=f"config.evals.{name}")
+    else:
       self.source = features_data.make_array_source(
           self.data, split=self.data.split, global_batch_size=self.embedder.batch_size, seed=0,
           shuffle=False)

@@ -33,11 +33,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from align_jax.data import factory, sources
+from align_jax.data import factory, skip_log, sources
 from align_jax.evaluate import datasets, metrics, prompts
 
 logger = logging.getLogger("align_jax")
-_LOG_FIRST = 20  # skipped images logged at WARNING per run; the rest are only counted
 
 
 class ZeroShotEvaluator:
@@ -97,8 +96,7 @@ class ZeroShotEvaluator:
   def _count_skip(self, error: sources.SkipRecord) -> None:
     name = f"data/skipped_{error.reason}"
     self.skipped[name] = self.skipped.get(name, 0) + 1
-    if sum(self.skipped.values()) <= _LOG_FIRST:
-      logger.warning("zero-shot %s: skipped %s", self.name, error)
+    skip_log.record(logger, f"zero-shot {self.name}", error.reason, error.detail)
 
   def image_embeddings(self, params, frozen) -> tuple[np.ndarray, np.ndarray]:
     """([N, D] embeddings, [N] labels) of every readable image, in dataset order."""
@@ -149,8 +147,6 @@ class ZeroShotEvaluator:
   def run(self, params, frozen) -> dict[str, float]:
     images, labels = self.image_embeddings(params, frozen)
     classes = self.class_embeddings(params, frozen)
-    if self.skipped:
-      logger.warning("zero-shot %s: %d images skipped (%s)", self.name,
-                     sum(self.skipped.values()), self.skipped)
+    skip_log.summary(logger, f"zero-shot {self.name}", self.skipped)
     accuracy = metrics.zero_shot_accuracy(images, labels, classes, k=self.ks, mesh=self.mesh)
     return {f"{self.prefix}{self.name}_{key}": value for key, value in accuracy.items()}

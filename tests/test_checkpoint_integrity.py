@@ -1,0 +1,346 @@
+"""A damaged run directory heals itself; a failed save stops the run at once with one line.
+
+One reference run of the demo (40 steps, checkpoints at 20, 30, 40) is shared by the module. Each
+damage test copies it, damages checkpoint 40 the way a crash, a bad disk or a careless copy would,
+and runs the same config again: the damaged step must be reported in one line, moved to
+``checkpoints_corrupt/``, and the run must continue from step 30 with exactly the reference's
+losses and final params.
+"""
+
+import errno
+import glob
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from align_jax import checkpoint as checkpoint_lib
+from align_jax import checksums
+from align_jax import train
+from configs import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_ARGS = ["--config=configs/demo.py:steps=40", "--config.batch_size=256",
+            "--config.checkpoint_every=10", "--config.log_every=5", "--config.eval_every=1000",
+            "--config.eval_at_start=False", "--config.data.num_pairs=4096"]
+
+
+def _config(steps=40):
+  config = demo.get_config(f"steps={steps}")
+  config.batch_size = 256
+  config.checkpoint_every = 10
+  config.log_every = 5
+  config.eval_at_start = False
+  config.data.num_pairs = 4096
+  config.evals = {}
+  return config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+def _params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  restored = ocp.StandardCheckpointer().restore(path)
+  return jax.tree.map(np.asarray, restored["params"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  train.train_and_evaluate(_config(), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30", "40"]
+  return workdir
+
+
+def _data_files(step_dir):
+  return sorted(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")),
+                key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  path = _data_files(step_dir)[-1]
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _garbage_array(step_dir):
+  for path in _data_files(step_dir):
+    with open(path, "wb") as f:
+      f.write(np.random.default_rng(0).bytes(os.path.getsize(path) or 1))
+
+
+def _state_of_another_step(step_dir):
+  """A careless copy mixed two checkpoints: every file decodes, but the values are step 30's."""
+  shutil.rmtree(os.path.join(step_dir, "state"))
+  shutil.copytree(os.path.join(os.path.dirname(step_dir), "30", "state"),
+                  os.path.join(step_dir, "state"))
+
+
+def _write(relative, content):
+  def damage(step_dir):
+    with open(os.path.join(step_dir, relative), "w") as f:
+      f.write(content)
+  return damage
+
+
+def _remove_state(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "state"))
+
+
+DAMAGE = {
+    "truncated_array_file": (_truncate, "state: OUT_OF_RANGE"),
+    "garbage_array_file": (_garbage_array, "state: "),
+    "state_of_another_step": (_state_of_another_step, "state: checksum mismatch"),
+    "garbage_state_metadata": (_write("state/_METADATA", "{garbage"), "state: "),
+    "garbage_data_metadata": (_write("data/metadata", "{garbage"), "data: "),
+    "empty_manifest_ocdbt": (_write("state/manifest.ocdbt", ""), "Error decoding manifest"),
+    "removed_state": (_remove_state, "state: "),
+}
+
+
+@pytest.fixture(scope="module")
+def abstract_state(reference):
+  """Shapes and shardings of the demo's train state (restore targets)."""
+  return checkpoint_lib.abstract_like(train.build_trainer(_config()).state)
+
+
+def _align_jax_warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.name == "align_jax" and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_checkpoint_is_reported_moved_aside_and_previous_restored(
+    reference, abstract_state, tmp_path, caplog, kind):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  damage, cause = DAMAGE[kind]
+  damage(os.path.join(workdir, "checkpoints", "40"))
+  caplog.set_level(logging.INFO)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, every=10, keep=3)
+  state, data_state, step = checkpointer.restore_latest(abstract_state)
+  checkpointer.close()
+
+  assert step == 30 and int(state.step) == 30
+  assert data_state == {"position": 30 * 256}
+  jax.tree.map(np.testing.assert_array_equal, _params(reference, 30),
+               jax.tree.map(np.asarray, state.params))
+  warnings = _align_jax_warnings(caplog)
+  assert len(warnings) == 1, warnings
+  line = warnings[0]
+  assert "\n" not in line and len(line) < 700, line
+  assert line.startswith(f"checkpoint step 40 at {workdir}/checkpoints/40 cannot be restored (")
+  assert cause in line and line.endswith("and resumed from step 30"), line
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no orbax tracebacks
+  moved = glob.glob(os.path.join(workdir, "checkpoints_corrupt", "40-*"))
+  assert len(moved) == 1 and moved[0] in line  # moved aside, not deleted
+  assert os.path.isdir(os.path.join(moved[0], "data"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30"]
+
+
+def test_unfinished_save_is_reported_and_ignored(reference, abstract_state, tmp_path, caplog):
+  """A save killed midway leaves orbax's temporary folder (no final name, no commit marker)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  os.rename(os.path.join(checkpoints, "40"), os.path.join(checkpoints, "40.orbax-checkpoint-tmp"))
+  os.remove(os.path.join(checkpoints, "40.orbax-checkpoint-tmp", "commit_success.txt"))
+  _truncate(os.path.join(checkpoints, "40.orbax-checkpoint-tmp"))
+  caplog.set_level(logging.INFO)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, every=10, keep=3)
+  _, _, step = checkpointer.restore_latest(abstract_state)
+  checkpointer.close()
+  assert step == 30
+  warnings = _align_jax_warnings(caplog)
+  assert len(warnings) == 1 and warnings[0].startswith(
+      f"checkpoint step 40 at {checkpoints}/40.orbax-checkpoint-tmp was never finished"), warnings
+  assert sorted(os.listdir(checkpoints)) == ["20", "30"]
+
+
+RESUME_KINDS = ["truncated_array_file", *[pytest.param(k, marks=pytest.mark.slow)
+                                           for k in sorted(DAMAGE) if k != "truncated_array_file"]]
+
+
+@pytest.mark.parametrize("kind", RESUME_KINDS)
+def test_run_with_damaged_checkpoint_continues_exactly(reference, tmp_path, caplog, kind):
+  """The whole loop: resumed from step 30, the same losses and final params as the reference."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  DAMAGE[kind][0](os.path.join(workdir, "checkpoints", "40"))
+  caplog.set_level(logging.INFO)
+  train.train_and_evaluate(_config(), workdir)
+  assert len(_align_jax_warnings(caplog)) == 1
+  assert any("restored checkpoint at step 30" in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30", "40"]
+  assert len(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == 1
+  expected, got = _losses(reference), _losses(workdir)
+  assert sorted(got) == list(range(5, 41, 5))
+  assert got == expected  # the same losses as the uninterrupted run, bit for bit
+  jax.tree.map(np.testing.assert_array_equal, _params(reference, 40), _params(workdir, 40))
+
+
+@pytest.mark.slow
+def test_run_after_unfinished_save_continues_exactly(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  os.rename(os.path.join(checkpoints, "40"), os.path.join(checkpoints, "40.orbax-checkpoint-tmp"))
+  _truncate(os.path.join(checkpoints, "40.orbax-checkpoint-tmp"))
+  train.train_and_evaluate(_config(), workdir)
+  assert _losses(workdir) == _losses(reference)
+  jax.tree.map(np.testing.assert_array_equal, _params(reference, 40), _params(workdir, 40))
+
+
+def test_no_restorable_checkpoint_stops_with_one_line_and_changes_nothing(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  for step in ("20", "30", "40"):
+    _write("data/metadata", "{garbage")(os.path.join(workdir, "checkpoints", step))
+  result = subprocess.run([sys.executable, "main.py", *CLI_ARGS, f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stdout + result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: no checkpoint in {workdir}/checkpoints can be restored: "
+                         "step 40: data: "), last
+  assert "steps 30, 20 fail too" in last and "nothing was changed" in last
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30", "40"]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+
+
+def test_checksums_are_sharding_independent(devices):
+  from align_jax import sharding
+  x = np.arange(64 * 6, dtype=np.float32).reshape(64, 6) / 7
+  mesh8 = sharding.make_mesh(("data",), (8,))
+  tree = {"a": jax.device_put(x, sharding.batch_sharding(mesh8, ("data",))),
+          "b": jax.numpy.asarray(x[:3].astype(jax.numpy.bfloat16)),
+          "k": jax.random.PRNGKey(3), "n": jax.numpy.int32(7)}
+  sums = checksums.tree_checksums(tree)
+  words = x.reshape(-1).view(np.uint32).astype(np.uint64)
+  expected_a = int(np.sum(words * (2 * np.arange(len(words), dtype=np.uint64) + 1)) % 2**32)
+  assert sums["['a']"] == expected_a
+  assert sums["['n']"] == 7
+  assert checksums.tree_checksums({"a": jax.numpy.asarray(x)})["['a']"] == expected_a
+  changed = x.copy()
+  changed[17, 3] = np.nextafter(changed[17, 3], np.float32(1e9))
+  assert checksums.tree_checksums({"a": jax.numpy.asarray(changed)})["['a']"] != expected_a
+
+
+# --- failed saves ----------------------------------------------------------------------------
+
+
+def test_failed_async_save_stops_at_once_with_one_line(tmp_path, caplog, monkeypatch):
+  """An injected quota error in orbax's background write (what a full bucket gives)."""
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  original = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  async def failing_save(self, x, directory):
+    if "/20.orbax-checkpoint-tmp" in str(directory):
+      raise OSError(errno.EDQUOT, "Disk quota exceeded", str(directory))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", failing_save)
+  workdir = str(tmp_path / "run")
+  config = _config()
+  config.log_every = 1
+  caplog.set_level(logging.INFO)
+  with pytest.raises(checkpoint_lib.CheckpointError) as error:
+    train.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  assert message.startswith(f"saving checkpoint step 20 to {workdir}/checkpoints/20 failed: "
+                            "Disk quota exceeded (EDQUOT); the last good checkpoint is step 10 ")
+  assert "\n" not in message
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no orbax tracebacks
+  stopped_at = max(_losses(workdir))
+  assert 20 <= stopped_at <= 22, stopped_at  # stopped as soon as the background write failed
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[0] == "10"
+  checkpointer = checkpoint_lib.Checkpointer(workdir, every=10, keep=3)
+  assert checkpointer.manager.all_steps() == [10]  # the last good checkpoint is intact
+  checkpointer.close()
+
+
+def _mount_tmpfs(path, size):
+  os.makedirs(path, exist_ok=True)
+  try:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], check=True,
+                   capture_output=True, timeout=30)
+  except (OSError, subprocess.SubprocessError) as error:
+    pytest.skip(f"cannot mount a size-limited tmpfs here ({error}); "
+                "test_failed_async_save_stops_at_once_with_one_line injects the failure instead")
+
+
+def test_full_disk_stops_the_run_with_one_line(tmp_path):
+  """checkpoints/ on a 2 MB tmpfs: step 10's checkpoint (1.2 MB) fits, step 20's does not."""
+  workdir = tmp_path / "run"
+  checkpoints = workdir / "checkpoints"
+  _mount_tmpfs(str(checkpoints), "2m")
+  try:
+    result = subprocess.run([sys.executable, "main.py", *CLI_ARGS, f"--workdir={workdir}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300)
+    output = result.stdout
+    assert result.returncode != 0
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: saving checkpoint step 20 to {checkpoints}/20 failed: "
+                           "No space left on device (ENOSPC); the last good checkpoint is step "
+                           f"10 ({checkpoints}/10)"), last
+    assert max(_losses(str(workdir))) <= 25  # stopped right after the failed save of step 20
+    checkpointer = checkpoint_lib.Checkpointer(str(workdir), every=10, keep=3)
+    restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(
+        train.build_trainer(_config()).state))
+    assert restored[2] == 10  # intact and restorable
+    checkpointer.close()
+  finally:
+    subprocess.run(["umount", "-l", str(checkpoints)], check=False, capture_output=True, timeout=30)
+
+
+# --- gs:// -------------------------------------------------------------------------------------
+
+
+from gcs_emulator import gcs_bucket  # noqa: E402,F401  (pytest fixture)
+
+
+def test_damaged_checkpoint_on_gcs_is_moved_aside(gcs_bucket, devices, caplog):  # noqa: F811
+  from align_jax import sharding, storage
+  mesh = sharding.make_mesh(("data",), (8,))
+  workdir = f"{gcs_bucket}/heal"
+
+  def state(step):
+    w = np.arange(64, dtype=np.float32).reshape(16, 4) * step
+    return {"w": jax.device_put(w, sharding.batch_sharding(mesh, ("data",))),
+            "step": jax.numpy.int32(step)}
+
+  checkpointer = checkpoint_lib.Checkpointer(workdir, every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    checkpointer.maybe_save(step, state(step), {"position": step})
+  checkpointer.close()
+  storage.write_text(f"{workdir}/checkpoints/3/data/metadata", "{garbage")  # damaged
+  storage.write_text(f"{workdir}/checkpoints/4/state/_METADATA", "{}")  # never committed
+  caplog.set_level(logging.INFO)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, every=1, keep=5, async_save=False)
+  restored, data_state, step = checkpointer.restore_latest(checkpoint_lib.abstract_like(state(0)))
+  assert step == 2 and data_state == {"position": 2}
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state(2)["w"]))
+  warnings = _align_jax_warnings(caplog)
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith(f"checkpoint step 4 at {workdir}/checkpoints/4 was never finished")
+  assert warnings[1].startswith(f"checkpoint step 3 at {workdir}/checkpoints/3 cannot be restored "
+                                "(data: ")
+  moved = storage.listdir(f"{workdir}/checkpoints_corrupt")
+  assert len(moved) == 1 and moved[0].startswith("3-") and moved[0] in warnings[1]
+  assert storage.read_text(f"{workdir}/checkpoints_corrupt/{moved[0]}/data/metadata") == "{garbage"
+  assert checkpointer.manager.all_steps() == [1, 2]
+  checkpointer.maybe_save(3, state(3), {"position": 3})  # the run saves step 3 again
+  checkpointer.close()
+  assert not os.path.exists("gs:")  # nothing written to a local folder named gs:
