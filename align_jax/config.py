@@ -96,6 +96,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.hidden_dim = 1024  # mlp projector
   c.model.glu_hidden_mult = 8  # glu projector: hidden = mult * input width (SAIL)
   c.model.dropout = 0.1
+  # compute dtype of the trainable projectors: float32, or bfloat16 (mixed precision: parameters,
+  # gradients, optimiser state and the loss stay float32)
+  c.model.projector_dtype = "float32"
+  # PRNG for the dropout masks (align_jax.model.DROPOUT_RNG_IMPLS): the state's key stays a
+  # threefry key; each step's key is turned into one of this implementation. "rbg" is faster than
+  # threefry2x32 on CPU/GPU/TPU; masks then depend on the mesh (same mesh: exact resume)
+  c.model.dropout_rng_impl = "rbg"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)

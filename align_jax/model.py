@@ -20,6 +20,32 @@ import ml_collections
 from align_jax import projectors, sharding, toy_encoders
 
 
+# config.model.dropout_rng_impl: jax PRNG implementations for the dropout masks
+DROPOUT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def dropout_key(rng: jax.Array, impl: str) -> jax.Array:
+  """The dropout key of implementation ``impl`` drawn from ``rng`` (a threefry key, raw or typed).
+
+  As big_vision and MaxText choose a faster PRNG than threefry for dropout: "threefry2x32"
+  returns ``rng`` itself; "rbg" / "unsafe_rbg" (XLA's RngBitGenerator) get key data of their own
+  drawn from ``rng`` with threefry. The step's key is thus still a pure function of the state's
+  key and the step, so a resumed run draws the same masks; unlike threefry, rbg masks of a
+  sharded array depend on how it is sharded (a resume on another mesh draws other masks).
+  """
+  if _check_rng_impl(impl) == "threefry2x32":
+    return rng
+  data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+  return jax.random.wrap_key_data(jax.random.bits(rng, data.shape, data.dtype), impl=impl)
+
+
+def _check_rng_impl(impl: str) -> str:
+  if impl not in DROPOUT_RNG_IMPLS:
+    raise ValueError(f"unknown dropout PRNG {impl!r}: set --config.model.dropout_rng_impl to one "
+                     f"of {DROPOUT_RNG_IMPLS}")
+  return impl
+
+
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
   """Unit-norm rows, computed in float32."""
   x = x.astype(jnp.float32)
@@ -63,6 +89,7 @@ class AlignModel:
   projector_micro_batch: int = 0  # rows per device per (rematerialised) projector call; 0 = all
   mesh: Any = None  # needed only for micro-batching
   batch_axes: tuple = ("data",)
+  dropout_rng_impl: str = "threefry2x32"  # see dropout_key
 
   def frozen_params(self) -> dict:
     return {"image": self.image_encoder.params, "text": self.text_encoder.params}
@@ -91,10 +118,14 @@ class AlignModel:
 
   def project(self, params: dict, image: dict, text: dict, *, train: bool = False,
               rng: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Features -> L2-normalised float32 embeddings ([B, embed_dim] each)."""
+    """Features -> L2-normalised float32 embeddings ([B, embed_dim] each).
+
+    ``rng`` (training only) is the step's threefry key; dropout draws from
+    ``dropout_key(rng, dropout_rng_impl)``.
+    """
     image_rng = text_rng = None
     if train and rng is not None:
-      image_rng, text_rng = jax.random.split(rng)
+      image_rng, text_rng = jax.random.split(dropout_key(rng, self.dropout_rng_impl))
     return (self._project(self.image_projector, params["image"], image, train, image_rng),
             self._project(self.text_projector, params["text"], text, train, text_rng))
 
@@ -176,4 +207,5 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> AlignModel:
       text_projector=projectors.make_projector(config.model.text_projector, config.model),
       loss_config=config.loss, encoder_micro_batch=config.model.encoder_micro_batch,
       projector_micro_batch=config.model.projector_micro_batch, mesh=mesh,
-      batch_axes=tuple(config.mesh.batch_axes))
+      batch_axes=tuple(config.mesh.batch_axes),
+      dropout_rng_impl=_check_rng_impl(config.model.dropout_rng_impl))

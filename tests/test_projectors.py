@@ -47,6 +47,20 @@ def test_freeze_align_parameter_count_matches_recipe():
   assert _count(image) == 2 * token_projector
   assert _count(text) == token_projector + 2 * (1024 * 1024 + 1024) + 2 * 1024
   assert _count(image) + _count(text) == 11_553_792
+  # The exact layout checkpoints and exports hold (names and shapes).
+  token = {"norm/scale": (1024,), "norm/bias": (1024,), "linear/kernel": (1024, 1024),
+           "linear/bias": (1024,), "mlp_in/kernel": (1024, 1024), "mlp_in/bias": (1024,),
+           "mlp_out/kernel": (1024, 1024), "mlp_out/bias": (1024,)}
+  head = {"proj/kernel": (1024, 1024), "proj/bias": (1024,), "mlp/kernel": (1024, 1024),
+          "mlp/bias": (1024,), "norm/scale": (1024,), "norm/bias": (1024,)}
+
+  def layout(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+    return {"/".join(k.key for k in path): leaf.shape for path, leaf in flat}
+
+  assert layout(image) == {f"{t}/{k}": v for t in ("cls", "patch") for k, v in token.items()}
+  assert layout(text) == {**{f"token/{k}": v for k, v in token.items()},
+                          **{f"head/{k}": v for k, v in head.items()}}
 
 
 def test_freeze_align_image_is_cls_plus_mean_of_patches():
@@ -115,3 +129,160 @@ def test_unknown_projector_and_missing_tokens():
   module = projectors.make_projector("freeze_align_text", _model_config(embed_dim=4))
   with pytest.raises(ValueError, match="needs token features"):
     module.init(jax.random.PRNGKey(0), {"pooled": jnp.zeros((1, 3))})
+
+
+# --- the pooled token projector: same function as the per-token form, less work -----------------
+
+def _ln_jnp(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / jnp.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _dense_jnp(x, p):
+  return x @ p["kernel"] + p["bias"]
+
+
+def _token_reference(p, x, keep, rate):
+  """The per-token form written out, with an explicit dropout keep mask (None: no dropout)."""
+  d = _ln_jnp(x, p["norm"])
+  if keep is not None:
+    d = jnp.where(keep, d / (1.0 - rate), 0.0)
+  return _dense_jnp(d, p["linear"]) + _dense_jnp(jax.nn.gelu(_dense_jnp(d, p["mlp_in"])),
+                                                 p["mlp_out"])
+
+
+def _dropout_keep(intermediates, *path):
+  """The keep mask a Dropout module applied, read from its captured output."""
+  node = intermediates
+  for name in path:
+    node = node[name]
+  return node["Dropout_0"]["__call__"][0] != 0
+
+
+def _allclose_trees(a, b, rtol, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                                                       atol=atol), a, b)
+
+
+TOKEN_MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_token_projector_pooled_equals_per_token_values_and_gradients(rate):
+  """masked_mean(per-token outputs) == the pooled form, values and grads (params and inputs)."""
+  module = projectors.TokenProjector(embed_dim=6, dropout=rate)
+  x = jnp.asarray(RNG.normal(size=(4, 5, 7)).astype(np.float32))
+  mask = jnp.asarray(TOKEN_MASK)  # a short row, a full row, one token, and no tokens at all
+  params = module.init(jax.random.PRNGKey(5), x)["params"]
+  pooled_init = module.init(jax.random.PRNGKey(5), x, mask)["params"]
+  jax.tree.map(np.testing.assert_array_equal, params, pooled_init)  # same layout, same init
+  rngs = {"dropout": jax.random.PRNGKey(6)}
+  cotangent = jnp.asarray(RNG.normal(size=(4, 6)).astype(np.float32))
+
+  def pooled(p, v):
+    return module.apply({"params": p}, v, mask, train=True, rngs=rngs)
+
+  def per_token(p, v):
+    return projectors.masked_mean(module.apply({"params": p}, v, train=True, rngs=rngs), mask)
+
+  out = pooled(params, x)
+  np.testing.assert_allclose(out, per_token(params, x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out[3], 0.0)  # no tokens -> zeros, as masked_mean
+  grads = jax.grad(lambda p, v: (pooled(p, v) * cotangent).sum(), argnums=(0, 1))(params, x)
+  expected = jax.grad(lambda p, v: (per_token(p, v) * cotangent).sum(), argnums=(0, 1))(params, x)
+  _allclose_trees(grads, expected, rtol=1e-5, atol=1e-6)
+
+  # Against the per-token form written out with the dropout mask the module applied.
+  _, state = module.apply({"params": params}, x, mask, train=True, rngs=rngs,
+                          capture_intermediates=True, mutable=["intermediates"])
+  keep = _dropout_keep(state["intermediates"]) if rate else None
+  if rate:
+    assert 0.55 < float(keep.mean()) < 0.85  # a real mask (rate 0.3), not all ones
+
+  def reference(p, v):
+    return projectors.masked_mean(_token_reference(p, v, keep, rate), mask)
+
+  np.testing.assert_allclose(out, reference(params, x), rtol=1e-5, atol=1e-6)
+  expected = jax.grad(lambda p, v: (reference(p, v) * cotangent).sum(), argnums=(0, 1))(params, x)
+  _allclose_trees(grads, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2])
+def test_freeze_align_towers_equal_per_token_form_with_a_fixed_dropout_mask(rate):
+  """Both towers against the paper's per-token form (own jnp code), values and param gradients."""
+  m = _model_config(embed_dim=6, dropout=rate)
+  x = jnp.asarray(RNG.normal(size=(4, 6, 5)).astype(np.float32))
+  image_mask = jnp.asarray(np.array([[1] * 6, [1] * 6, [1, 1, 1, 1, 0, 0], [1] * 6], bool))
+  # (no all-padding text row here: the head's LayerNorm of a constant vector has 1/sqrt(eps)-large
+  # gradients, which only compares rounding; the token projector test covers that row)
+  text_mask = jnp.asarray(np.array([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0],
+                                    [1, 1, 0, 0, 0, 1]], bool))
+  rngs = {"dropout": jax.random.PRNGKey(8)}
+  cotangent = jnp.asarray(RNG.normal(size=(4, 6)).astype(np.float32))
+
+  def image_reference(p, keep):
+    cls = _token_reference(p["cls"], x[:, 0], keep["cls"], rate)
+    patches = _token_reference(p["patch"], x[:, 1:], keep["patch"], rate)
+    return cls + projectors.masked_mean(patches, image_mask[:, 1:])
+
+  def text_reference(p, keep):
+    pooled = projectors.masked_mean(_token_reference(p["token"], x, keep["token"], rate),
+                                    text_mask)
+    h = p["head"]
+    proj = _dense_jnp(pooled, h["proj"])
+    residual = _dense_jnp(jax.nn.gelu(proj), h["mlp"])
+    if keep["head"] is not None:
+      residual = jnp.where(keep["head"], residual / (1.0 - rate), 0.0)
+    return _ln_jnp(proj + residual, h["norm"])
+
+  for name, mask, reference, dropouts in (
+      ("freeze_align_image", image_mask, image_reference, ("cls", "patch")),
+      ("freeze_align_text", text_mask, text_reference, ("token", "head"))):
+    module = projectors.make_projector(name, m)
+    features = {"tokens": x, "mask": mask}
+    params = module.init(jax.random.PRNGKey(7), features)["params"]
+
+    def apply(p):
+      return module.apply({"params": p}, features, train=True, rngs=rngs)
+
+    _, state = module.apply({"params": params}, features, train=True, rngs=rngs,
+                            capture_intermediates=True, mutable=["intermediates"])
+    keep = {k: _dropout_keep(state["intermediates"], k) if rate else None for k in dropouts}
+    np.testing.assert_allclose(apply(params), reference(params, keep), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: (apply(p) * cotangent).sum())(params)
+    expected = jax.grad(lambda p: (reference(p, keep) * cotangent).sum())(params)
+    assert jax.tree.structure(grads) == jax.tree.structure(expected)
+    _allclose_trees(grads, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_token_projector_does_a_third_of_the_matmul_flops():
+  """XLA's FLOP counts: forward T + 2 matmuls per example instead of 3T; forward + backward 3T + 6
+  instead of 7T (XLA already folds the broadcast cotangent of the mean into two of the per-token
+  form's nine; an eager framework does all nine)."""
+  tokens, width = 32, 256
+  module = projectors.TokenProjector(embed_dim=width, dropout=0.0)
+  x = jnp.zeros((4, tokens, width))
+  mask = jnp.ones((4, tokens), bool)
+  cotangent = jnp.ones((4, width))
+  params = module.init(jax.random.PRNGKey(0), x)["params"]
+  matmul = 2 * 4 * tokens * width * width  # FLOPs of one [4 * T, W] x [W, W] matmul
+
+  def flops(fn, grad):
+    if grad:
+      f = lambda p, c: jax.grad(lambda q: (fn(q) * c).sum())(p)  # noqa: E731
+    else:
+      f = lambda p, c: fn(p) * c  # noqa: E731
+    cost = jax.jit(f).lower(params, cotangent).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / matmul
+
+  def per_token(p):
+    return projectors.masked_mean(module.apply({"params": p}, x), mask)
+
+  def pooled(p):
+    return module.apply({"params": p}, x, mask)
+
+  assert 2.9 < flops(per_token, False) < 3.2
+  assert 1.0 < flops(pooled, False) < 1.0 + 2 / tokens + 0.1
+  assert 6.8 < flops(per_token, True) < 7.3
+  assert 3.0 < flops(pooled, True) < 3.0 + 6 / tokens + 0.1
