@@ -225,7 +225,8 @@ def main() -> None:
   fit_table(("softmax",) if args.quick else tuple(LOSSES), dims, cap=1 << 22,
             rel_tol=0.25 if args.quick else 0.1)
 
-  print("\n#### Target: 1M pairs on 8 devices at D = 1024, loss + grad scratch < 2 GiB per device\n")
+  print("\n#### Target: 1M pairs on 8 devices at D = 1024, loss + grad scratch < 2 GiB per "
+        "device\n")
   target_table(1 << 20, 1024, budget=2 * GIB)
   print(f"\nTotal benchmark time {time.perf_counter() - start:.0f} s")
 

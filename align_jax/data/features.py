@@ -12,14 +12,15 @@ Order (a pure function of the seed and the position, so the state is a single in
 position ``q`` holds pair ``permutation(seed, e)[q mod N]`` with ``e = q div N`` (epoch ``e``
 visits every pair once, in numpy ``default_rng([seed, e]).permutation`` order; batches run on
 across epoch ends). The global batch that starts at position ``s`` is the pairs at positions
-``s .. s + B - 1`` **sorted by row index** (each epoch's part of it separately, when it spans
-an epoch end), and process ``p`` of ``P`` takes the ``p``-th contiguous slice of it. Which pairs share a batch is as random as the permutation; only their
-order inside the batch is fixed (ascending rows), which the contrastive losses do not see: they
-sum over every pair and every negative of the global batch. The sorted order is what makes the
-loader fast: each process reads its rows of each file front to back (page-cache and disk
-friendly), with no second copy to undo a sort, and on many hosts process ``p`` reads mostly the
-``p``-th ``1/P`` of the rows, so each host's page cache needs about its share of the store.
-Each epoch's permutation is computed once and kept (4 bytes per pair).
+``s .. s + B - 1`` **sorted by row index** (each epoch's part of it separately, when it spans an
+epoch end), and process ``p`` of ``P`` takes the ``p``-th contiguous slice of it. Which pairs
+share a batch is as random as the permutation; only their order inside the batch is fixed
+(ascending rows), which the contrastive losses do not see: they sum over every pair and every
+negative of the global batch. The sorted order is what makes the loader fast: each process
+reads its rows of each file front to back (page-cache and disk friendly), with no second copy to
+undo a sort, and on many hosts process ``p`` reads mostly the ``p``-th ``1/P`` of the rows, so
+each host's page cache needs about its share of the store. Each epoch's permutation is computed
+once and kept (4 bytes per pair).
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
