@@ -20,15 +20,18 @@ Two implementations (``impl``):
     the sigmoid loss is a plain sum over pairs, so its forward pass (under differentiation)
     accumulates the gradients tile by tile and the backward pass only scales them. Across
     devices, a ring (``lax.ppermute``) passes the other tower's rows, with their column
-    statistics and gradient accumulators, so a device holds its own share plus one block in
-    flight. Memory O(B D / n + block_size^2).
+    statistics and gradient accumulators, block by block: each block goes on to the next device
+    as soon as it has been used and the received one takes its slot, so a device holds its own
+    share, one copy of the visiting share and one block in flight (no second copy to receive
+    into). Memory O(B D / n + block_size^2).
 
 ``DEFAULT_IMPL`` is ``"blockwise"``, measured with ``benchmarks/loss_memory.py`` (recorded in
-benchmarks/README.md): loss + grad temp memory per device stays under 1 GiB up to ~500k pairs on
-one device and ~790k on 8 (1M on 8 devices takes 1.3 GiB at D=512), against ~9k and ~17k
-for "gathered" (12 GiB at 32k on one device). Its step time was 0.6x of gathered at 16k on one
-CPU device and within noise of it at 1k-4k. ``DEFAULT_BLOCK_SIZE`` = 1024: at 4k it was as fast
-as 512 (within noise) and faster than 256 or 2048; accelerators favour the larger tile.
+benchmarks/README.md): 1M pairs on 8 devices at D = 1024 take ~1.0 GiB (softmax) / ~0.5 GiB
+(sigmoid) of loss + grad scratch per device (2.6 GiB before the ring passed blocks one at a
+time), against ~9k and ~17k pairs for "gathered" within 1 GiB (12 GiB at 32k on one device).
+Its step time was 0.6x of gathered at 16k on one CPU device and within noise of it at 1k-4k.
+``DEFAULT_BLOCK_SIZE`` = 1024: at 4k it was as fast as 512 (within noise) and faster than 256 or
+2048; accelerators favour the larger tile.
 """
 
 import functools
@@ -156,91 +159,96 @@ def _ring(axes):
   return (lambda tree: jax.tree.map(lambda x: lax.ppermute(x, axes, perm), tree)), n
 
 
-def _ring_loop(step, carry, moving, axes, last_home):
-  """Runs `step(carry, moving) -> (carry, moving)` once per device block in the ring.
+def _at(tree, j):
+  return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, j, keepdims=False), tree)
 
-  `moving` is passed on after each step; after the last step only the `last_home` entries of it
-  travel one more hop, which brings them back to the device that owns them.
+
+def _set_at(tree, piece, j):
+  return jax.tree.map(lambda x, p: lax.dynamic_update_index_in_dim(x, p, j, 0), tree, piece)
+
+
+def _ring_loop(block_step, carry, moving, axes, last_home):
+  """Runs `block_step(carry, piece, j) -> (carry, piece)` on every block of every device's rows.
+
+  `moving` is a tuple of pytrees whose arrays are blocked ([nb, ...]); `piece` holds their j-th
+  blocks. The ring passes them on block by block: as soon as block j has been processed it is
+  sent to the next device, and the block received from the previous device takes its slot (an
+  in-place update). A device therefore holds one copy of the moving arrays plus one block in
+  flight, where sending the arrays whole needs a second full copy to receive into (1M pairs on 8
+  devices at D = 1024: 1.0 GiB of softmax scratch instead of 2.5; benchmarks/README.md). Every
+  row's and column's arithmetic runs in the same order as before (only the scalar sums visit the
+  tiles in another order), so results agree to float rounding. After the
+  last device's blocks only the `last_home` entries travel, one more hop, which brings them back
+  to the device that owns them; they are returned.
   """
   send, n = _ring(axes)
+  nb = jax.tree.leaves(moving)[0].shape[0]
 
-  def body(_, state):
-    carry, moving = step(*state)
-    return carry, send(moving)
+  def sweep(state, keys):
+    def body(j, state):
+      carry, moving = state
+      carry, piece = block_step(carry, _at(moving, j), j)
+      if send is not None:
+        piece = dict(zip(keys, send(tuple(piece[k] for k in keys))))
+      moving = tuple(_set_at(m, piece[k], j) if k in keys else m for k, m in enumerate(moving))
+      return carry, moving
 
+    return lax.fori_loop(0, nb, body, state)
+
+  state = (carry, moving)
   if n > 1:
-    carry, moving = lax.fori_loop(0, n - 1, body, (carry, moving))
-  carry, moving = step(carry, moving)
-  home = tuple(moving[k] for k in last_home)
-  return carry, (send(home) if n > 1 else home)
+    state = lax.fori_loop(0, n - 1, lambda _, st: sweep(st, tuple(range(len(moving)))), state)
+  carry, moving = sweep(state, tuple(last_home))
+  return carry, tuple(moving[k] for k in last_home)
 
 
-def _softmax_tiles_fwd(img_b, txt_b, valid, scale, row_stats, col_stats):
-  """Online log-sum-exp over every tile of (local img) x (one txt block), both directions."""
+def _softmax_block_fwd(img_b, txt_j, valid, j, scale, row_stats, col_stat):
+  """Online log-sum-exp over the tiles (every local img block) x (visiting txt block j)."""
 
-  def row_step(col_stats, i):
-    def col_step(row_stat, j):
-      (rm, rs), (cm, cs) = row_stat, (col_stats[0][j], col_stats[1][j])
-      s = _mask(_dot_t(img_b[i], txt_b[j]) * scale, valid, i, j, _NEG)
-      rm_new = jnp.maximum(rm, s.max(axis=1))
-      rs = rs * jnp.exp(rm - rm_new) + jnp.exp(s - rm_new[:, None]).sum(axis=1)
-      cm_new = jnp.maximum(cm, s.max(axis=0))
-      cs = cs * jnp.exp(cm - cm_new) + jnp.exp(s - cm_new[None, :]).sum(axis=0)
-      return (rm_new, rs), (cm_new, cs)
+  def row_step(carry, i):
+    (rm_all, rs_all), (cm, cs) = carry
+    rm, rs = rm_all[i], rs_all[i]
+    s = _mask(_dot_t(img_b[i], txt_j) * scale, valid, i, j, _NEG)
+    rm_new = jnp.maximum(rm, s.max(axis=1))
+    rs = rs * jnp.exp(rm - rm_new) + jnp.exp(s - rm_new[:, None]).sum(axis=1)
+    cm_new = jnp.maximum(cm, s.max(axis=0))
+    cs = cs * jnp.exp(cm - cm_new) + jnp.exp(s - cm_new[None, :]).sum(axis=0)
+    return ((rm_all.at[i].set(rm_new), rs_all.at[i].set(rs)), (cm_new, cs)), None
 
-    row_stat, col_stats = lax.scan(
-        col_step, (row_stats[0][i], row_stats[1][i]), jnp.arange(txt_b.shape[0]))
-    return col_stats, row_stat
-
-  col_stats, row_stats = lax.scan(row_step, col_stats, jnp.arange(img_b.shape[0]))
-  return row_stats, col_stats
+  return lax.scan(row_step, (row_stats, col_stat), jnp.arange(img_b.shape[0]))[0]
 
 
-def _sigmoid_tiles_fwd(img_b, txt_b, valid, scale, bias):
-  """Sum of softplus(logits) over every valid tile (the primal, used without differentiation)."""
+def _sigmoid_block_fwd(img_b, txt_j, valid, j, scale, bias):
+  """Sum of softplus(logits) over the valid tiles (local img) x (txt block j) (no gradients)."""
 
   def row_step(acc, i):
-    def col_step(acc, j):
-      sp = jax.nn.softplus(_dot_t(img_b[i], txt_b[j]) * scale + bias)
-      return acc + jnp.sum(_mask(sp, valid, i, j, 0.0)), None
-
-    return lax.scan(col_step, acc, jnp.arange(txt_b.shape[0]))[0], None
+    sp = jax.nn.softplus(_dot_t(img_b[i], txt_j) * scale + bias)
+    return acc + jnp.sum(_mask(sp, valid, i, j, 0.0)), None
 
   return lax.scan(row_step, jnp.zeros_like(scale), jnp.arange(img_b.shape[0]))[0]
 
 
-def _tiles_grad(img_b, txt_b, valid, scale, bias, logit_fn, row_aux, col_aux, acc, d_txt):
-  """Accumulates gradients (and a value) over every tile of (local img) x (one txt block).
+def _block_grad(img_b, txt_j, valid, j, scale, bias, logit_fn, row_aux, col_aux_j, acc, d_txt_j):
+  """Accumulates gradients (and a value) over the tiles (every local img block) x (txt block j).
 
   `logit_fn(logits, row_aux_i, col_aux_j) -> (d value / d logits, value or None)` for a
-  tile. `acc` = (d_img, d_scale, d_bias, value); returns it updated and the visiting block's
-  d_txt.
+  tile. `acc` = (d_img [nb, bs, D], d_scale, d_bias, value); returns it updated and the visiting
+  block's d_txt_j.
   """
-  d_img, *scalars = acc
 
   def row_step(carry, i):
-    d_txt, *scalars = carry
+    (d_img, d_scale, d_bias, value), d_txt_j = carry
+    raw = _dot_t(img_b[i], txt_j)
+    g, v = logit_fn(raw * scale + bias, _at(row_aux, i), col_aux_j)
+    g = _mask(g, valid, i, j, 0.0)
+    d_raw = g * scale
+    d_img = d_img.at[i].add(d_raw @ txt_j.astype(jnp.float32))
+    d_txt_j = d_txt_j + d_raw.T @ img_b[i].astype(jnp.float32)
+    if v is not None:
+      value = value + jnp.sum(_mask(v, valid, i, j, 0.0))
+    return ((d_img, d_scale + jnp.sum(g * raw), d_bias + jnp.sum(g), value), d_txt_j), None
 
-    def col_step(carry, j):
-      d_img_i, d_scale, d_bias, value = carry
-      raw = _dot_t(img_b[i], txt_b[j])
-      aux_i, aux_j = (jax.tree.map(lambda a, k=k: a[k], aux) for k, aux in ((i, row_aux),
-                                                                              (j, col_aux)))
-      g, v = logit_fn(raw * scale + bias, aux_i, aux_j)
-      g = _mask(g, valid, i, j, 0.0)
-      d_raw = g * scale
-      d_img_i = d_img_i + d_raw @ txt_b[j].astype(jnp.float32)
-      d_txt_j = d_txt[j] + d_raw.T @ img_b[i].astype(jnp.float32)
-      if v is not None:
-        value = value + jnp.sum(_mask(v, valid, i, j, 0.0))
-      return (d_img_i, d_scale + jnp.sum(g * raw), d_bias + jnp.sum(g), value), d_txt_j
-
-    (d_img_i, *scalars), d_txt = lax.scan(
-        col_step, (d_img[i], *scalars), jnp.arange(txt_b.shape[0]))
-    return (d_txt, *scalars), d_img_i
-
-  (d_txt, *scalars), d_img = lax.scan(row_step, (d_txt, *scalars), jnp.arange(img_b.shape[0]))
-  return (d_img, *scalars), d_txt
+  return lax.scan(row_step, (acc, d_txt_j), jnp.arange(img_b.shape[0]))[0]
 
 
 def _unblock(d_b: jax.Array, like: jax.Array) -> jax.Array:
@@ -257,12 +265,12 @@ def _softmax_lse_sum_fwd(img, txt, scale, axes, bs):
   img_b, txt_b, valid = _blocked(img, bs), _blocked(txt, bs), _valid(img.shape[0], bs)
   init = jnp.full_like(img_b[..., 0], _NEG, jnp.float32), jnp.zeros_like(img_b[..., 0], jnp.float32)
 
-  def step(row_stats, moving):
-    txt_v, col_stats = moving
-    row_stats, col_stats = _softmax_tiles_fwd(img_b, txt_v, valid, scale, row_stats, col_stats)
-    return row_stats, (txt_v, col_stats)
+  def block_step(row_stats, piece, j):
+    txt_j, col_stat = piece
+    row_stats, col_stat = _softmax_block_fwd(img_b, txt_j, valid, j, scale, row_stats, col_stat)
+    return row_stats, (txt_j, col_stat)
 
-  (rm, rs), ((cm, cs),) = _ring_loop(step, init, (txt_b, init), axes, last_home=(1,))
+  (rm, rs), ((cm, cs),) = _ring_loop(block_step, init, (txt_b, init), axes, last_home=(1,))
   row_lse, col_lse = rm + jnp.log(rs), cm + jnp.log(cs)
   keep = jnp.ones_like(row_lse, bool) if valid is None else valid
   total = jnp.sum(jnp.where(keep, row_lse, 0.0)) + jnp.sum(jnp.where(keep, col_lse, 0.0))
@@ -280,16 +288,16 @@ def _softmax_lse_sum_bwd(axes, bs, res, g):
 
   g_rows = jnp.broadcast_to(g, row_lse.shape)
 
-  def step(acc, moving):
-    txt_v, lse_c, g_c, d_txt = moving
-    acc, d_txt = _tiles_grad(img_b, txt_v, valid, scale, 0.0, logit_fn,
-                             (row_lse, g_rows), (lse_c, g_c), acc, d_txt)
-    return acc, (txt_v, lse_c, g_c, d_txt)
+  def block_step(acc, piece, j):
+    txt_j, lse_c, g_c, d_txt_j = piece
+    acc, d_txt_j = _block_grad(img_b, txt_j, valid, j, scale, 0.0, logit_fn,
+                               (row_lse, g_rows), (lse_c, g_c), acc, d_txt_j)
+    return acc, (txt_j, lse_c, g_c, d_txt_j)
 
   zero = jnp.zeros_like(scale)
   acc = (jnp.zeros_like(img_b, jnp.float32), zero, zero, zero)
   moving = (txt_b, col_lse, g_rows, jnp.zeros_like(txt_b, jnp.float32))
-  (d_img, d_scale, *_), (d_txt,) = _ring_loop(step, acc, moving, axes, last_home=(3,))
+  (d_img, d_scale, *_), (d_txt,) = _ring_loop(block_step, acc, moving, axes, last_home=(3,))
   return _unblock(d_img, img), _unblock(d_txt, txt), d_scale
 
 
@@ -301,11 +309,11 @@ def _sigmoid_softplus_sum(img, txt, scale, bias, axes, bs):
   """Sum of softplus(logits) over this device's rows x all columns (the all-negative loss)."""
   img_b, txt_b, valid = _blocked(img, bs), _blocked(txt, bs), _valid(img.shape[0], bs)
 
-  def step(acc, moving):
-    (txt_v,) = moving
-    return acc + _sigmoid_tiles_fwd(img_b, txt_v, valid, scale, bias), moving
+  def block_step(acc, piece, j):
+    (txt_j,) = piece
+    return acc + _sigmoid_block_fwd(img_b, txt_j, valid, j, scale, bias), piece
 
-  return _ring_loop(step, jnp.zeros_like(scale), (txt_b,), axes, last_home=())[0]
+  return _ring_loop(block_step, jnp.zeros_like(scale), (txt_b,), axes, last_home=())[0]
 
 
 def _sigmoid_softplus_sum_fwd(img, txt, scale, bias, axes, bs):
@@ -320,16 +328,16 @@ def _sigmoid_softplus_sum_fwd(img, txt, scale, bias, axes, bs):
     sig = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
     return sig, jnp.maximum(logits, 0.0) + jnp.log1p(e)
 
-  def step(acc, moving):
-    txt_v, d_txt = moving
-    acc, d_txt = _tiles_grad(img_b, txt_v, valid, scale, bias, logit_fn,
-                             img_b[..., 0], img_b[..., 0], acc, d_txt)
-    return acc, (txt_v, d_txt)
+  def block_step(acc, piece, j):
+    txt_j, d_txt_j = piece
+    acc, d_txt_j = _block_grad(img_b, txt_j, valid, j, scale, bias, logit_fn, (), (), acc,
+                               d_txt_j)
+    return acc, (txt_j, d_txt_j)
 
   zero = jnp.zeros_like(scale)
   acc = (jnp.zeros_like(img_b, jnp.float32), zero, zero, zero)
   moving = (txt_b, jnp.zeros_like(txt_b, jnp.float32))
-  (d_img, d_scale, d_bias, total), (d_txt,) = _ring_loop(step, acc, moving, axes,
+  (d_img, d_scale, d_bias, total), (d_txt,) = _ring_loop(block_step, acc, moving, axes,
                                                          last_home=(1,))
   # Kept in float32 until scaled; the empty arrays carry the embeddings' dtypes to the backward.
   d_img = d_img.reshape(-1, img.shape[1])[: img.shape[0]]

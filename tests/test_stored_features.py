@@ -89,7 +89,7 @@ def test_memory_mapped_stored_features(tmp_path):
   assert isinstance(image["tokens"], np.memmap)
   source = features.ArrayPairSource(image, text, global_batch_size=8, seed=0, process_index=0,
                                     process_count=1)
-  idx = source.indices(0, 8)
+  idx = np.sort(source.indices(0, 8))  # a batch's rows come sorted (the module docstring)
   batch = next(source)
   np.testing.assert_array_equal(batch["image"]["tokens"], tokens[idx])
   np.testing.assert_array_equal(batch["image"]["mask"], mask[idx])
@@ -106,3 +106,85 @@ def test_stored_feature_errors(tmp_path):
   with pytest.raises(ValueError, match="different numbers of pairs"):
     features.ArrayPairSource({"pooled": np.zeros((4, 2))}, {"pooled": np.zeros((5, 2))},
                              global_batch_size=2, seed=0)
+
+
+def _reference_batches(n, batch, seed, steps, processes, process_index):
+  """The documented order, from scratch: epoch permutations, each epoch's part of a batch sorted."""
+  stream = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
+                           for e in range(steps * batch // n + 2)])
+  epoch = np.arange(len(stream)) // n
+  local = batch // processes
+  out = []
+  for step in range(steps):
+    rows, epochs = stream[step * batch:(step + 1) * batch], epoch[step * batch:(step + 1) * batch]
+    rows = np.concatenate([np.sort(rows[epochs == e]) for e in np.unique(epochs)])
+    out.append(rows[process_index * local:(process_index + 1) * local])
+  return out
+
+
+@pytest.mark.parametrize("n,batch,processes", [(10, 4, 1), (13, 6, 2), (7, 12, 3), (50, 8, 4)])
+def test_order_is_the_documented_function_of_seed_and_position(n, batch, processes):
+  for p in range(processes):
+    source = _source(n=n, batch=batch, process_index=p, process_count=processes)
+    got = [_ids(next(source)) for _ in range(9)]
+    want = _reference_batches(n, batch, 3, 9, processes, p)
+    np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    resumed = _source(n=n, batch=batch, process_index=p, process_count=processes)
+    resumed.set_state({"position": 5 * batch})  # a fresh process: nothing cached
+    np.testing.assert_array_equal(_ids(next(resumed)), want[5])
+
+
+def test_batches_are_sorted_and_hold_the_permuted_pairs():
+  source = _source(n=1000, batch=100)
+  for step in range(10):
+    ids = _ids(next(source))
+    assert np.all(np.diff(ids) > 0)
+    np.testing.assert_array_equal(ids, np.sort(source.indices(step * 100, 100)))
+
+
+def test_recycled_batch_memory_is_never_overwritten_while_held():
+  source = _source(n=64, batch=8)
+  held = [next(source) for _ in range(5)]  # more than the pool's buffers: all stay intact
+  copies = [{t: {k: v.copy() for k, v in a.items()} for t, a in b.items()} for b in held]
+  for _ in range(6):
+    next(source)
+  for batch, copy in zip(held, copies):
+    np.testing.assert_array_equal(batch["image"]["pooled"], copy["image"]["pooled"])
+    np.testing.assert_array_equal(batch["text"]["pooled"], copy["text"]["pooled"])
+  # A batch that is dropped gives its memory to a later one (no fresh pages every step).
+  addresses = set()
+  for _ in range(6):
+    addresses.add(next(source)["image"]["pooled"].ctypes.data)
+  assert len(addresses) == 1
+
+
+def test_recycled_memory_survives_a_jax_array_made_from_it():
+  import jax
+  source = _source(n=64, batch=8)
+  batch = next(source)
+  want = batch["image"]["pooled"].copy()
+  on_device = jax.device_put(batch["image"]["pooled"], jax.devices("cpu")[0])
+  del batch  # only the jax array (zero-copy on CPU when aligned) may still read the buffer
+  for _ in range(8):
+    next(source)
+  np.testing.assert_array_equal(np.asarray(on_device), want)
+
+
+def test_concatenated_array_take_equals_numpy_for_any_index(tmp_path):
+  rng = np.random.default_rng(1)
+  whole = rng.normal(size=(23, 3, 2)).astype(np.float16)
+  np.save(tmp_path / "a.npy", whole)
+  mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+  joined = features.ConcatenatedArray([mapped[:5], mapped[5:6], mapped[6:20], mapped[20:]])
+  for index in (np.sort(rng.integers(0, 23, 40)), rng.integers(0, 23, 40), np.array([], int),
+                np.array([22, 0, 0, 5])):
+    np.testing.assert_array_equal(joined[index], whole[index])
+    out = np.empty((len(index), 3, 2), np.float16)
+    assert features.take_rows(joined, index, out) is out
+    np.testing.assert_array_equal(out, whole[index])
+    np.testing.assert_array_equal(features.take_rows(mapped, index), whole[index])
+  for bad in (np.array([23]), np.array([-1, 2])):
+    with pytest.raises(IndexError, match="outside 0..22"):
+      joined[bad]
+    with pytest.raises(IndexError, match="outside 0..22"):
+      features.take_rows(mapped, bad)

@@ -8,20 +8,33 @@ every training input follows:
   sees exactly the examples an uninterrupted run would have seen;
 * ``skipped()`` -> counters of dropped records (none for arrays).
 
-The order is a pure function of (seed, position): epoch ``e`` visits ``permutation(seed, e)`` of
-all pairs, batches run on across epoch ends, and process ``p`` of ``P`` takes the ``p``-th
-contiguous slice of every global batch. So the state is a single integer.
+Order (a pure function of the seed and the position, so the state is a single integer): global
+position ``q`` holds pair ``permutation(seed, e)[q mod N]`` with ``e = q div N`` (epoch ``e``
+visits every pair once, in numpy ``default_rng([seed, e]).permutation`` order; batches run on
+across epoch ends). The global batch that starts at position ``s`` is the pairs at positions
+``s .. s + B - 1`` **sorted by row index** (each epoch's part of it separately, when it spans an
+epoch end), and process ``p`` of ``P`` takes the ``p``-th contiguous slice of it. Which pairs
+share a batch is as random as the permutation; only their order inside the batch is fixed
+(ascending rows), which the contrastive losses do not see: they sum over every pair and every
+negative of the global batch. The sorted order is what makes the loader fast: each process
+reads its rows of each file front to back (page-cache and disk friendly), with no second copy to
+undo a sort, and on many hosts process ``p`` reads mostly the ``p``-th ``1/P`` of the rows, so
+each host's page cache needs about its share of the store. Each epoch's permutation is computed
+once and kept (4 bytes per pair).
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
 :mod:`align_jax.feature_store` (shards + manifest, several captions per image), whose every shard
 is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
-``gs://`` are read through verified local copies). Rows are read with one sorted fancy index per
-batch, so memory-mapped files far larger than RAM train at disk speed.
+``gs://`` are read through verified local copies). Rows are copied with one sorted ``np.take``
+per file and batch into recycled output buffers (see :class:`_BatchBuffers`): ~1M pooled
+D = 1,024 float16 pairs/s from the page cache on one core (benchmarks/README.md, "Stored-feature
+loader speed"); memory-mapped files far larger than RAM train at disk speed.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import jax
@@ -29,6 +42,34 @@ import numpy as np
 
 from align_jax import storage
 from align_jax.data import feature_files
+
+_ALIGN = 64  # bytes; keeps every array of a recycled batch buffer cache-line (and SIMD) aligned
+
+
+def _check_rows(index: np.ndarray, num_rows: int) -> None:
+  if len(index) and (index.min() < 0 or index.max() >= num_rows):
+    raise IndexError(f"row indices [{index.min()}, {index.max()}] are outside 0..{num_rows - 1}")
+
+
+def _is_sorted(index: np.ndarray) -> bool:
+  return len(index) < 2 or bool(np.all(index[1:] >= index[:-1]))
+
+
+def take_rows(array, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """``array[index]`` along the first axis, written to ``out`` (one copy; fastest when sorted).
+
+  ``array`` is a numpy array, a ``np.memmap`` or a :class:`ConcatenatedArray`. ``np.take`` with
+  ``mode="clip"`` writes straight into ``out`` (with the default ``mode="raise"`` numpy buffers
+  ``out``, a second copy), so the bounds are checked here instead.
+  """
+  index = np.asarray(index)
+  if out is None:
+    out = np.empty((len(index), *array.shape[1:]), array.dtype)
+  if isinstance(array, ConcatenatedArray):
+    return array.take(index, out)
+  _check_rows(index, len(array))
+  np.take(np.asarray(array), index, axis=0, out=out, mode="clip")
+  return out
 
 
 class ConcatenatedArray:
@@ -43,13 +84,67 @@ class ConcatenatedArray:
   def __len__(self) -> int:
     return self.shape[0]
 
-  def __getitem__(self, index: np.ndarray) -> np.ndarray:
+  def take(self, index: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[:] = self[index]``: one ``take_rows`` per part for sorted ``index``."""
     index = np.asarray(index)
+    _check_rows(index, len(self))
+    if _is_sorted(index):  # each part's rows are one contiguous run of ``index``
+      cuts = np.searchsorted(index, self.offsets)
+      for p, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+        if hi > lo:
+          take_rows(self.parts[p], index[lo:hi] - self.offsets[p], out[lo:hi])
+      return out
     part = np.searchsorted(self.offsets, index, side="right") - 1
-    out = np.empty((len(index), *self.shape[1:]), self.dtype)
     for p in np.unique(part):
       sel = part == p
-      out[sel] = self.parts[p][index[sel] - self.offsets[p]]
+      out[sel] = take_rows(self.parts[p], index[sel] - self.offsets[p])
+    return out
+
+  def __getitem__(self, index: np.ndarray) -> np.ndarray:
+    return take_rows(self, index)
+
+
+class _BatchBuffers:
+  """Recycled output memory for batches of one layout (a few buffers, reused when free).
+
+  A fresh multi-MiB numpy array is a fresh mapping from the OS (glibc hands large freed blocks
+  back), so writing a batch into it takes a page fault per 4 KiB: that halved the loader's rate at
+  batch 4,096 (benchmarks/README.md). Each batch's arrays are views of one buffer, so they keep it
+  alive; a buffer is written again only when this pool holds the sole reference to it. A batch
+  that the caller still holds, or that jax still reads (a host-to-device copy in flight, a
+  zero-copy CPU array: jax keeps a reference to the numpy array), is therefore never overwritten;
+  if every buffer is in use, the batch gets fresh memory.
+  """
+
+  def __init__(self, layout: dict, rows: int, capacity: int = 3):
+    """``layout``: ``{tower: {key: (row shape, dtype)}}``; ``rows``: rows per batch."""
+    self.fields, offset = [], 0
+    for tower, arrays in layout.items():
+      for key, (shape, dtype) in arrays.items():
+        shape, dtype = (rows, *shape), np.dtype(dtype)
+        self.fields.append((tower, key, offset, shape, dtype))
+        offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+    self.nbytes, self.capacity, self.buffers = max(offset, 1), capacity, []
+
+  def _free_buffer(self) -> np.ndarray:
+    for k in range(len(self.buffers)):
+      # References: the list entry and getrefcount's own argument. Any view still alive adds one.
+      if sys.getrefcount(self.buffers[k]) == 2:
+        return self.buffers[k]
+    buffer = np.empty(self.nbytes + _ALIGN, np.uint8)  # + _ALIGN: room to align the start
+    if len(self.buffers) < self.capacity:
+      self.buffers.append(buffer)
+    return buffer
+
+  def get(self) -> dict:
+    """Empty arrays for one batch, ``{tower: {key: array}}``, in memory nothing else uses."""
+    buffer = self._free_buffer()
+    start = -buffer.ctypes.data % _ALIGN
+    out = {}
+    for tower, key, offset, shape, dtype in self.fields:
+      size = int(np.prod(shape)) * dtype.itemsize
+      flat = buffer[start + offset:start + offset + size]
+      out.setdefault(tower, {})[key] = flat.view(dtype).reshape(shape)
     return out
 
 
@@ -58,7 +153,7 @@ class ArrayPairSource:
 
   With ``text_to_image`` (text row -> image row, grouped by image), images may have several
   captions: each step takes one of them, chosen from (seed, position); otherwise text i is the
-  caption of image i.
+  caption of image i. The order is described in the module docstring.
   """
 
   def __init__(self, image: dict, text: dict, *, global_batch_size: int, seed: int,
@@ -83,6 +178,7 @@ class ArrayPairSource:
                                          side="right") - self.caption_start
     if self.num_pairs == 0 or np.any(self.caption_count == 0):
       raise ValueError("the pair source is empty or has images without a caption")
+    self._one_caption_each = bool(np.all(self.caption_count == 1))
     self.image, self.text = image, text
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
@@ -93,49 +189,75 @@ class ArrayPairSource:
     self.local_batch_size = global_batch_size // self.process_count
     self.seed, self.shuffle = seed, shuffle
     self.position = 0  # global position of the next batch's first example
+    self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two used)
+    layout = {tower: {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
+              for tower, arrays in (("image", image), ("text", text))}
+    self._buffers = _BatchBuffers(layout, self.local_batch_size)
 
   def _order(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return np.arange(self.num_pairs)
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+    order = self._orders.get(epoch)
+    if order is None:
+      index_dtype = np.int32 if self.num_pairs < 2**31 else np.int64
+      if self.shuffle:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+      else:
+        order = np.arange(self.num_pairs)
+      order = order.astype(index_dtype, copy=False)
+      if len(self._orders) >= 2:  # batches need at most this epoch and the one before
+        del self._orders[min(self._orders)]
+      self._orders[epoch] = order
+    return order
 
   def indices(self, start: int, count: int) -> np.ndarray:
-    """Pair indices at global positions ``start .. start + count - 1``."""
-    positions = np.arange(start, start + count)
-    epochs, offsets = np.divmod(positions, self.num_pairs)
+    """Pair indices at global positions ``start .. start + count - 1`` (before any sort)."""
     out = np.empty(count, np.int64)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      out[sel] = self._order(int(epoch))[offsets[sel]]
+    done = 0
+    while done < count:
+      epoch, offset = divmod(start + done, self.num_pairs)
+      n = min(count - done, self.num_pairs - offset)
+      out[done:done + n] = self._order(epoch)[offset:offset + n]
+      done += n
     return out
+
+  def batch_indices(self, position: int) -> np.ndarray:
+    """This process's pair indices (ascending) of the global batch starting at ``position``."""
+    rows = self.indices(position, self.global_batch_size)
+    lo = 0  # sorted within each epoch's part, so every epoch's positions still hold its pairs
+    for hi in range(-position % self.num_pairs or self.num_pairs, len(rows) + self.num_pairs,
+                    self.num_pairs):
+      rows[lo:hi].sort()
+      lo = hi
+    first = self.process_index * self.local_batch_size
+    return rows[first:first + self.local_batch_size]
 
   def caption_rows(self, indices: np.ndarray, start: int) -> np.ndarray:
     """The text row each image uses at positions ``start, start + 1, ...``."""
-    count = self.caption_count[indices]
-    if np.all(count == 1):
+    if self._one_caption_each:
       return self.caption_start[indices]
+    count = self.caption_count[indices]
     draw = np.random.default_rng([self.seed, 1, start]).integers(0, 2**31, len(indices))
     return self.caption_start[indices] + draw % count
 
   @staticmethod
-  def _rows(arrays: dict, index: np.ndarray) -> dict:
-    """``arrays`` at ``index`` (read in sorted order: fast on memory-mapped files)."""
-    order = np.argsort(index, kind="stable")
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return {k: np.asarray(v[index[order]])[inverse] for k, v in arrays.items()}
+  def _rows(arrays: dict, index: np.ndarray, out: dict | None = None) -> dict:
+    """``arrays`` at ``index``, into ``out`` (same keys) when given: one copy per array."""
+    return {k: take_rows(v, index, None if out is None else out[k]) for k, v in arrays.items()}
 
-  def gather(self, indices: np.ndarray, start: int = 0) -> dict:
-    """The pairs at ``indices`` (their captions chosen for positions from ``start``)."""
-    return {"image": self._rows(self.image, indices),
-            "text": self._rows(self.text, self.caption_rows(indices, start))}
+  def gather(self, indices: np.ndarray, start: int = 0, out: dict | None = None) -> dict:
+    """The pairs at ``indices`` (their captions chosen for positions from ``start``).
+
+    ``out``: ``{"image": {...}, "text": {...}}`` arrays to write into (fresh ones if None).
+    """
+    out = out or {}
+    return {"image": self._rows(self.image, indices, out.get("image")),
+            "text": self._rows(self.text, self.caption_rows(indices, start), out.get("text"))}
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
     start = self.position + self.process_index * self.local_batch_size
-    batch = self.gather(self.indices(start, self.local_batch_size), start)
+    batch = self.gather(self.batch_indices(self.position), start, out=self._buffers.get())
     self.position += self.global_batch_size
     return batch
 
