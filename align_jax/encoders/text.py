@@ -84,7 +84,7 @@ class TextEncoder:
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, pooling: str = "mean", max_length: int = 77,
-                      dtype: str = "float32") -> "TextEncoder":
+                      dtype: str = "float32", abstract: bool = False) -> "TextEncoder":
     """Loads a checkpoint (local folder or hub id) and its tokenizer as a frozen Flax encoder.
 
     Args:
@@ -94,11 +94,14 @@ class TextEncoder:
         the EOS token for CLIP) or "tokens".
       max_length: tokens per text (padded / truncated); at most the model's position table.
       dtype: compute (and frozen-param) dtype, e.g. "bfloat16"; outputs are always float32.
+      abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give,
+        from ``config.json`` (and the tokenizer files) alone: no weights file is needed or read.
+        For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.TEXT_POOLINGS, "text")
     dtype = compute_dtype(dtype)
     folder, _, family = hub.resolve_family(name_or_path, TEXT_FAMILIES, "text",
-                                           "--config.model.text_encoder")
+                                           "--config.model.text_encoder", weights=not abstract)
     import transformers
     with hub.quiet_transformers():
       config = getattr(transformers, family.config_class).from_pretrained(folder)
@@ -122,7 +125,8 @@ class TextEncoder:
     ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
     expected = jax.eval_shape(lambda key, ids: module.init(key, *encoder._module_args(ids, ids)),
                               jax.random.key(0), ids)["params"]
-    encoder.params = cast_params(hub.load_flax_params(flax_class, folder, config, expected), dtype)
+    params = expected if abstract else hub.load_flax_params(flax_class, folder, config, expected)
+    encoder.params = cast_params(params, dtype)
     return encoder
 
   def _module_args(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray) -> tuple:
