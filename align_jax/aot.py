@@ -326,7 +326,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   try:
     compiled = step.lower(state, frozen, batch).compile()
   except jax.errors.JaxRuntimeError as error:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
     if "RESOURCE_EXHAUSTED" not in first:
       raise
     raise DoesNotFitError(f"train_step does not fit on {topology} ({kind}): XLA: {first}; "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TOPOLOGIES = ("v5e-64", "v5e-256", "v5p-128", "2xv5e-256")
 BATCHES = (16384, 32768, 65536)
-# Peak bf16 matmul rate per chip (Cloud TPU documentation).
-PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v4": 275e12,
-              "TPU v6 lite": 918e12}
+# Peak bf16 matmul rate and HBM per chip, by accelerator family (Cloud TPU documentation).
+PEAK_FLOPS = {"v5e": 197e12, "v5litepod": 197e12, "v5p": 459e12, "v4": 275e12, "v6e": 918e12}
+HBM_GIB = {"v5e": 16, "v5litepod": 16, "v5p": 95, "v4": 32, "v6e": 32}
 PAPER_SAMPLES = 255e6  # ~15 epochs of the paper's 17M pairs
 MFU = 0.4
 
@@ -99,59 +100,76 @@ def analytic_flops(config, batch: int) -> dict:
   return {**per_sample, "loss_per_step": loss, "step": step, "per_sample": step / batch}
 
 
+def analytic_row(topology: str, batch: int, config=None) -> dict:
+  """The entry's numbers that need no compile: chips, FLOPs, roofline step time and run time."""
+  from align_jax import aot
+  config = recipe_config(batch, "", "") if config is None else config
+  spec = aot.tpu_topology(topology)
+  family = re.sub(r"^\d+x", "", topology).split("-")[0]
+  flops = analytic_flops(config, batch)
+  peak_rate = PEAK_FLOPS[family] * spec.num_devices  # one jax device per chip (megacore on v5p)
+  step_seconds = flops["step"] / peak_rate
+  return {"topology": topology, "batch": batch, "num_devices": spec.num_devices,
+          "num_slices": spec.num_slices, "hbm_gib": HBM_GIB[family],
+          "analytic_flops_per_step": flops["step"], "analytic_flops": flops,
+          "roofline_step_seconds": step_seconds, "roofline_samples_per_second": batch / step_seconds,
+          "paper_hours_at_mfu": PAPER_SAMPLES * flops["per_sample"] / (MFU * peak_rate) / 3600}
+
+
 def run_one(topology: str, batch: int, image: str, text: str) -> dict:
   """Compiles one entry in this process; the row for the results file."""
   from align_jax import aot
   aot.prepare_process(topology)
   config = recipe_config(batch, image, text)
-  flops = analytic_flops(config, batch)
-  row = {"topology": topology, "batch": batch, "analytic_flops_per_step": flops["step"],
-         "analytic_flops": flops, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  row = {**analytic_row(topology, batch, config),
+         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   start = time.perf_counter()
   try:
     report = aot.compile_train_step(config, topology, check_memory=False)
   except aot.DoesNotFitError as error:
-    devices = aot.topology_devices(topology)
-    return {**row, "num_devices": len(devices), "device_kind": devices[0].device_kind,
-            "compile_seconds": time.perf_counter() - start, "fits": False, "error": str(error)}
-  peak_rate = PEAK_FLOPS[report.device_kind] * report.num_devices
-  step_seconds = flops["step"] / peak_rate
-  return {**row, "num_devices": report.num_devices, "num_slices": report.num_slices,
-          "num_processes": report.num_processes, "device_kind": report.device_kind,
+    return {**row, "compile_seconds": time.perf_counter() - start, "fits": False,
+            "error": str(error)}
+  return {**row, "num_processes": report.num_processes, "device_kind": report.device_kind,
           "mesh": report.mesh_shape, "compile_seconds": report.compile_seconds,
           "argument_bytes": report.argument_bytes, "output_bytes": report.output_bytes,
           "temp_bytes": report.temp_bytes, "alias_bytes": report.alias_bytes,
           "peak_bytes": report.peak_bytes, "xla_peak_bytes": report.xla_peak_bytes,
-          "hbm_bytes": report.hbm_bytes, "fits": report.fits, "xla_flops_per_device": report.flops,
-          "roofline_step_seconds": step_seconds, "roofline_samples_per_second": batch / step_seconds,
-          "paper_hours_at_mfu": PAPER_SAMPLES * flops["per_sample"] / (MFU * peak_rate) / 3600}
+          "hbm_bytes": report.hbm_bytes, "fits": report.fits, "xla_flops_per_device": report.flops}
 
 
 def _gib(n) -> str:
   return "—" if n is None else f"{n / 2**30:.2f}"
 
 
-def table(rows: list[dict]) -> str:
-  """The markdown table of the results rows."""
+def table(rows: list[dict], entries: list[tuple[str, int]] = ()) -> str:
+  """The markdown table of the results rows, plus analytic-only rows for ``entries`` not compiled."""
+  compiled = {(r["topology"], r["batch"]) for r in rows}
+  rows = [{**analytic_row(r["topology"], r["batch"]), **r} for r in rows]
+  rows += [analytic_row(t, b) for t, b in entries if (t, b) not in compiled]
+  order = {t: i for i, t in enumerate(TOPOLOGIES)}
+  rows = sorted(rows, key=lambda r: (order.get(r["topology"], len(order)), r["batch"]))
   lines = ["| topology | chips | global batch | rows/chip | compile s | args GiB | temp GiB | "
-           "peak GiB | HBM GiB | fits | TFLOP/step (analytic) | XLA TFLOP/device | roofline "
-           "step s | roofline samples/s | 255M samples at 40 % MFU |",
+           "peak GiB | HBM GiB | fits | PFLOP/step (analytic) | XLA TFLOP/chip (1 loop body) | "
+           "roofline step s | roofline samples/s | 255M samples at 40 % MFU |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     chips = r["num_devices"]
-    if r.get("error"):
-      lines.append(f"| {r['topology']} | {chips} | {r['batch']:,} | {r['batch'] // chips} | "
-                   f"{r['compile_seconds']:.0f} | — | — | — | — | **no**: {r['error']} | "
-                   f"{r['analytic_flops_per_step'] / 1e12:,.0f} | — | — | — | — |")
-      continue
-    xla = r["xla_flops_per_device"]
-    lines.append(
-        f"| {r['topology']} | {chips} | {r['batch']:,} | {r['batch'] // chips} | "
-        f"{r['compile_seconds']:.0f} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
-        f"{_gib(r['peak_bytes'])} | {r['hbm_bytes'] / 2**30:.0f} | "
-        f"{'yes' if r['fits'] else '**no**'} | {r['analytic_flops_per_step'] / 1e12:,.0f} | "
-        f"{'—' if xla is None else f'{xla / 1e12:.1f}'} | {r['roofline_step_seconds']:.3f} | "
-        f"{r['roofline_samples_per_second']:,.0f} | {r['paper_hours_at_mfu']:.1f} h |")
+    head = f"| {r['topology']} | {chips} | {r['batch']:,} | {r['batch'] // chips} | "
+    tail = (f"{r['analytic_flops_per_step'] / 1e15:.2f} | {{xla}} | "
+            f"{r['roofline_step_seconds']:.3f} | {r['roofline_samples_per_second']:,.0f} | "
+            f"{r['paper_hours_at_mfu']:.2f} h |")
+    if "compile_seconds" not in r:  # not compiled (yet)
+      lines.append(head + f"not compiled | — | — | — | {r['hbm_gib']} | — | "
+                   + tail.format(xla="—"))
+    elif r.get("error"):
+      lines.append(head + f"{r['compile_seconds']:.0f} | — | — | — | {r['hbm_gib']} | "
+                   f"**no**: {r['error']} | " + tail.format(xla="—"))
+    else:
+      xla = r["xla_flops_per_device"]
+      lines.append(head + f"{r['compile_seconds']:.0f} | {_gib(r['argument_bytes'])} | "
+                   f"{_gib(r['temp_bytes'])} | {_gib(r['peak_bytes'])} | {r['hbm_gib']} | "
+                   f"{'yes' if r['fits'] else '**no**'} | "
+                   + tail.format(xla="—" if xla is None else f"{xla / 1e12:.1f}"))
   return "\n".join(lines)
 
 
@@ -162,49 +180,59 @@ def _read(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _entries(args) -> list[tuple[str, int]]:
+  if args.entries:
+    return [(e.rsplit(":", 1)[0], int(e.rsplit(":", 1)[1])) for e in args.entries.split(",")]
+  # every topology at the first batch first
+  return [(t, int(b)) for b in args.batches.split(",") for t in args.topologies.split(",")]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="aot_pod.jsonl", help="results file (JSON lines)")
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-  parser.add_argument("--timeout", type=float, default=1800, help="seconds per compile")
+  parser.add_argument("--entries", default="",
+                      help="TOPOLOGY:BATCH,... to compile, in this order (default: every batch "
+                      "of --batches on every topology of --topologies, batch by batch)")
+  parser.add_argument("--timeout", type=float, default=3600, help="seconds per compile")
   parser.add_argument("--table", metavar="RESULTS", help="print the table of a results file")
   parser.add_argument("--one", nargs=4, metavar=("TOPOLOGY", "BATCH", "IMAGE", "TEXT"),
                       help=argparse.SUPPRESS)  # one entry, in this process (the driver's child)
   args = parser.parse_args()
   if args.table:
-    print(table(_read(args.table)))
+    print(table(_read(args.table), _entries(args)))
     return
   if args.one:
     topology, batch, image, text = args.one
     print("RESULT " + json.dumps(run_one(topology, int(batch), image, text)), flush=True)
     return
+  entries = _entries(args)
   done = {(r["topology"], r["batch"]) for r in _read(args.out)}
   with tempfile.TemporaryDirectory() as root:
     image, text = write_config_folders(root)
-    for batch in map(int, args.batches.split(",")):  # every topology at the first batch first
-      for topology in args.topologies.split(","):
-        if (topology, batch) in done:
-          continue
-        print(f"{time.strftime('%H:%M:%S')} compiling {topology} at batch {batch} ...", flush=True)
-        try:
-          result = subprocess.run(
-              [sys.executable, os.path.abspath(__file__), "--one", topology, str(batch), image,
-               text], capture_output=True, text=True, timeout=args.timeout,
-              env=dict(os.environ, XLA_FLAGS=""))
-        except subprocess.TimeoutExpired:
-          print(f"  timed out after {args.timeout:.0f} s", flush=True)
-          continue
-        found = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-        if result.returncode or not found:
-          print(f"  failed (exit {result.returncode}): {result.stderr[-3000:]}", flush=True)
-          continue
-        row = json.loads(found[-1][len("RESULT "):])
-        with open(args.out, "a", encoding="utf-8") as f:
-          f.write(json.dumps(row) + "\n")
-        print(f"  {row.get('error') or 'compiled'} in {row['compile_seconds']:.0f} s; peak "
-              f"{_gib(row.get('peak_bytes'))} GiB", flush=True)
-  print(table(_read(args.out)))
+    for topology, batch in entries:
+      if (topology, batch) in done:
+        continue
+      print(f"{time.strftime('%H:%M:%S')} compiling {topology} at batch {batch} ...", flush=True)
+      try:
+        result = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--one", topology, str(batch), image,
+             text], capture_output=True, text=True, timeout=args.timeout,
+            env=dict(os.environ, XLA_FLAGS=""))
+      except subprocess.TimeoutExpired:
+        print(f"  timed out after {args.timeout:.0f} s", flush=True)
+        continue
+      found = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+      if result.returncode or not found:
+        print(f"  failed (exit {result.returncode}): {result.stderr[-3000:]}", flush=True)
+        continue
+      row = json.loads(found[-1][len("RESULT "):])
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+      print(f"  {row.get('error') or 'compiled'} in {row['compile_seconds']:.0f} s; peak "
+            f"{_gib(row.get('peak_bytes'))} GiB", flush=True)
+  print(table(_read(args.out), entries))
 
 
 if __name__ == "__main__":
