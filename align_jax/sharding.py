@@ -145,7 +145,8 @@ def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -
 
 
 def num_batch_shards(mesh: Mesh, batch_axes: Sequence[str]) -> int:
-  """How many ways the batch dimension is split."""
+  """How many ways the batch dimension is split: the product of the batch axes' sizes (on a
+  multi-slice mesh each is already ICI x DCN, so this counts the devices of every slice)."""
   unknown = [a for a in batch_axes if a not in mesh.shape]
   if unknown:
     raise ValueError(f"mesh.batch_axes {tuple(batch_axes)} names axes {unknown} that the mesh "
