@@ -135,7 +135,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ("data",)
-  c.mesh.shape = (-1,)  # -1: all remaining devices
+  c.mesh.shape = (-1,)  # -1: all remaining devices (of one slice, on a multi-slice mesh)
+  # Multi-slice (DCN) mesh: the mesh of slices over the same axes (e.g. (2,) for 2 slices along
+  # "data"); each axis is shape * dcn_shape long. Slices: TPU slice_index, else processes. () =
+  # one slice, or on multi-slice TPU all slices along the first batch axis (align_jax.sharding).
+  c.mesh.dcn_shape = ()
   c.mesh.batch_axes = ("data",)  # mesh axes the batch dimension is split over
   # (regex over "/"-joined parameter paths, partition spec as a tuple of axis names or None);
   # first match wins, unmatched parameters are replicated.
@@ -280,7 +284,11 @@ def block_path(node: ml_collections.ConfigDict) -> str | None:
 
 
 def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_processes: int = 1):
-  """Checks values against each other and the mesh; raises ValueError naming the fix."""
+  """Checks values against each other and the mesh; raises ValueError naming the fix.
+
+  ``num_batch_devices`` is how many ways the mesh splits the batch (``sharding.num_batch_shards``:
+  the batch axes' sizes, ICI x DCN on a multi-slice mesh).
+  """
   problems = _choice_problems(config)
   for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
     if config[key] <= 0:
@@ -300,6 +308,13 @@ def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_proc
                     "loss.temperature_max")
   if config.optim.warmup_steps < 0:
     problems.append("optim.warmup_steps must be >= 0")
+  dcn_shape, axes = tuple(config.mesh.dcn_shape), tuple(config.mesh.axes)
+  if dcn_shape and (len(dcn_shape) != len(axes) or dcn_shape.count(-1) > 1
+                    or any(s < 1 and s != -1 for s in dcn_shape)):
+    example = (2,) + (1,) * (len(axes) - 1)
+    problems.append(f"mesh.dcn_shape {dcn_shape} must be () or one positive size (at most one -1) "
+                    f"per mesh axis {axes}, e.g. --config.mesh.dcn_shape='{example}' for 2 slices "
+                    f"along {axes[0]!r}")
   for name, evaluator in config.evals.items():
     if "type" not in evaluator:
       problems.append(f"evaluator {name!r} has no type: set config.evals.{name}.type")

@@ -172,8 +172,14 @@ class AlignModel:
     return self.project(params, image, text, train=train, rng=rng)
 
 
-def build_encoder(spec: str, config: ml_collections.ConfigDict, tower: str):
-  """The frozen encoder named by ``config.model.<tower>_encoder``."""
+def build_encoder(spec: str, config: ml_collections.ConfigDict, tower: str,
+                  abstract: bool = False):
+  """The frozen encoder named by ``config.model.<tower>_encoder``.
+
+  ``abstract=True``: a Hugging Face encoder's params are ``jax.ShapeDtypeStruct``s from its
+  config.json alone (no weights read; see ``ImageEncoder.from_pretrained``), for compiling without
+  the checkpoint. The demo encoders are small and computed from a seed, so they are built as usual.
+  """
   if spec == "features":
     return toy_encoders.StoredFeatures()
   if spec == "random_mlp":
@@ -192,17 +198,20 @@ def build_encoder(spec: str, config: ml_collections.ConfigDict, tower: str):
   if tower == "image":
     return encoders.ImageEncoder.from_pretrained(
         spec, pooling=m.image_pooling, image_size=m.image_size or None, dtype=m.encoder_dtype,
-        layer=m.image_layer)
+        layer=m.image_layer, abstract=abstract)
   return encoders.TextEncoder.from_pretrained(
       spec, pooling=m.text_pooling, max_length=m.max_text_length, dtype=m.encoder_dtype,
-      layer=m.text_layer, prefix=m.text_prefix)
+      layer=m.text_layer, prefix=m.text_prefix, abstract=abstract)
 
 
-def build_model(config: ml_collections.ConfigDict, mesh=None) -> AlignModel:
-  """The model a config describes (``mesh`` enables encoder micro-batching)."""
+def build_model(config: ml_collections.ConfigDict, mesh=None, abstract: bool = False) -> AlignModel:
+  """The model a config describes (``mesh`` enables encoder micro-batching).
+
+  ``abstract=True``: the frozen params are shapes only (``build_encoder``); for align_jax.aot.
+  """
   return AlignModel(
-      image_encoder=build_encoder(config.model.image_encoder, config, "image"),
-      text_encoder=build_encoder(config.model.text_encoder, config, "text"),
+      image_encoder=build_encoder(config.model.image_encoder, config, "image", abstract),
+      text_encoder=build_encoder(config.model.text_encoder, config, "text", abstract),
       image_projector=projectors.make_projector(config.model.image_projector, config.model),
       text_projector=projectors.make_projector(config.model.text_projector, config.model),
       loss_config=config.loss, encoder_micro_batch=config.model.encoder_micro_batch,

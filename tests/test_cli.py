@@ -30,6 +30,8 @@ def test_demo_learns_held_out_retrieval(tmp_path):
     (["--config.model.image_projector=transformer"], "unknown projector 'transformer'"),
     (["--config.loss.name=hinge"], "unknown loss 'hinge'"),
     (["--config.mesh.shape=(3,)"], "mesh shape (3,) needs 3 devices, but 8 are present"),
+    (["--config.mesh.dcn_shape=(2,)"], "mesh.dcn_shape (2,) needs 2 processes (one slice: each "
+     "process a granule), but 1 are present"),
 ])
 def test_bad_config_gives_one_clear_error(tmp_path, args, message):
   result = _main("--config=configs/demo.py:steps=2", f"--workdir={tmp_path}", *args)

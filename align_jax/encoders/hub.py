@@ -4,7 +4,9 @@ A name is first taken as a local folder; otherwise as a Hugging Face hub id, res
 ``huggingface_hub.snapshot_download`` (the local cache only when ``HF_HUB_OFFLINE=1``). When neither
 gives a folder, ``EncoderNotFoundError`` says, in one line, how to point the config at a local copy.
 Weights are read from ``flax_model.msgpack`` when present, else from a single PyTorch
-``model.safetensors`` (converted by transformers without torch) or ``pytorch_model.bin`` (needs torch).
+``model.safetensors`` (converted by transformers without torch); ``pytorch_model.bin`` (a pickle) is
+refused. With ``weights=False`` only the config and tokenizer/processor files are needed (the
+encoders' ``abstract=True`` path, for ahead-of-time compiles).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ class EncoderNotFoundError(OSError):
   """The named encoder is neither a local folder nor reachable on (or cached from) the hub."""
 
 
-def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.image_encoder") -> str:
+def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.image_encoder",
+                       weights: bool = True) -> str:
   """Returns a local folder holding the checkpoint ``name_or_path``.
 
   Args:
     name_or_path: a local folder, or a hub id such as ``facebook/dinov2-large``.
     config_flag: the config override shown in the error message, so the fix names the right flag.
+    weights: also fetch the weights of a hub id (False: config and tokenizer/processor files only).
 
   Raises:
     EncoderNotFoundError: no such folder, and the hub id is not cached and cannot be downloaded.
@@ -52,10 +56,10 @@ def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.ima
     raise EncoderNotFoundError(f"Encoder {name_or_path!r} not found: no such folder; {fix}.")
   try:
     import huggingface_hub  # Imported here: local folders never need it.
-    for weights in _WEIGHT_PATTERNS:
+    for patterns in _WEIGHT_PATTERNS if weights else ([],):
       folder = huggingface_hub.snapshot_download(repo_id=str(name_or_path),
-                                                 allow_patterns=_CONFIG_PATTERNS + weights)
-      if any(glob.glob(os.path.join(glob.escape(folder), f)) for f in _WEIGHT_FILES):
+                                                 allow_patterns=_CONFIG_PATTERNS + patterns)
+      if not weights or any(glob.glob(os.path.join(glob.escape(folder), f)) for f in _WEIGHT_FILES):
         break
     return folder
   except Exception as e:  # Offline cache miss, unknown repo, invalid id, network error, ...
@@ -65,9 +69,9 @@ def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.ima
 
 
 def resolve_family(name_or_path: str, families: dict[str, Any], kind: str,
-                   config_flag: str) -> tuple[str, str, Any]:
+                   config_flag: str, weights: bool = True) -> tuple[str, str, Any]:
   """(folder, model_type, family) of a checkpoint; ValueError for a family align_jax lacks."""
-  folder = resolve_checkpoint(name_or_path, config_flag)
+  folder = resolve_checkpoint(name_or_path, config_flag, weights)
   model_type = read_config_dict(folder).get("model_type")
   if model_type not in families:
     raise ValueError(f"{name_or_path}: unsupported {kind} encoder family {model_type!r}; "

@@ -86,9 +86,16 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 
 def cast_params(params: Any, dtype: jnp.dtype) -> Any:
-  """Frozen params as device arrays, floating leaves in the compute dtype (halves memory in bf16)."""
-  def cast(x: np.ndarray) -> jax.Array:
-    return jnp.asarray(x, dtype) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
+  """Frozen params as device arrays, floating leaves in the compute dtype (halves memory in bf16).
+
+  ``jax.ShapeDtypeStruct`` leaves (the ``abstract=True`` path) stay abstract, with the dtype the
+  cast would give, so abstract and loaded params have the same shapes and dtypes.
+  """
+  def cast(x: Any) -> Any:
+    floating = np.issubdtype(x.dtype, np.floating)
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype if floating else x.dtype)
+    return jnp.asarray(x, dtype) if floating else jnp.asarray(x)
   return jax.tree.map(cast, params)
 
 
@@ -174,7 +181,8 @@ class ImageEncoder:
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, pooling: str = "cls", image_size: int | None = None,
-                      dtype: str = "float32", layer: Any = layers_lib.FINAL) -> "ImageEncoder":
+                      dtype: str = "float32", layer: Any = layers_lib.FINAL,
+                      abstract: bool = False) -> "ImageEncoder":
     """Loads a checkpoint (local folder or hub id) as a frozen Flax encoder.
 
     Args:
@@ -188,11 +196,15 @@ class ImageEncoder:
       layer: which layer's tokens are pooled, or a list of layers to average (see
         :mod:`align_jax.encoders.layers`): -1 (default) is the final output after the family's
         final LayerNorm, as always; other indices are HF's raw ``hidden_states[k]``.
+      abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give
+        (position embeddings at the resampled grid), from ``config.json`` alone: no weights file is
+        needed or read. For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.IMAGE_POOLINGS, "image")
     dtype = compute_dtype(dtype)
     folder, model_type, family = hub.resolve_family(name_or_path, IMAGE_FAMILIES, "image",
-                                                    "--config.model.image_encoder")
+                                                    "--config.model.image_encoder",
+                                                    weights=not abstract)
     import transformers
     with hub.quiet_transformers():
       config = getattr(transformers, family.config_class).from_pretrained(folder)
@@ -211,23 +223,29 @@ class ImageEncoder:
     flax_class = getattr(transformers, family.flax_class)
     kwargs = {"add_pooling_layer": False} if family.has_pooler else {}
     module = flax_class.module_class(config=config, dtype=dtype, **kwargs)
-    params = hub.load_flax_params(flax_class, folder, config, _abstract_params(module, config))
-    if model_type == "dinov2":
-      _undo_flax_layerscale(params, float(config.layerscale_value))
-
     old_grid = int(config.image_size) // int(config.patch_size)
     new_grid = image_size // int(config.patch_size)
+    run_config, run_module = config, module
     if new_grid != old_grid:
-      pos = _get(params, family.pos_embed_path)
-      _set(params, family.pos_embed_path,
-           pos_embed.resample_position_embeddings(pos, (new_grid, new_grid)))
-      config = copy.deepcopy(config)
-      config.image_size = image_size  # The module sizes its position table from this.
-      module = flax_class.module_class(config=config, dtype=dtype, **kwargs)
-      params = hub.select_like(params, _abstract_params(module, config))
+      run_config = copy.deepcopy(config)
+      run_config.image_size = image_size  # The module sizes its position table from this.
+      run_module = flax_class.module_class(config=run_config, dtype=dtype, **kwargs)
+
+    if abstract:
+      params = _abstract_params(run_module, run_config)
+    else:
+      params = hub.load_flax_params(flax_class, folder, config, _abstract_params(module, config))
+      if model_type == "dinov2":
+        _undo_flax_layerscale(params, float(config.layerscale_value))
+      if new_grid != old_grid:
+        pos = _get(params, family.pos_embed_path)
+        _set(params, family.pos_embed_path,
+             pos_embed.resample_position_embeddings(pos, (new_grid, new_grid)))
+        params = hub.select_like(params, _abstract_params(run_module, run_config))
     params = cast_params(params, dtype)
-    return cls(name=str(name_or_path), family=family, module=module, params=params, config=config,
-               pooling=pooling, preprocessing=preprocessing, dtype=dtype, layers=layers)
+    return cls(name=str(name_or_path), family=family, module=run_module, params=params,
+               config=run_config, pooling=pooling, preprocessing=preprocessing, dtype=dtype,
+               layers=layers)
 
   def apply(self, params: Any, inputs: dict[str, Any]) -> dict[str, jnp.ndarray]:
     """Features of normalised NHWC pixels; pure and jit-able.

@@ -113,7 +113,7 @@ class TextEncoder:
   @classmethod
   def from_pretrained(cls, name_or_path: str, pooling: str = "mean", max_length: int = 77,
                       dtype: str = "float32", layer: Any = layers_lib.FINAL, prefix: str = "",
-                      padding_side: str | None = None) -> "TextEncoder":
+                      padding_side: str | None = None, abstract: bool = False) -> "TextEncoder":
     """Loads a checkpoint (local folder or hub id) and its tokenizer as a frozen Flax encoder.
 
     Args:
@@ -133,11 +133,15 @@ class TextEncoder:
         pooled like the text's.
       padding_side: "left" or "right" for decoders and T5 (default: the tokenizer's own); either
         gives the same features.
+      abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give,
+        from ``config.json`` (and the tokenizer files) alone: no weights file is needed or read.
+        For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.TEXT_POOLINGS, "text")
     dtype = compute_dtype(dtype)
     folder, model_type, family = hub.resolve_family(name_or_path, TEXT_FAMILIES, "text",
-                                                    "--config.model.text_encoder")
+                                                    "--config.model.text_encoder",
+                                                    weights=not abstract)
     import transformers
     with hub.quiet_transformers():
       config = getattr(transformers, family.config_class).from_pretrained(folder)
@@ -180,7 +184,9 @@ class TextEncoder:
     ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
     expected = jax.eval_shape(lambda key, ids: module.init(key, *encoder._module_args(ids, ids)),
                               jax.random.key(0), ids)["params"]
-    if family.kind == "encoder":
+    if abstract:
+      encoder.params = cast_params(expected, dtype)
+    elif family.kind == "encoder":
       encoder.params = cast_params(hub.load_flax_params(flax_class, folder, config, expected),
                                    dtype)
     else:

@@ -139,8 +139,12 @@ def _clip_bpe_files(tmp: str) -> tuple[str, str]:
   return vocab_file, merges_file
 
 
-def _roberta_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
-  """A RoBERTa byte-level BPE tokenizer (<s>=0, <pad>=1, </s>=2) saved to ``path``."""
+def save_roberta_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
+  """A small RoBERTa byte-level BPE tokenizer (<s>=0, <pad>=1, </s>=2) saved to ``path``.
+
+  Its special ids are RoBERTa's, so it also serves a full-size RoBERTa config (config-only folders
+  for ahead-of-time compiles, where only the ids' shapes matter).
+  """
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file, merges_file = _byte_bpe_files(tmp)
     tok = transformers.RobertaTokenizerFast(vocab_file=vocab_file, merges_file=merges_file)
@@ -167,7 +171,7 @@ def make_tiny_roberta(path: str, save_format: str = "pt", seed: int = 0,
   (<s>=0, <pad>=1, </s>=2) are those of both families. Position ids start after the pad id, as in
   the real models, so ``max_position_embeddings`` is the usable length plus 2.
   """
-  tok = _roberta_tokenizer(path)
+  tok = save_roberta_tokenizer(path)
   cls_name = "XLMRobertaConfig" if xlm else "RobertaConfig"
   config = getattr(transformers, cls_name)(
     vocab_size=len(tok), type_vocab_size=1, max_position_embeddings=max_position_embeddings,
