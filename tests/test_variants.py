@@ -122,3 +122,131 @@ def _demo_recall(steps=100, **overrides):
 def test_demo_learns_with_fusemix(devices):
   i2t, t2i, _ = _demo_recall(**{"model.fusemix_alpha": 1.0})
   assert i2t > 0.5 and t2i > 0.5, (i2t, t2i)  # chance: 0.001
+
+
+# --------------------------------------------------------------------------- several captions
+
+
+def _np_multi_softmax(img, txt, tau, k):
+  b = img.shape[0]
+  logits = img @ txt.T / tau
+  pos = (np.arange(b)[:, None] == np.arange(b * k)[None, :] // k)
+  i2t = -(_log_softmax(logits, 1) * pos).sum(1) / k
+  t2i = -(_log_softmax(logits.T, 1) * pos.T).sum(1)
+  return 0.5 * (i2t.mean() + t2i.mean())
+
+
+def _np_multi_sigmoid(img, txt, scale, bias, k):
+  b = img.shape[0]
+  labels = np.where(np.arange(b)[:, None] == np.arange(b * k)[None, :] // k, 1.0, -1.0)
+  z = labels * (scale * img @ txt.T + bias)
+  return np.sum(np.logaddexp(0.0, -z)) / b  # -log σ(z) = log(1 + e^-z)
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_multi_positive_losses_match_numpy(devices, name):
+  rng = np.random.default_rng(3)
+  b, k, d = 8, 3, 5
+  img, txt = _unit(rng, b, d), _unit(rng, b * k, d)
+  if name == "softmax":
+    fn = lambda i, t: variants.multi_positive_softmax_loss(i, t, 0.2, k)
+    ref = lambda i, t: _np_multi_softmax(i, t, 0.2, k)
+  else:
+    fn = lambda i, t: variants.multi_positive_sigmoid_loss(i, t, 4.0, -2.0, k)
+    ref = lambda i, t: _np_multi_sigmoid(i, t, 4.0, -2.0, k)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  value, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(f32(img), f32(txt))
+  np.testing.assert_allclose(float(value), ref(img, txt), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_img), _numeric_grad(lambda x: ref(x, txt), img),
+                             rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_txt), _numeric_grad(lambda x: ref(img, x), txt),
+                             rtol=1e-3, atol=1e-5)
+  # Sharded over 8 devices (rows of both towers split) = one device, values and gradients.
+  mesh = sharding.make_mesh(("data",), (8,))
+  put = lambda x: jax.device_put(f32(x), sharding.batch_sharding(mesh, ("data",)))
+  if name == "softmax":
+    sharded = lambda i, t: variants.multi_positive_softmax_loss(i, t, 0.2, k, mesh=mesh)
+  else:
+    sharded = lambda i, t: variants.multi_positive_sigmoid_loss(i, t, 4.0, -2.0, k, mesh=mesh)
+  value8, grads8 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(put(img), put(txt))
+  np.testing.assert_allclose(float(value8), float(value), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grads8[1]), np.asarray(g_txt), atol=1e-6)
+
+
+def test_one_caption_per_image_is_the_plain_loss():
+  rng = np.random.default_rng(4)
+  img, txt = (jnp.asarray(_unit(rng, 16, 6), jnp.float32) for _ in range(2))
+  np.testing.assert_allclose(float(variants.multi_positive_softmax_loss(img, txt, 0.1, 1)),
+                             float(losses.softmax_loss(img, txt, 0.1, impl="gathered")), rtol=1e-6)
+  np.testing.assert_allclose(float(variants.multi_positive_sigmoid_loss(img, txt, 10.0, -5.0, 1)),
+                             float(losses.sigmoid_loss(img, txt, 10.0, -5.0, impl="gathered")),
+                             rtol=1e-6)
+
+
+def test_array_source_serves_k_captions_per_image():
+  # 6 images with 1..4 captions each; every caption row holds its image's id.
+  counts = np.array([1, 2, 3, 4, 3, 2])
+  text_to_image = np.repeat(np.arange(6), counts)
+  image = {"pooled": np.arange(6, dtype=np.float32)[:, None]}
+  text = {"pooled": text_to_image.astype(np.float32)[:, None],
+          "row": np.arange(len(text_to_image))[:, None]}
+  source = features_data.ArrayPairSource(image, text, global_batch_size=4, seed=0,
+                                         text_to_image=text_to_image, captions_per_image=3,
+                                         process_index=0, process_count=1)
+  for _ in range(5):
+    batch = next(source)
+    ids = batch["image"]["pooled"][:, 0]
+    caption_ids = batch["text"]["pooled"][:, 0].reshape(4, 3)
+    np.testing.assert_array_equal(caption_ids, np.repeat(ids[:, None], 3, axis=1))
+    rows = batch["text"]["row"][:, 0].reshape(4, 3)
+    for image_id, image_rows in zip(ids.astype(int), rows):
+      distinct = len(set(image_rows.tolist()))
+      assert distinct == min(3, counts[image_id]), (image_id, image_rows)
+
+
+def test_synthetic_world_with_several_captions():
+  config = tiny_config(**{"data.num_captions": 3})
+  image, text, text_to_image = features_data.synthetic_pairs(config.data, "train")
+  assert text["values"].shape == (3 * 512, 10)
+  np.testing.assert_array_equal(text_to_image, np.repeat(np.arange(512), 3))
+  assert not np.allclose(text["values"][0], text["values"][1])  # independent noise per caption
+  # One caption (the default) leaves the world exactly as before.
+  image1, text1, none = features_data.synthetic_pairs(tiny_config().data, "train")
+  assert none is None and text1["values"].shape == (512, 10)
+  np.testing.assert_array_equal(image1["values"], image["values"])
+
+
+def _train_losses(config, mesh, steps=2):
+  trainer = train.build_trainer(config, mesh)
+  state, out = trainer.state, []
+  for _ in range(steps):
+    state, metrics = trainer.train_step(state, trainer.frozen, trainer.next_batch())
+    out.append({k: float(v) for k, v in metrics.items()})
+  return out, state
+
+
+VARIANT_CONFIGS = {
+    "multi_softmax": {"data.num_captions": 3, "data.captions_per_image": 2},
+    "multi_sigmoid": {"data.num_captions": 3, "data.captions_per_image": 2,
+                      "loss.name": "sigmoid"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_CONFIGS))
+def test_train_step_eight_devices_equal_one(devices, variant):
+  config = tiny_config(**{"model.dropout": 0.0, **VARIANT_CONFIGS[variant]})
+  out8, state8 = _train_losses(config, sharding.make_mesh(("data",), (8,)))
+  out1, state1 = _train_losses(config, sharding.make_mesh(("data",), (1,), devices[:1]))
+  np.testing.assert_allclose([m["train/loss"] for m in out8], [m["train/loss"] for m in out1],
+                             rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5),
+               state8.params, state1.params)
+  assert out8[-1]["train/loss"] < out8[0]["train/loss"] * 1.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_demo_learns_with_several_captions(devices, loss):
+  i2t, t2i, _ = _demo_recall(**{"data.num_captions": 3, "data.captions_per_image": 3,
+                                "loss.name": loss})
+  assert i2t > 0.5 and t2i > 0.3, (i2t, t2i)  # chance: 0.001 (i2t: 3 matches of 3,000)
