@@ -385,3 +385,32 @@ def test_variants_are_off_by_default():
   config_lib.validate(config, 8)
   # Structure with the (default) blockwise loss is allowed: the regulariser is added on top.
   config_lib.validate(tiny_config(**{"loss.structure_weight": 1.0, "loss.impl": "blockwise"}), 8)
+
+
+def test_training_from_a_feature_store_with_several_captions(devices, tmp_path):
+  """Stored features (manifest + shards, 1-4 captions per image) -> k = 2 positives per image."""
+  import json
+  rng = np.random.default_rng(8)
+  shards, offset = [], 0
+  for s, num_images in enumerate((40, 24)):
+    counts = rng.integers(1, 5, num_images)
+    latent = rng.normal(size=(num_images, 6))
+    folder = tmp_path / f"shard-0-{s}"
+    folder.mkdir()
+    np.save(folder / "image.npy", (latent @ rng.normal(size=(6, 12))).astype(np.float16))
+    np.save(folder / "text.npy", (np.repeat(latent, counts, axis=0) @ rng.normal(size=(6, 10))
+                                  + 0.1 * rng.normal(size=(counts.sum(), 10))).astype(np.float16))
+    np.save(folder / "text_to_image.npy", np.repeat(np.arange(num_images), counts))
+    shards.append({"name": folder.name, "num_images": num_images})
+  (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
+  config = tiny_config(**{"data.source": "features", "data.path": str(tmp_path),
+                          "model.image_encoder": "features", "model.text_encoder": "features",
+                          "data.captions_per_image": 2, "batch_size": 32, "model.dropout": 0.0})
+  config.evals = {}
+  out8, state8 = _train_losses(config, sharding.make_mesh(("data",), (8,)))
+  out1, state1 = _train_losses(config, sharding.make_mesh(("data",), (1,), devices[:1]))
+  np.testing.assert_allclose([m["train/loss"] for m in out8], [m["train/loss"] for m in out1],
+                             rtol=2e-5)
+  trainer = train.build_trainer(config, sharding.make_mesh(("data",), (8,)))
+  batch = trainer.next_batch()
+  assert batch["image"]["pooled"].shape == (32, 12) and batch["text"]["pooled"].shape == (64, 10)
