@@ -200,9 +200,6 @@ def _variant_problems(config: ml_collections.ConfigDict) -> list[str]:
   if d.captions_per_image < 1 or d.num_captions < 1:
     problems.append(f"data.captions_per_image and data.num_captions must be >= 1 (got "
                     f"{d.captions_per_image}, {d.num_captions})")
-  if d.captions_per_image > 1 and d.source not in ("synthetic", "features"):
-    problems.append(f"data.captions_per_image > 1 needs an array source (data.source synthetic "
-                    f"or features with several captions per image), not {d.source!r}")
   if not 0 <= l.cwcl_weight <= 1:
     problems.append(f"loss.cwcl_weight must be in [0, 1] (0 = off, 1 = CWCL; got {l.cwcl_weight})")
   if l.cwcl_weight > 0 and l.name != "softmax":

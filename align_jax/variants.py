@@ -4,7 +4,8 @@
   Sec. 3.2, eq. 5): mixup in the frozen latent spaces, ``model.fusemix_alpha`` (0 = off).
   :func:`fusemix`.
 * **Several positive captions per image** (SAIL's extra-caption positives for the sigmoid loss;
-  multi-positive targets for the softmax loss), ``data.captions_per_image`` (1 = off).
+  multi-positive targets for the softmax loss), ``data.captions_per_image`` (1 = off); every
+  source serves k captions per image (align_jax.data.features, align_jax.data.pipeline).
   :func:`multi_positive_softmax_loss`, :func:`multi_positive_sigmoid_loss`.
 * **CWCL** (Srinivasa et al., "CWCL: Cross-modal transfer with continuously weighted contrastive
   loss", NeurIPS 2023, eq. 3): soft targets from the frozen features' intra-modal similarity,

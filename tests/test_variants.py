@@ -368,7 +368,6 @@ def test_demo_learns_with_structure(devices):
     ({"loss.cwcl_weight": 1.0, "data.captions_per_image": 2}, "cannot be combined"),
     ({"model.fusemix_alpha": 1.0, "model.image_pooling": "tokens"}, "fusemix_alpha needs pooled"),
     ({"model.fusemix_alpha": -1.0}, "fusemix_alpha must be >= 0"),
-    ({"data.captions_per_image": 2, "data.source": "tfds"}, "needs an array source"),
     ({"data.captions_per_image": 0}, "captions_per_image and data.num_captions must be >= 1"),
     ({"loss.structure_levels": 0}, "structure_levels must be >= 1"),
     ({"loss.structure_weight": -1.0}, "structure_weight must be >= 0"),
@@ -414,3 +413,36 @@ def test_training_from_a_feature_store_with_several_captions(devices, tmp_path):
   trainer = train.build_trainer(config, sharding.make_mesh(("data",), (8,)))
   batch = trainer.next_batch()
   assert batch["image"]["pooled"].shape == (32, 12) and batch["text"]["pooled"].shape == (64, 10)
+
+
+def test_image_caption_pipeline_serves_k_captions_per_image(tmp_path):
+  import helpers_data as hd
+  import ml_collections
+  from align_jax.data import pipeline, transforms
+  names = hd.write_image_folder(str(tmp_path / "images"), 9)
+  counts = [1, 2, 3, 4, 5, 1, 2, 3, 4]
+  rows = [{"image": name, "caption": [hd.caption(i, v) for v in range(counts[i])]}
+          for i, name in enumerate(names)]
+  cfg = ml_collections.ConfigDict({
+      "source": "manifest", "path": hd.write_manifest(str(tmp_path / "train.jsonl"), rows),
+      "image_root": str(tmp_path / "images"), "num_workers": 0, "captions_per_image": 3})
+  captured = []
+
+  def tokenize(texts):
+    captured.append(list(texts))
+    return hd.fake_tokenize(texts)
+
+  source = pipeline.make_pair_source(
+      cfg, global_batch_size=4, seed=0, image_transform=transforms.make_image_transform(
+          16, train=True), tokenize=tokenize, process_index=0, process_count=1, train=True)
+  for _ in range(3):
+    batch = next(source)
+    assert batch["image"]["pixel_values"].shape[0] == 4
+    assert batch["text"]["input_ids"].shape[0] == 12
+    texts = captured[-1]
+    for row in range(4):  # the 3 captions of an image: all its own, distinct where it has >= 3
+      mine = texts[3 * row:3 * row + 3]
+      record = {int(c.split()[1]) for c in mine}
+      assert len(record) == 1, mine
+      assert len(set(mine)) == min(3, counts[record.pop()])
+  source.close()
