@@ -446,3 +446,18 @@ def test_image_caption_pipeline_serves_k_captions_per_image(tmp_path):
       assert len(record) == 1, mine
       assert len(set(mine)) == min(3, counts[record.pop()])
   source.close()
+
+
+@pytest.mark.slow
+def test_online_encoders_with_several_captions_and_structure(devices, tmp_path):
+  """Raw images + captions through frozen HF encoders inside the step, k = 2, STRUCTURE on."""
+  from train_utils import tiny_online_config
+  config = tiny_online_config(str(tmp_path))
+  config.data.captions_per_image = 2
+  config.loss.structure_weight = 1.0
+  trainer = train.build_trainer(config, sharding.make_mesh(("data",), (8,)))
+  batch = trainer.next_batch()
+  assert batch["text"]["input_ids"].shape[0] == 2 * batch["image"]["pixel_values"].shape[0]
+  state, metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+  assert np.isfinite(float(metrics["train/loss"])) and float(metrics["train/structure"]) > 0
+  trainer.source.close()
