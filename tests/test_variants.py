@@ -225,20 +225,22 @@ def _train_losses(config, mesh, steps=2):
   return out, state
 
 
-VARIANT_CONFIGS = {
-    "multi_softmax": {"data.num_captions": 3, "data.captions_per_image": 2},
-    "multi_sigmoid": {"data.num_captions": 3, "data.captions_per_image": 2,
-                      "loss.name": "sigmoid"},
-    "cwcl": {"loss.cwcl_weight": 1.0},
-    "structure": {"loss.structure_weight": 2.0, "loss.structure_levels": 2},
-    "structure_sigmoid_blockwise": {"loss.structure_weight": 2.0, "loss.name": "sigmoid",
-                                    "loss.impl": "blockwise"},
-}
+_SLOW = pytest.mark.slow  # the default suite keeps one multi-positive + STRUCTURE and one CWCL run
+VARIANT_CONFIGS = [
+    pytest.param({"data.num_captions": 3, "data.captions_per_image": 2,
+                  "loss.structure_weight": 2.0, "loss.structure_levels": 2},
+                 id="multi_softmax_structure"),
+    pytest.param({"loss.cwcl_weight": 1.0}, id="cwcl"),
+    pytest.param({"data.num_captions": 3, "data.captions_per_image": 2, "loss.name": "sigmoid"},
+                 id="multi_sigmoid", marks=_SLOW),
+    pytest.param({"loss.structure_weight": 2.0, "loss.name": "sigmoid", "loss.impl": "blockwise"},
+                 id="structure_sigmoid_blockwise", marks=_SLOW),
+]
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANT_CONFIGS))
-def test_train_step_eight_devices_equal_one(devices, variant):
-  config = tiny_config(**{"model.dropout": 0.0, **VARIANT_CONFIGS[variant]})
+@pytest.mark.parametrize("overrides", VARIANT_CONFIGS)
+def test_train_step_eight_devices_equal_one(devices, overrides):
+  config = tiny_config(**{"model.dropout": 0.0, **overrides})
   out8, state8 = _train_losses(config, sharding.make_mesh(("data",), (8,)))
   out1, state1 = _train_losses(config, sharding.make_mesh(("data",), (1,), devices[:1]))
   np.testing.assert_allclose([m["train/loss"] for m in out8], [m["train/loss"] for m in out1],
@@ -246,7 +248,7 @@ def test_train_step_eight_devices_equal_one(devices, variant):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5),
                state8.params, state1.params)
   assert all(np.isfinite(m["train/loss"]) for m in out8)
-  if "structure" in variant:
+  if "loss.structure_weight" in overrides:
     assert out8[0]["train/structure"] > 0
 
 
@@ -386,6 +388,7 @@ def test_variants_are_off_by_default():
   config_lib.validate(tiny_config(**{"loss.structure_weight": 1.0, "loss.impl": "blockwise"}), 8)
 
 
+@pytest.mark.slow
 def test_training_from_a_feature_store_with_several_captions(devices, tmp_path):
   """Stored features (manifest + shards, 1-4 captions per image) -> k = 2 positives per image."""
   import json
