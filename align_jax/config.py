@@ -67,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.text_input_dim = 48
   c.data.noise = 0.05
   c.data.data_seed = 1234  # the synthetic world; fixed so every run sees the same data
+  c.data.num_captions = 1  # synthetic source: noisy text views (captions) per latent
+  # captions of each image in a training batch (text rows [B * k], image-major); > 1 labels every
+  # one of them positive (align_jax.variants: SAIL's multi-positive sigmoid, multi-positive softmax)
+  c.data.captions_per_image = 1
 
   c.model = ml_collections.ConfigDict()
   # frozen encoders: a Hugging Face id or local folder (align_jax.encoders), "features" (the batch
@@ -103,6 +107,8 @@ def default_config() -> ml_collections.ConfigDict:
   # threefry key; each step's key is turned into one of this implementation. "rbg" is faster than
   # threefry2x32 on CPU/GPU/TPU; masks then depend on the mesh (same mesh: exact resume)
   c.model.dropout_rng_impl = "rbg"
+  # FuseMix (align_jax.variants.fusemix): mixup of the frozen features, λ ~ Beta(α, α); 0 = off
+  c.model.fusemix_alpha = 0.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -114,6 +120,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.scale_init = 10.0
   c.loss.scale_max = 100.0
   c.loss.bias_init = -10.0
+  # align_jax.variants: CWCL soft targets (softmax loss; 0 = off, 1 = the paper's loss) and the
+  # STRUCTURE regulariser (weight 0 = off; hierarchy levels; similarity temperature)
+  c.loss.cwcl_weight = 0.0
+  c.loss.structure_weight = 0.0
+  c.loss.structure_levels = 1
+  c.loss.structure_temperature = 0.07
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -315,11 +327,42 @@ def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_proc
     problems.append(f"mesh.dcn_shape {dcn_shape} must be () or one positive size (at most one -1) "
                     f"per mesh axis {axes}, e.g. --config.mesh.dcn_shape='{example}' for 2 slices "
                     f"along {axes[0]!r}")
+  problems += _variant_problems(config)
   for name, evaluator in config.evals.items():
     if "type" not in evaluator:
       problems.append(f"evaluator {name!r} has no type: set config.evals.{name}.type")
   if problems:
     raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _variant_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """align_jax.variants' config problems, one line each naming the key and the fix."""
+  problems = []
+  m, d, l = config.model, config.data, config.loss
+  if m.fusemix_alpha < 0:
+    problems.append(f"model.fusemix_alpha must be >= 0 (0 = off; got {m.fusemix_alpha})")
+  if m.fusemix_alpha > 0 and "tokens" in (m.image_pooling, m.text_pooling):
+    problems.append("model.fusemix_alpha needs pooled features: set model.image_pooling / "
+                    "model.text_pooling to cls or mean (not tokens), or model.fusemix_alpha=0")
+  if d.captions_per_image < 1 or d.num_captions < 1:
+    problems.append(f"data.captions_per_image and data.num_captions must be >= 1 (got "
+                    f"{d.captions_per_image}, {d.num_captions})")
+  if not 0 <= l.cwcl_weight <= 1:
+    problems.append(f"loss.cwcl_weight must be in [0, 1] (0 = off, 1 = CWCL; got {l.cwcl_weight})")
+  if l.cwcl_weight > 0 and l.name != "softmax":
+    problems.append("loss.cwcl_weight is for the softmax loss: set loss.name=softmax or "
+                    "loss.cwcl_weight=0")
+  if l.cwcl_weight > 0 and d.captions_per_image > 1:
+    problems.append("loss.cwcl_weight and data.captions_per_image > 1 cannot be combined: "
+                    "set one of them off")
+  if (d.captions_per_image > 1 or l.cwcl_weight > 0) and l.impl == "blockwise":
+    problems.append("data.captions_per_image > 1 and loss.cwcl_weight use a gathered loss: set "
+                    "loss.impl=gathered (or leave it empty)")
+  if l.structure_weight < 0:
+    problems.append(f"loss.structure_weight must be >= 0 (0 = off; got {l.structure_weight})")
+  if l.structure_levels < 1 or l.structure_temperature <= 0:
+    problems.append("loss.structure_levels must be >= 1 and loss.structure_temperature > 0")
+  return problems
 
 
 def from_json(path: str) -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ from clu import parameter_overview
 from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
 from align_jax import losses, model as model_lib, optim, preemption, reporting, sharding
-from align_jax import storage
+from align_jax import storage, variants
 from align_jax.data import factory as data_factory
 from align_jax.evaluate import evaluators as evaluators_lib
 
@@ -73,16 +73,22 @@ def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformatio
                     config: ml_collections.ConfigDict, mesh):
   """Returns the pure ``train_step(state, frozen, batch) -> (state, metrics)``."""
   loss_fn = make_loss_fn(config.loss, mesh, config.mesh.batch_axes)
+  # align_jax.variants (each off by default): FuseMix on the frozen features; the objective
+  # (multi-positive / CWCL losses, STRUCTURE); plain loss_fn when all are off.
+  mix_features = variants.make_feature_mixer(config, mesh)
+  objective_fn = variants.make_objective(config, mesh, loss_fn)
   schedule = optim.learning_rate_schedule(config)
 
   def train_step(state: TrainState, frozen: dict, batch: dict):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     image, text = model.encode(frozen, batch)  # frozen: outside the differentiated function
+    image, text = mix_features(state.rng, state.step, image, text)
 
     def objective(params):
       z_image, z_text = model.project(params, image, text, train=True, rng=dropout_rng)
       values = logit_values(params)
-      return loss_fn(z_image, z_text, values), values
+      loss, extra = objective_fn(z_image, z_text, values, image, text)
+      return loss, {**values, **extra}
 
     (loss, values), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -44,7 +44,8 @@ def make_train_source(config: ml_collections.ConfigDict, model):
   data = config.data
   if is_array_source(data):
     return features.make_array_source(data, split=data.split, global_batch_size=config.batch_size,
-                                      seed=config.seed)
+                                      seed=config.seed,
+                                      captions_per_image=data.captions_per_image)
   check_raw_encoders(model, data)
   from align_jax.data import pipeline
   data = resolve_split(data)

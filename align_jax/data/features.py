@@ -116,12 +116,12 @@ class _BatchBuffers:
   if every buffer is in use, the batch gets fresh memory.
   """
 
-  def __init__(self, layout: dict, rows: int, capacity: int = 3):
-    """``layout``: ``{tower: {key: (row shape, dtype)}}``; ``rows``: rows per batch."""
+  def __init__(self, layout: dict, rows: dict, capacity: int = 3):
+    """``layout``: ``{tower: {key: (row shape, dtype)}}``; ``rows``: ``{tower: rows per batch}``."""
     self.fields, offset = [], 0
     for tower, arrays in layout.items():
       for key, (shape, dtype) in arrays.items():
-        shape, dtype = (rows, *shape), np.dtype(dtype)
+        shape, dtype = (rows[tower], *shape), np.dtype(dtype)
         self.fields.append((tower, key, offset, shape, dtype))
         offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
     self.nbytes, self.capacity, self.buffers = max(offset, 1), capacity, []
@@ -153,12 +153,16 @@ class ArrayPairSource:
 
   With ``text_to_image`` (text row -> image row, grouped by image), images may have several
   captions: each step takes one of them, chosen from (seed, position); otherwise text i is the
-  caption of image i. The order is described in the module docstring.
+  caption of image i. With ``captions_per_image`` k > 1 each image brings k captions: text rows
+  [n * k], image-major (k cyclically consecutive captions from a random start: distinct when the
+  image has >= k, repeated when it has fewer), for the multi-positive losses (align_jax.variants).
+  The order is described in the module docstring.
   """
 
   def __init__(self, image: dict, text: dict, *, global_batch_size: int, seed: int,
                text_to_image: np.ndarray | None = None, process_index: int | None = None,
-               process_count: int | None = None, shuffle: bool = True):
+               process_count: int | None = None, shuffle: bool = True,
+               captions_per_image: int = 1):
     num_images = {len(v) for v in image.values()}
     num_texts = {len(v) for v in text.values()}
     if len(num_images) != 1 or len(num_texts) != 1:
@@ -188,11 +192,13 @@ class ArrayPairSource:
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // self.process_count
     self.seed, self.shuffle = seed, shuffle
+    self.captions_per_image = int(captions_per_image)
     self.position = 0  # global position of the next batch's first example
     self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two used)
     layout = {tower: {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
               for tower, arrays in (("image", image), ("text", text))}
-    self._buffers = _BatchBuffers(layout, self.local_batch_size)
+    self._buffers = _BatchBuffers(layout, {"image": self.local_batch_size,
+                                           "text": self.local_batch_size * self.captions_per_image})
 
   def _order(self, epoch: int) -> np.ndarray:
     order = self._orders.get(epoch)
@@ -231,12 +237,15 @@ class ArrayPairSource:
     return rows[first:first + self.local_batch_size]
 
   def caption_rows(self, indices: np.ndarray, start: int) -> np.ndarray:
-    """The text row each image uses at positions ``start, start + 1, ...``."""
+    """The text rows each image uses at positions ``start, start + 1, ...`` (k per image, flat)."""
+    k = self.captions_per_image
     if self._one_caption_each:
-      return self.caption_start[indices]
+      starts = self.caption_start[indices]
+      return starts if k == 1 else np.repeat(starts, k)
     count = self.caption_count[indices]
     draw = np.random.default_rng([self.seed, 1, start]).integers(0, 2**31, len(indices))
-    return self.caption_start[indices] + draw % count
+    offsets = (draw[:, None] + np.arange(k)[None, :]) % count[:, None]
+    return (self.caption_start[indices][:, None] + offsets).reshape(-1)
 
   @staticmethod
   def _rows(arrays: dict, index: np.ndarray, out: dict | None = None) -> dict:
@@ -304,12 +313,14 @@ def load_stored_features(path: str, *, split: str = "", verify: str = "once",
   return joined["image"], joined["text"], text_to_image
 
 
-def synthetic_pairs(data_config, split: str) -> tuple[dict, dict]:
+def synthetic_pairs(data_config, split: str) -> tuple[dict, dict, np.ndarray | None]:
   """A shared latent seen through two different noisy linear views (the demo's "raw data").
 
   The views are fixed by ``data_seed`` (the world); ``split`` only changes which latents are drawn,
   so held-out pairs come from the same world but are never trained on. The demo's frozen encoders
   (random MLPs with different activations) make the two feature spaces nonlinearly different.
+  With ``data.num_captions`` c > 1 each latent has c text views with independent noise (its
+  "captions"; text_to_image returned), else text i is the caption of image i (None).
   """
   world = np.random.default_rng(data_config.data_seed)
   latent_dim = data_config.latent_dim
@@ -323,15 +334,19 @@ def synthetic_pairs(data_config, split: str) -> tuple[dict, dict]:
   latent = rng.normal(size=(n, latent_dim))
   noise = data_config.noise
   image = latent @ image_view + noise * rng.normal(size=(n, data_config.image_input_dim))
-  text = latent @ text_view + noise * rng.normal(size=(n, data_config.text_input_dim))
-  return {"values": image.astype(np.float32)}, {"values": text.astype(np.float32)}
+  c = int(data_config.get("num_captions", 1))
+  text = (np.repeat(latent, c, axis=0) @ text_view
+          + noise * rng.normal(size=(n * c, data_config.text_input_dim)))
+  text_to_image = np.repeat(np.arange(n), c) if c > 1 else None
+  return ({"values": image.astype(np.float32)}, {"values": text.astype(np.float32)},
+          text_to_image)
 
 
 def make_array_source(data_config, *, split: str, global_batch_size: int, seed: int,
                       shuffle: bool = True, path: str = "", **kwargs) -> ArrayPairSource:
   """The source ``config.data`` names: stored features (``path`` or ``data.path``) or synthetic."""
   if data_config.source == "synthetic":
-    image, text = synthetic_pairs(data_config, split)
+    image, text, kwargs["text_to_image"] = synthetic_pairs(data_config, split)
   elif data_config.source == "features":
     path = path or data_config.path
     if not path:

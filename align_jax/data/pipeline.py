@@ -80,9 +80,10 @@ class ExampleLoader:
 
   def __init__(self, reader: sources_lib.RecordReader, plan: StreamPlan,
                image_transform: Callable[..., np.ndarray], *, train: bool, max_pixels: int,
-               min_size: int):
+               min_size: int, captions_per_image: int = 1):
     self.reader, self.plan, self.transform = reader, plan, image_transform
     self.train, self.max_pixels, self.min_size = train, max_pixels, min_size
+    self.captions_per_image = captions_per_image
 
   def __call__(self, local: int) -> dict[str, Any]:
     position = self.plan.global_position(local)
@@ -99,8 +100,9 @@ class ExampleLoader:
           raw.image, key=key, max_pixels=self.max_pixels, min_size=self.min_size)
     except sources_lib.SkipRecord as e:
       return {"skip": e.reason, "detail": e.detail, "key": key}
-    if self.train:
-      captions = [captions[int(rng.integers(len(captions)))]]
+    if self.train:  # k cyclically consecutive captions from a random start (k = 1: one)
+      start = int(rng.integers(len(captions)))
+      captions = [captions[(start + i) % len(captions)] for i in range(self.captions_per_image)]
     pixels = np.asarray(self.transform(image, rng), np.float32)
     return {"pixels": pixels, "captions": captions, "record": record}
 
@@ -194,14 +196,18 @@ class _BaseSource:
 
 
 class PairSource(_BaseSource):
-  """Endless training batches of this process's share: one sampled caption per image."""
+  """Endless training batches of this process's share: one sampled caption per image.
+
+  With ``data.captions_per_image`` k > 1: k captions per image, text rows [b * k] image-major.
+  """
 
   def __next__(self) -> dict[str, Any]:
     b = self._plan.local_batch
     examples = [self._next_example() for _ in range(b)]
+    texts = [caption for e in examples for caption in e["captions"]]
     return {
         "image": {"pixel_values": np.stack([e["pixels"] for e in examples])},
-        "text": _tokenize(self._tokenize, [e["captions"][0] for e in examples], b),
+        "text": _tokenize(self._tokenize, texts, len(texts)),
     }
 
   def get_state(self) -> dict[str, Any]:
@@ -328,7 +334,8 @@ def make_pair_source(data_config: Any, *, global_batch_size: int, seed: int,
   loader = ExampleLoader(
       reader, plan, image_transform, train=train,
       max_pixels=int(data_config.get("max_image_pixels", 89_478_485)),
-      min_size=int(data_config.get("min_image_size", 8)))
+      min_size=int(data_config.get("min_image_size", 8)),
+      captions_per_image=int(data_config.get("captions_per_image", 1)) if train else 1)
   if train:
     stop = 2**62  # Endless: positions are consumed lazily.
   else:
