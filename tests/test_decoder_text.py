@@ -41,6 +41,9 @@ def checkpoints(tmp_path_factory, torch):
   made = {}
   for family in DECODERS:
     made[family, "pt"] = getattr(tiny, f"make_tiny_{family}")(str(root / family))
+  # No sliding window: transformers' Flax Mistral would let each token see only itself.
+  made["mistral", "no_window"] = tiny.make_tiny_mistral(str(root / "mistral_no_window"),
+                                                        sliding_window=None)
   made["llama", "flax"] = tiny.make_tiny_llama(str(root / "llama_flax"), save_format="flax")
   made["mistral", "window"] = tiny.make_tiny_mistral(str(root / "mistral_window"),
                                                      sliding_window=3)
@@ -123,9 +126,10 @@ def test_decoder_matches_pytorch_with_left_and_right_padding(checkpoints, torch,
                        ("last", "mean", "tokens"))
 
 
-def test_mistral_sliding_window_matches_pytorch(checkpoints, torch):
-  """A window (3) shorter than the texts: Flax's window convention is shifted to PyTorch's."""
-  _check_against_torch(torch, "mistral", checkpoints["mistral", "window"], "right",
+@pytest.mark.parametrize("window", ["window", "no_window"])
+def test_mistral_sliding_window_matches_pytorch(checkpoints, torch, window):
+  """A window (3) shorter than the texts (Flax's convention is shifted to PyTorch's), and none."""
+  _check_against_torch(torch, "mistral", checkpoints["mistral", window], "right",
                        ("last", "tokens"))
 
 
@@ -269,3 +273,5 @@ def test_module_config_sizes_tables_to_the_text(checkpoints):
   assert config.max_position_embeddings == 32768  # the checkpoint's config is left alone
   assert decoder_text.module_config(config, "mistral", 5000).sliding_window == 4095
   assert decoder_text.module_config(config, "mistral", 4).max_position_embeddings == 16  # 2 x 8
+  config.sliding_window = None
+  assert decoder_text.module_config(config, "mistral", 77).sliding_window == 77

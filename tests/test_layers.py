@@ -1,4 +1,4 @@
-"""``model.image_layer`` / ``model.text_layer``: any hidden layer (or an average) instead of the last.
+"""``model.image_layer`` / ``model.text_layer``: any hidden layer (or an average), not the last.
 
 Against PyTorch's ``output_hidden_states`` on tiny random checkpoints: index k < N is HF's
 ``hidden_states[k]``; -1 (= N) is the final output after the family's final norm, bit-identical to

@@ -334,6 +334,6 @@ def make_tiny_t5(path: str, save_format: str = "pt", seed: int = 0, mt5: bool = 
     relative_attention_max_distance=20, pad_token_id=0, eos_token_id=1,
     decoder_start_token_id=0, tie_word_embeddings=False)
   torch_cls = f"{prefix}EncoderModel" if encoder_only else f"{prefix}ForConditionalGeneration"
-  flax_cls = f"Flax{prefix}EncoderModel" if encoder_only else f"Flax{prefix}ForConditionalGeneration"
+  flax_cls = f"Flax{torch_cls}"
   _save_model(path, config, torch_cls, flax_cls, save_format, seed, flax_std=0.2)
   return path
