@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -105,20 +106,49 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
 
 
 class _DemoteOrbaxErrors(logging.Filter):
-  """Orbax logs each background save failure with a traceback from several threads; the failure
+  """Orbax logs each background save failure with a traceback from several threads, and when
+  several arrays of one call fail, asyncio later logs the exceptions nobody retrieved. The failure
   reaches us as an exception and is reported in one line, so those records go to DEBUG."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+    if record.levelno < logging.ERROR:
+      return True
+    ours = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+    if record.name == "asyncio":
+      text = record.getMessage()
+      ours = "exception was never retrieved" in text and (
+          "tensorstore" in text.lower() or "orbax" in text.lower())
+    if ours:
       record.levelno, record.levelname = logging.DEBUG, "DEBUG"
       return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
     return True
 
 
 def _install_log_filter() -> None:
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DemoteOrbaxErrors) for f in absl_logger.filters):
-    absl_logger.addFilter(_DemoteOrbaxErrors())
+  for name in ("absl", "asyncio"):
+    target = logging.getLogger(name)
+    if not any(isinstance(f, _DemoteOrbaxErrors) for f in target.filters):
+      target.addFilter(_DemoteOrbaxErrors())
+  if not getattr(sys.unraisablehook, "_align_jax", False):
+    sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
+
+
+def _quiet_closed_loop_hook(previous):
+  """When one tensorstore read or write of an orbax call fails, orbax closes that call's event
+  loop while sibling operations are still in flight; each of them then reports "Event loop is
+  closed" from its completion callback as an unraisable exception (a traceback on stderr, often
+  after our one-line error). Those, and only those, are dropped."""
+  def hook(unraisable):
+    error = unraisable.exc_value
+    trace = unraisable.exc_traceback
+    while trace is not None and trace.tb_next is not None:
+      trace = trace.tb_next
+    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        and trace is not None and "asyncio" in trace.tb_frame.f_code.co_filename):
+      return
+    previous(unraisable)
+  hook._align_jax = True  # pylint: disable=protected-access
+  return hook
 
 
 def _forget_cached_listings(path: str) -> None:
@@ -289,8 +319,16 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except
+      self._close_quietly()
       raise self._save_error(step, error) from None
     self.last_good = step
+
+  def _close_quietly(self) -> None:
+    """Stops orbax's background threads after a failed save (the failure is reported by us)."""
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
   def check(self, *, collective: bool = True) -> None:
     """Raises CheckpointError if a save failed in the background. Cheap; call every step.
@@ -328,6 +366,7 @@ class Checkpointer:
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
           integrity=ocp.args.JsonSave(integrity)), force=True)
     except Exception as error:  # pylint: disable=broad-except
+      self._close_quietly()
       raise self._save_error(step, error) from None
     self._pending = step
     return True

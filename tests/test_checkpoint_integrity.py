@@ -344,3 +344,25 @@ def test_damaged_checkpoint_on_gcs_is_moved_aside(gcs_bucket, devices, caplog): 
   checkpointer.maybe_save(3, state(3), {"position": 3})  # the run saves step 3 again
   checkpointer.close()
   assert not os.path.exists("gs:")  # nothing written to a local folder named gs:
+
+
+def test_closed_event_loop_noise_is_dropped_and_nothing_else():
+  """The callbacks of tensorstore operations that finish after orbax closed their event loop."""
+  import asyncio
+  import types
+  passed_on = []
+  hook = checkpoint_lib._quiet_closed_loop_hook(lambda u: passed_on.append(u.exc_value))
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as error:
+    closed = error
+  hook(types.SimpleNamespace(exc_value=closed, exc_traceback=closed.__traceback__))
+  assert passed_on == []
+  try:
+    raise RuntimeError("Event loop is closed")  # the same text, but not from asyncio
+  except RuntimeError as error:
+    other = error
+  hook(types.SimpleNamespace(exc_value=other, exc_traceback=other.__traceback__))
+  assert passed_on == [other]
