@@ -14,3 +14,9 @@ def test_analysis_exports_the_similarity_measures():
   np.testing.assert_allclose(float(analysis.linear_cka(x, 3.0 * x)), 1.0, atol=1e-6)
   assert 0.0 < float(analysis.linear_cka(x, y)) < 1.0
   assert float(analysis.mutual_knn(x, x, k=5)) == 1.0
+
+
+def test_analysis_submodules_are_not_shadowed_by_exports():
+  import types
+  from align_jax.analysis import curate, select
+  assert isinstance(curate, types.ModuleType) and isinstance(select, types.ModuleType)

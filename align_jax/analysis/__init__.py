@@ -9,7 +9,8 @@
 """
 
 from align_jax.analysis.cka import MinibatchCKA, linear_cka, minibatch_cka, mutual_knn, rbf_cka
-from align_jax.analysis.curation import RunningTopK, curate, select_balanced
+# (curation.curate is not re-exported: the name is the `align_jax.analysis.curate` command module)
+from align_jax.analysis.curation import RunningTopK, select_balanced
 
-__all__ = ["MinibatchCKA", "RunningTopK", "curate", "linear_cka", "minibatch_cka", "mutual_knn",
+__all__ = ["MinibatchCKA", "RunningTopK", "linear_cka", "minibatch_cka", "mutual_knn",
            "rbf_cka", "select_balanced"]
