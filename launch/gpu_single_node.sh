@@ -63,29 +63,11 @@ done
 require "--config" "$CONFIG" "--workdir" "$WORKDIR"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ "$DRY_RUN" == 0 ]] && ! command -v nvidia-smi > /dev/null; then
-  die "nvidia-smi not found: this machine has no NVIDIA driver (or it is not on PATH)"
-fi
-query=(nvidia-smi "--query-gpu=index,name,memory.total" "--format=csv,noheader")
-print_cmd "${query[@]}"
-if [[ "$DRY_RUN" == 0 ]]; then
-  gpu_list=$("${query[@]}") || die "nvidia-smi failed: is the NVIDIA driver loaded?"
-  printf '%s\n' "$gpu_list"
-  if ! grep -q '^[0-9]' <<< "$gpu_list"; then
-    die "nvidia-smi lists no GPUs"
-  fi
-fi
+check_gpus
 
 if [[ "$INSTALL" == 1 ]]; then
   run "$PYTHON" -m pip install -q -r requirements.txt "$JAX_CUDA"
 fi
 train=("$PYTHON" main.py --config="$CONFIG" --workdir="$WORKDIR"
        "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
-if [[ -n "$GPUS" ]]; then
-  train=(env CUDA_VISIBLE_DEVICES="$GPUS" "${train[@]}")
-fi
-if [[ -n "$LOG" ]]; then
-  run_logged "$LOG" "${train[@]}"
-else
-  run "${train[@]}"
-fi
+run_on_gpus "$GPUS" "$LOG" "${train[@]}"

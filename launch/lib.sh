@@ -65,6 +65,40 @@ run_logged() {
   "$@" 2>&1 | tee -a "$log"
 }
 
+# Lists this machine's NVIDIA GPUs (the query is printed; with --dry-run nothing is checked) and
+# stops with one line if there is no driver or no GPU. For the GPU launch scripts.
+check_gpus() {
+  if [[ "$DRY_RUN" == 0 ]] && ! command -v nvidia-smi > /dev/null; then
+    die "nvidia-smi not found: this machine has no NVIDIA driver (or it is not on PATH)"
+  fi
+  local query=(nvidia-smi "--query-gpu=index,name,memory.total" "--format=csv,noheader")
+  print_cmd "${query[@]}"
+  if [[ "$DRY_RUN" == 0 ]]; then
+    local gpu_list
+    gpu_list=$("${query[@]}") || die "nvidia-smi failed: is the NVIDIA driver loaded?"
+    printf '%s\n' "$gpu_list"
+    if ! grep -q '^[0-9]' <<< "$gpu_list"; then
+      die "nvidia-smi lists no GPUs"
+    fi
+  fi
+}
+
+# Runs a command on the GPUs listed in $1 (comma-separated; "" = all), with its output also
+# appended to the log file $2 when one is given. For the GPU launch scripts.
+run_on_gpus() {
+  local gpus=$1 log=$2
+  shift 2
+  local cmd=("$@")
+  if [[ -n "$gpus" ]]; then
+    cmd=(env CUDA_VISIBLE_DEVICES="$gpus" "${cmd[@]}")
+  fi
+  if [[ -n "$log" ]]; then
+    run_logged "$log" "${cmd[@]}"
+  else
+    run "${cmd[@]}"
+  fi
+}
+
 # Dies unless option $1 got a value ($2), e.g. `--zone) need_value "$@"; ZONE=$2; shift 2 ;;`.
 need_value() {
   if [[ $# -lt 2 || -z "$2" || "$2" == --* ]]; then
