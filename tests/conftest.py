@@ -27,3 +27,9 @@ def devices():
   found = jax.devices()
   assert len(found) == 8, f"expected 8 simulated devices, got {len(found)}"
   return found
+
+
+@pytest.fixture(scope="session")
+def torch():
+  """PyTorch, for reference outputs of the transformers models; tests that need it skip without."""
+  return pytest.importorskip("torch")

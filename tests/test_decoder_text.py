@@ -31,11 +31,6 @@ TORCH_CLASSES = {"llama": "LlamaModel", "mistral": "MistralModel", "gemma": "Gem
 
 
 @pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, torch):
   root = tmp_path_factory.mktemp("tiny_llms")
   made = {}

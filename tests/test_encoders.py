@@ -35,11 +35,6 @@ TEXT_CASES = [("bert", "pt"), ("bert", "flax"), ("roberta", "pt"), ("roberta", "
 
 
 @pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, torch):
   """Every tiny checkpoint, keyed by (family, save_format); built once for the module."""
   root = tmp_path_factory.mktemp("tiny_encoders")

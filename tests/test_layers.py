@@ -22,11 +22,6 @@ TEXTS = ["a cat", "That is a happy zebra!", "the quick brown fox jumps over the 
 
 
 @pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, torch):
   root = tmp_path_factory.mktemp("layer_models")
   return {"dinov2": tiny.make_tiny_dinov2(str(root / "dinov2")),
