@@ -8,7 +8,8 @@ import pytest
 
 from align_jax import feature_store, model as model_lib, sharding, train
 from align_jax.data import features, pipeline, factory
-from train_utils import tiny_config, tiny_online_config
+from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
+                         tiny_config, tiny_online_config)
 
 
 @pytest.fixture(scope="module")
@@ -16,12 +17,8 @@ def online_config(tmp_path_factory):
   return tiny_online_config(tmp_path_factory.mktemp("models"))
 
 
-def _extract(config, out, **kw):
-  return feature_store.extract_features(config, str(out), shard_batches=1, dtype="float32", **kw)
-
-
 def test_manifest_counts_and_checksums(online_config, tmp_path, devices):
-  manifest = _extract(online_config, tmp_path)
+  manifest = extract_small_shards(online_config, tmp_path)
   assert (manifest["num_images"], manifest["num_texts"]) == (40, 80)  # 2 captions per image
   assert [s["num_images"] for s in manifest["shards"]] == [16, 16, 8]
   assert manifest["image_encoder"] == online_config.model.image_encoder
@@ -38,20 +35,9 @@ def test_manifest_counts_and_checksums(online_config, tmp_path, devices):
 
 
 def test_crash_and_resume_gives_the_same_store(online_config, tmp_path, monkeypatch, devices):
-  _extract(online_config, tmp_path / "whole")
-  flush, calls = feature_store._ShardWriter.flush, []
-
-  def crash_on_second(self, index):
-    calls.append(index)
-    if len(calls) == 2:
-      raise KeyboardInterrupt("simulated crash")
-    return flush(self, index)
-
-  monkeypatch.setattr(feature_store._ShardWriter, "flush", crash_on_second)
-  with pytest.raises(KeyboardInterrupt):
-    _extract(online_config, tmp_path / "resumed")
-  monkeypatch.setattr(feature_store._ShardWriter, "flush", flush)
-  _extract(online_config, tmp_path / "resumed")
+  extract_small_shards(online_config, tmp_path / "whole")
+  extract_interrupted_after_one_shard(online_config, tmp_path / "resumed", monkeypatch)
+  extract_small_shards(online_config, tmp_path / "resumed")
   whole = features.load_stored_features(str(tmp_path / "whole"))
   resumed = features.load_stored_features(str(tmp_path / "resumed"))
   for a, b in zip(jax.tree.leaves(whole[:2]), jax.tree.leaves(resumed[:2])):
@@ -60,7 +46,7 @@ def test_crash_and_resume_gives_the_same_store(online_config, tmp_path, monkeypa
 
 
 def test_stored_and_online_give_the_same_loss(online_config, tmp_path, devices):
-  _extract(online_config, tmp_path)
+  extract_small_shards(online_config, tmp_path)
   mesh = sharding.make_mesh(("data",), (8,))
   model = model_lib.build_model(online_config, mesh)
   frozen = model.frozen_params()

@@ -15,7 +15,8 @@ import pytest
 from align_jax import feature_store, train
 from align_jax.data import feature_files, features, synthetic_images
 from align_jax.encoders import tiny
-from train_utils import tiny_online_config
+from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
+                         tiny_online_config)
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +24,10 @@ def online_config(tmp_path_factory):
   return tiny_online_config(tmp_path_factory.mktemp("models"))
 
 
-def _extract(config, out, **kw):
-  return feature_store.extract_features(config, str(out), shard_batches=1, dtype="float32", **kw)
-
-
 @pytest.fixture(scope="module")
 def store(online_config, tmp_path_factory):
   path = tmp_path_factory.mktemp("store") / "feats"
-  _extract(online_config, path)
+  extract_small_shards(online_config, path)
   return path
 
 
@@ -67,25 +64,14 @@ def test_manifest_records_the_fingerprint(store, online_config):
 def test_resume_with_another_encoder_is_refused(online_config, tmp_path, monkeypatch):
   """Interrupted after one shard, resumed with another text encoder: refused, store untouched."""
   out = tmp_path / "feats"
-  flush, calls = feature_store._ShardWriter.flush, []
-
-  def crash_on_second(self, index):
-    calls.append(index)
-    if len(calls) == 2:
-      raise KeyboardInterrupt("simulated crash")
-    return flush(self, index)
-
-  monkeypatch.setattr(feature_store._ShardWriter, "flush", crash_on_second)
-  with pytest.raises(KeyboardInterrupt):
-    _extract(online_config, out)
-  monkeypatch.setattr(feature_store._ShardWriter, "flush", flush)
+  extract_interrupted_after_one_shard(online_config, out, monkeypatch)
   before = sorted(os.listdir(out))
   other = online_config.copy_and_resolve_references()
   other.model.text_encoder = tiny.make_tiny_bert(
       str(tmp_path / "other_bert"), save_format="flax", seed=1,
       corpus=[" ".join(synthetic_images.vocabulary())] * 4)
   with pytest.raises(feature_files.FeatureStoreError) as error:
-    _extract(other, out)
+    extract_small_shards(other, out)
   message = str(error.value)
   assert "\n" not in message
   assert message.startswith(f"feature store {out} holds other features: ")
@@ -96,10 +82,11 @@ def test_resume_with_another_encoder_is_refused(online_config, tmp_path, monkeyp
   assert sorted(os.listdir(out)) == before  # nothing written or deleted
 
   other.extract.overwrite = True
-  manifest = _extract(other, out)
+  manifest = extract_small_shards(other, out)
   assert manifest["text_encoder"] == other.model.text_encoder
   fresh = tmp_path / "fresh"
-  _extract(other, fresh)  # every shard is from the new encoder: equal to a fresh extraction
+  # every shard is from the new encoder: equal to a fresh extraction
+  extract_small_shards(other, fresh)
   for a, b in zip(jax.tree.leaves(_arrays(out)), jax.tree.leaves(_arrays(fresh))):
     np.testing.assert_array_equal(a, b)
 
@@ -111,13 +98,13 @@ def test_other_pooling_on_a_finished_store_is_refused(store, online_config, tmp_
   other.model.image_pooling = "cls"
   with pytest.raises(feature_files.FeatureStoreError,
                      match=r"model.image_pooling: 'tokens' in the store, 'cls' now"):
-    _extract(other, out)
+    extract_small_shards(other, out)
   assert (out / "manifest.json").read_text() == manifest_before  # still says what it holds
 
 
 def test_same_settings_resume_a_finished_store_as_is(store, online_config, tmp_path):
   out = _copy(store, tmp_path)
-  manifest = _extract(online_config, out)
+  manifest = extract_small_shards(online_config, out)
   assert manifest == json.loads((store / "manifest.json").read_text())
 
 
@@ -129,7 +116,7 @@ def test_other_split_or_dtype_is_refused(store, online_config, tmp_path):
   other = online_config.copy_and_resolve_references()
   other.data.num_pairs = 48
   with pytest.raises(feature_files.FeatureStoreError, match=r"data.num_pairs: 40 in the store, 48"):
-    _extract(other, out)
+    extract_small_shards(other, out)
 
 
 def _rewrite_shard_file(store, shard_name, file, array):
@@ -234,7 +221,7 @@ def test_extract_to_and_train_from_gcs(gcs_bucket, store, online_config, tmp_pat
                                        monkeypatch):
   monkeypatch.chdir(tmp_path)  # so a stray local "gs:" folder would show up here
   url = f"{gcs_bucket}/feats"
-  manifest = _extract(online_config, url)
+  manifest = extract_small_shards(online_config, url)
   local = json.loads((store / "manifest.json").read_text())
   assert manifest["fingerprint"] == local["fingerprint"]
   assert [s["files"] for s in manifest["shards"]] == [s["files"] for s in local["shards"]]
@@ -250,7 +237,7 @@ def test_extract_to_and_train_from_gcs(gcs_bucket, store, online_config, tmp_pat
   with pytest.raises(feature_files.FeatureStoreError, match="holds other features"):
     other = online_config.copy_and_resolve_references()
     other.model.text_pooling = "mean"
-    _extract(other, url)
+    extract_small_shards(other, url)
 
   config = online_config.copy_and_resolve_references()
   config.data.source, config.data.path = "features", url

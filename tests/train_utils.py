@@ -51,3 +51,28 @@ def tiny_online_config(root):
       "model.dropout": 0.0})
   config.evals = {}
   return config
+
+
+def extract_small_shards(config, out, **kwargs):
+  """``--mode=extract_features`` into ``out`` with one global batch per shard, float32."""
+  from align_jax import feature_store
+  return feature_store.extract_features(config, str(out), shard_batches=1, dtype="float32",
+                                        **kwargs)
+
+
+def extract_interrupted_after_one_shard(config, out, monkeypatch) -> None:
+  """An extraction into ``out`` that crashes while writing its second shard (one is complete)."""
+  import pytest
+  from align_jax import feature_store
+  flush, calls = feature_store._ShardWriter.flush, []
+
+  def crash_on_second(self, index):
+    calls.append(index)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("simulated crash")
+    return flush(self, index)
+
+  monkeypatch.setattr(feature_store._ShardWriter, "flush", crash_on_second)
+  with pytest.raises(KeyboardInterrupt):
+    extract_small_shards(config, out)
+  monkeypatch.setattr(feature_store._ShardWriter, "flush", flush)
