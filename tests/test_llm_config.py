@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import aot, feature_store, sharding, train
+from align_jax import aot, feature_store, sharding
 from align_jax.data import features, sources, synthetic_images
 from align_jax.encoders import TextEncoder, tiny
 from configs import dinov2_llm
+from train_utils import run_train_steps
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +59,13 @@ def _config(folders, **variant):
   return config
 
 
-def _steps(config, mesh, n):
-  trainer = train.build_trainer(config, mesh)
-  frozen_before = jax.tree.map(np.array, trainer.frozen)
-  state, losses = trainer.state, []
-  for _ in range(n):
-    state, metrics = trainer.train_step(state, trainer.frozen, trainer.next_batch())
-    losses.append(float(metrics["train/loss"]))
-  return trainer, losses, state, frozen_before
-
-
 def test_online_step_with_sharded_llm_on_eight_devices_equals_one(folders, devices):
   config = _config(folders)
   config.model.encoder_dtype = "float32"  # bfloat16 sums in another order differ by ~1e-3
-  trainer8, losses8, state8, before = _steps(config, sharding.make_mesh(("data",), (8,)), 2)
-  _, losses1, state1, _ = _steps(config, sharding.make_mesh(("data",), (1,), devices[:1]), 2)
+  mesh8, mesh1 = sharding.make_mesh(("data",), (8,)), sharding.make_mesh(("data",), (1,),
+                                                                        devices[:1])
+  trainer8, losses8, state8, before = run_train_steps(config, mesh8, 2)
+  _, losses1, state1, _ = run_train_steps(config, mesh1, 2)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state8.params,
                state1.params)

@@ -13,6 +13,7 @@ import pytest
 
 import multihost
 import multihost_config
+from train_utils import apply_overrides
 
 DEMO_VARIANT = "steps=40"
 DEMO_OVERRIDES = {"batch_size": 64, "log_every": 1, "eval_every": 40, "eval_at_start": False,
@@ -27,12 +28,7 @@ def _train_in_this_process(workdir):
   from align_jax import train
   from configs import demo
   config = demo.get_config(DEMO_VARIANT)
-  for key, value in DEMO_OVERRIDES.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  apply_overrides(config, DEMO_OVERRIDES)
   train.train_and_evaluate(config, str(workdir))
 
 

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import sharding, train
-from train_utils import tiny_online_config
+from align_jax import sharding
+from train_utils import run_train_steps, tiny_online_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,22 +19,15 @@ def online_config(tmp_path_factory):
   return tiny_online_config(tmp_path_factory.mktemp("models"))
 
 
-def _steps(config, mesh, n):
-  trainer = train.build_trainer(config, mesh)
-  frozen_before = jax.tree.map(np.array, trainer.frozen)
-  state, losses = trainer.state, []
-  for _ in range(n):
-    state, metrics = trainer.train_step(state, trainer.frozen, trainer.next_batch())
-    losses.append(float(metrics["train/loss"]))
-  return losses, state, frozen_before, jax.tree.map(np.array, trainer.frozen)
-
-
 def test_online_step_eight_devices_equal_one_and_encoders_stay_frozen(online_config, devices):
   config = online_config.copy_and_resolve_references()
   config.model.encoder_micro_batch = 1  # and micro-batching inside the step,
   config.model.projector_micro_batch = 1  # encoders and rematerialised token projectors
-  losses8, state8, before, after = _steps(config, sharding.make_mesh(("data",), (8,)), 2)
-  losses1, state1, _, _ = _steps(online_config, sharding.make_mesh(("data",), (1,), devices[:1]), 2)
+  trainer8, losses8, state8, before = run_train_steps(config, sharding.make_mesh(("data",), (8,)),
+                                                      2)
+  after = jax.tree.map(np.array, trainer8.frozen)
+  _, losses1, state1, _ = run_train_steps(online_config,
+                                          sharding.make_mesh(("data",), (1,), devices[:1]), 2)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state8.params,
                state1.params)

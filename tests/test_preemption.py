@@ -24,12 +24,7 @@ PREEMPTED = re.compile(r"preempted: saved a checkpoint at step (\d+) of 100 in \
 def _demo_config():
   from configs import demo
   config = demo.get_config(VARIANT)
-  for key, value in OVERRIDES.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  train_utils.apply_overrides(config, OVERRIDES)
   return config
 
 

@@ -17,7 +17,7 @@ import pytest
 from align_jax import config as config_lib
 from align_jax import losses, sharding, train, variants
 from align_jax.data import features as features_data
-from train_utils import tiny_config
+from train_utils import apply_overrides, tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import demo  # noqa: E402  (configs/demo.py)
@@ -106,12 +106,7 @@ def _demo_recall(steps=100, **overrides):
   config.eval_at_start = False
   config.async_checkpointing = False
   config.eval_every = config.checkpoint_every = steps
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  apply_overrides(config, overrides)
   with tempfile.TemporaryDirectory() as workdir:
     last = train.train_and_evaluate(
         config, workdir, mesh=sharding.make_mesh(("data",), (1,), jax.devices()[:1]))

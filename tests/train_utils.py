@@ -3,6 +3,31 @@
 from align_jax import config as config_lib
 
 
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets dotted keys (``{"model.dropout": 0.0}``) in ``config``, as ``--config.KEY=VALUE`` does."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+
+
+def run_train_steps(config, mesh, n):
+  """``n`` steps of the real trainer on ``mesh``: (trainer, losses, final state, frozen params
+  copied to the host before the first step)."""
+  import jax
+  import numpy as np
+  from align_jax import train
+  trainer = train.build_trainer(config, mesh)
+  frozen_before = jax.tree.map(np.array, trainer.frozen)
+  state, losses = trainer.state, []
+  for _ in range(n):
+    state, metrics = trainer.train_step(state, trainer.frozen, trainer.next_batch())
+    losses.append(float(metrics["train/loss"]))
+  return trainer, losses, state, frozen_before
+
+
 def tiny_config(**overrides):
   """Seconds-long run: 512 synthetic pairs, small random-MLP encoders, MLP projectors."""
   config = config_lib.default_config()
@@ -27,12 +52,7 @@ def tiny_config(**overrides):
   config.optim.warmup_steps = 2
   config.evals.heldout = dict(type="retrieval", data=dict(split="heldout"), batch_size=64,
                               ks=(1, 5))
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  apply_overrides(config, overrides)
   return config
 
 
