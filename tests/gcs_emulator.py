@@ -25,17 +25,13 @@ from http import HTTPStatus
 
 import pytest
 
+from multihost import free_port
+
 BUCKET = "align-jax-test"
 
 # gcsfs picks its class (with or without the ~60 s gRPC bucket probe an emulator never answers)
 # when it is first imported, which may be before a fixture sets the emulator's variables.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def emulator_env(port: int) -> dict[str, str]:

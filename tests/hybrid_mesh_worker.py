@@ -9,14 +9,17 @@ losses and the final params (flattened) to OUT.json.
 
 import json
 import sys
+import types
 
 import jax
 
+from align_jax import distributed
+
 
 def main(address: str, process_id: int, steps: int, out: str) -> None:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=process_id,
-                             initialization_timeout=120)
+  distributed.initialize(types.SimpleNamespace(  # as main.py's flags: gloo on CPU, bounded wait
+      distributed=True, coordinator_address=address, num_processes=2, process_id=process_id,
+      initialization_timeout=120))
   from align_jax import sharding, train  # after initialize: jax sees all 8 devices
   from train_utils import tiny_config
 

@@ -10,7 +10,6 @@ import http.server
 import io
 import json
 import os
-import socket
 import threading
 import time
 
@@ -25,6 +24,7 @@ from align_jax.encoders import tiny
 from align_jax.evaluate import templates
 from configs import demo_online
 from helpers_tfds import write_tfds
+import multihost
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -61,11 +61,6 @@ def server():
     thread.join(timeout=10)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_network_check_is_bounded_and_says_why(server, monkeypatch):
   for name in demos.OFFLINE_VARIABLES:
@@ -74,7 +69,7 @@ def test_network_check_is_bounded_and_says_why(server, monkeypatch):
   assert demos.network_available(url) == (True, f"{url} answered")
   url = server(status=404)
   assert demos.network_available(url) == (True, f"{url} answered 404")  # the network is there
-  closed = f"http://127.0.0.1:{_free_port()}/"
+  closed = f"http://127.0.0.1:{multihost.free_port()}/"
   online, why = demos.network_available(closed, timeout_s=1)
   assert not online and why.startswith(f"{closed} unreachable within 1 s")
   slow = server(delay_s=5)

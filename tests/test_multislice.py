@@ -5,7 +5,6 @@ slices, and two real processes as the two granules)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,8 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from align_jax import aot, config as config_lib, sharding, train
-from train_utils import tiny_config
+from align_jax import aot, config as config_lib, sharding
+import multihost
+from train_utils import run_train_steps, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,15 +119,6 @@ def _hybrid_cpu_mesh(devices):
               axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def _run(config, mesh, steps):
-  trainer = train.build_trainer(config, mesh)
-  state, losses = trainer.state, []
-  for _ in range(steps):
-    state, metrics = trainer.train_step(state, trainer.frozen, trainer.next_batch())
-    losses.append(float(metrics["train/loss"]))
-  return state, losses
-
-
 def test_batch_is_split_over_both_levels_and_the_step_equals_the_plain_mesh(devices):
   mesh = _hybrid_cpu_mesh(devices)
   np.testing.assert_array_equal(_ids(mesh.devices), [[0, 2], [4, 6], [1, 3], [5, 7]])
@@ -139,8 +130,9 @@ def test_batch_is_split_over_both_levels_and_the_step_equals_the_plain_mesh(devi
     assert index.stop - index.start == 16
   config = tiny_config(**{"model.dropout": 0.0, "mesh.axes": ("data", "model"),
                           "mesh.shape": (-1, 2)})
-  hybrid_state, hybrid_losses = _run(config, mesh, 4)
-  plain_state, plain_losses = _run(config, sharding.make_mesh(("data", "model"), (4, 2)), 4)
+  _, hybrid_losses, hybrid_state, _ = run_train_steps(config, mesh, 4)
+  plain_mesh = sharding.make_mesh(("data", "model"), (4, 2))
+  _, plain_losses, plain_state, _ = run_train_steps(config, plain_mesh, 4)
   np.testing.assert_allclose(hybrid_losses, plain_losses, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
                hybrid_state.params, plain_state.params)
@@ -165,18 +157,13 @@ def test_two_tpu_slices_split_the_batch_over_dcn():
   assert {d.slice_index for d, (index,) in rows.items() if index.start < 512} == {0}
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_as_granules_equal_one_process(devices, tmp_path):
   """2 processes x 4 CPU devices, mesh.dcn_shape=(2,) (processes are the granules) vs 1 x 8."""
-  port, steps = _free_port(), 4
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+  port, steps = multihost.free_port(), 4
+  env = multihost.cpu_env(4, {"PYTHONPATH": os.pathsep.join([REPO,
+                                                             os.path.join(REPO, "tests")])})
   worker = os.path.join(REPO, "tests", "hybrid_mesh_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, f"127.0.0.1:{port}", str(i), str(steps),
                              str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE,
@@ -195,7 +182,7 @@ def test_two_processes_as_granules_equal_one_process(devices, tmp_path):
     # each process's devices hold one contiguous half of the global batch
     assert result["local_rows"] == [i * 32, (i + 1) * 32]
   config = tiny_config(**{"model.dropout": 0.0})
-  state, losses = _run(config, sharding.make_mesh(("data",), (8,)), steps)
+  _, losses, state, _ = run_train_steps(config, sharding.make_mesh(("data",), (8,)), steps)
   for result in results:
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-6)
     flat = jax.tree.leaves(state.params)
