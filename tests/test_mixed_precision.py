@@ -30,10 +30,14 @@ def _features(name):
 
 
 def _dot_operand_dtypes(jaxpr):
-  """dtypes of every dot_general operand in a (closed) jaxpr, nested calls included."""
+  """dtypes of the operands of every dot_general over examples ([B, ...] x weights) in a jaxpr.
+
+  Dots of parameters alone (the LayerNorm shift folded into a Dense bias: [D] x [D, H], once per
+  step) stay float32 and are left out.
+  """
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name == "dot_general" and eqn.invars[0].aval.ndim >= 2:
       found += [v.aval.dtype for v in eqn.invars]
     for param in eqn.params.values():
       for sub in param if isinstance(param, (list, tuple)) else [param]:

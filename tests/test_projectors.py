@@ -1,5 +1,6 @@
 """Projectors against hand-written numpy, the freeze-align parameter count, and the registry."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,33 +257,103 @@ def test_freeze_align_towers_equal_per_token_form_with_a_fixed_dropout_mask(rate
     _allclose_trees(grads, expected, rtol=1e-4, atol=1e-5)
 
 
+def _flops_per_unit(fn, params, cotangent, grad, unit):
+  """XLA's FLOP count of fn (or of its parameter gradient) in units of one reference matmul."""
+  if grad:
+    f = lambda p, c: jax.grad(lambda q: (fn(q) * c).sum())(p)  # noqa: E731
+  else:
+    f = lambda p, c: fn(p) * c  # noqa: E731
+  cost = jax.jit(f).lower(params, cotangent).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / unit
+
+
 def test_pooled_token_projector_does_a_third_of_the_matmul_flops():
-  """XLA's FLOP counts: forward T + 2 matmuls per example instead of 3T; forward + backward 3T + 6
-  instead of 7T (XLA already folds the broadcast cotangent of the mean into two of the per-token
-  form's nine; an eager framework does all nine)."""
+  """XLA's FLOP counts per token, in [T, W] x [W, W] matmuls, training with dropout 0.1:
+  forward 1 instead of 3, forward + backward 3 instead of 7 (XLA already folds the mean's
+  broadcast cotangent into two of the per-token form's nine; an eager framework does all nine).
+  Without a dropout mask LN folds into the Dense layers too: 2 per token."""
   tokens, width = 32, 256
-  module = projectors.TokenProjector(embed_dim=width, dropout=0.0)
   x = jnp.zeros((4, tokens, width))
   mask = jnp.ones((4, tokens), bool)
   cotangent = jnp.ones((4, width))
-  params = module.init(jax.random.PRNGKey(0), x)["params"]
-  matmul = 2 * 4 * tokens * width * width  # FLOPs of one [4 * T, W] x [W, W] matmul
+  unit = 2 * 4 * tokens * width * width
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  counts = {}
+  for rate in (0.1, 0.0):
+    module = projectors.TokenProjector(embed_dim=width, dropout=rate)
+    params = module.init(jax.random.PRNGKey(0), x)["params"]
 
-  def flops(fn, grad):
-    if grad:
-      f = lambda p, c: jax.grad(lambda q: (fn(q) * c).sum())(p)  # noqa: E731
-    else:
-      f = lambda p, c: fn(p) * c  # noqa: E731
-    cost = jax.jit(f).lower(params, cotangent).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / matmul
+    def per_token(p, module=module):
+      return projectors.masked_mean(module.apply({"params": p}, x, train=True, rngs=rngs), mask)
 
-  def per_token(p):
-    return projectors.masked_mean(module.apply({"params": p}, x), mask)
+    def pooled(p, module=module):
+      return module.apply({"params": p}, x, mask, train=True, rngs=rngs)
 
-  def pooled(p):
-    return module.apply({"params": p}, x, mask)
+    for name, fn in (("per_token", per_token), ("pooled", pooled)):
+      for grad in (False, True):
+        counts[rate, name, grad] = _flops_per_unit(fn, params, cotangent, grad, unit)
+  assert 2.9 < counts[0.1, "per_token", False] < 3.3
+  assert 6.8 < counts[0.1, "per_token", True] < 7.4
+  assert 1.0 < counts[0.1, "pooled", False] < 1.0 + 2 / tokens + 0.15
+  assert 3.0 < counts[0.1, "pooled", True] < 3.0 + 6 / tokens + 0.15
+  assert 2.0 < counts[0.0, "pooled", True] < 2.0 + 6 / tokens + 0.1
 
-  assert 2.9 < flops(per_token, False) < 3.2
-  assert 1.0 < flops(pooled, False) < 1.0 + 2 / tokens + 0.1
-  assert 6.8 < flops(per_token, True) < 7.3
-  assert 3.0 < flops(pooled, True) < 3.0 + 6 / tokens + 0.1
+
+class _ReferenceGLU(nn.Module):
+  """SAIL's head written with flax.linen.LayerNorm and Dense (the unfolded form)."""
+  embed_dim: int
+  hidden_mult: int
+
+  @nn.compact
+  def __call__(self, features):
+    x = nn.LayerNorm(name="norm")(features["pooled"])
+    hidden = self.hidden_mult * x.shape[-1]
+    a = nn.Dense(hidden, name="gate")(x)
+    b = nn.Dense(hidden, name="value")(x)
+    return nn.Dense(self.embed_dim, name="out")(nn.relu6(a) * b)
+
+
+class _ReferenceMLP(nn.Module):
+  embed_dim: int
+  hidden_dim: int
+
+  @nn.compact
+  def __call__(self, features):
+    x = nn.LayerNorm(name="norm")(features["pooled"])
+    return nn.Dense(self.embed_dim, name="out")(nn.gelu(nn.Dense(self.hidden_dim,
+                                                                 name="hidden")(x)))
+
+
+@pytest.mark.parametrize("name", ["glu", "mlp"])
+def test_layer_norm_folded_into_dense_is_the_same_function_with_fewer_flops(name):
+  """Same init, values and gradients as LayerNorm -> Dense; the backward skips grad @ W.T."""
+  width, embed = 256, 64
+  m = _model_config(embed_dim=embed, glu_hidden_mult=2, hidden_dim=2 * width, dropout=0.0)
+  module = projectors.make_projector(name, m)
+  reference = (_ReferenceGLU(embed, 2) if name == "glu" else _ReferenceMLP(embed, 2 * width))
+  features = {"pooled": jnp.asarray(RNG.normal(size=(64, width)).astype(np.float32))}
+  params = module.init(jax.random.PRNGKey(0), features)["params"]
+  jax.tree.map(np.testing.assert_array_equal, params,  # names, shapes and initial values
+               reference.init(jax.random.PRNGKey(0), features)["params"])
+  # trained-looking LN params, so that the fold is exercised
+  params = {**params, "norm": {"scale": jnp.asarray(RNG.uniform(0.5, 1.5, width), jnp.float32),
+                               "bias": jnp.asarray(RNG.normal(size=width), jnp.float32)}}
+  cotangent = jnp.asarray(RNG.normal(size=(64, embed)).astype(np.float32))
+
+  def folded(p):
+    return module.apply({"params": p}, features)
+
+  def unfolded(p):
+    return reference.apply({"params": p}, features)
+
+  np.testing.assert_allclose(folded(params), unfolded(params), rtol=1e-4, atol=1e-5)
+  grads = jax.grad(lambda p: (folded(p) * cotangent).sum())(params)
+  expected = jax.grad(lambda p: (unfolded(p) * cotangent).sum())(params)
+  _allclose_trees(grads, expected, rtol=1e-4, atol=1e-4)
+  # FLOPs in [B, D] x [D, H] matmuls (H = 2D): GLU 4 + 3/4 instead of 6 + 3/4 (the LN output's
+  # gradient through gate and value is gone); MLP 2 + 3/4 instead of 3 + 3/4
+  unit = 2 * 64 * width * 2 * width
+  got = _flops_per_unit(folded, params, cotangent, True, unit)
+  was = _flops_per_unit(unfolded, params, cotangent, True, unit)
+  saved = 2.0 if name == "glu" else 1.0
+  assert abs((was - got) - saved) < 0.15, (got, was)
