@@ -200,8 +200,18 @@ def fill_rates(row: Row, flops: float, device) -> Row:
 # --------------------------------------------------------------------------- losses
 
 
+_PROGRAMS: dict = {}  # (loss, impl, batch, dim) -> program: --smoke's loss cases share sizes
+
+
 def _loss_program(loss: str, impl: str, batch: int, dim: int, device):
   """AOT-compiled value_and_grad of one loss on [batch, dim] float32 pairs, and its scalars."""
+  key = (loss, impl, batch, dim)
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = _compile_loss(loss, impl, batch, dim, device)
+  return _PROGRAMS[key]
+
+
+def _compile_loss(loss: str, impl: str, batch: int, dim: int, device):
   import jax
   import jax.numpy as jnp
 
@@ -559,8 +569,7 @@ def run_case(name: str, seconds: float, smoke: bool, rows_path: str | None) -> l
   deadline = Deadline(seconds)
   recorder = Recorder(rows_path)
   if name in LOSS_SIZES:
-    smoke_sizes = {"loss 32k": 256, "loss 128k": 512, "loss 1M": 1024}
-    batch = smoke_sizes[name] if smoke else LOSS_SIZES[name]
+    batch = 256 if smoke else LOSS_SIZES[name]  # --smoke: one size, compiled once
     loss_case(name, batch, 16 if smoke else 1024, deadline, recorder)
   elif name == "stored freeze-align":
     stored_freeze_align_case(deadline, recorder, smoke)
@@ -636,8 +645,9 @@ def main() -> None:
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, in one process")
   parser.add_argument("--isolate", action="store_true", help="with --smoke: a process per case")
   parser.add_argument("--out", default="", help="write the rows as JSON to this path")
-  parser.add_argument("--budget-s", type=float, default=470.0,
-                      help="whole suite (or, with --case, this case) in seconds")
+  parser.add_argument("--budget-s", type=float, default=None,
+                      help="whole suite (or, with --case, this case) in seconds; default 470, "
+                           "none with --smoke")
   parser.add_argument("--cases", default="", help="comma-separated subset of: " + ", ".join(CASES))
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: one case
   parser.add_argument("--rows", default="", help=argparse.SUPPRESS)  # child's JSON-lines rows
@@ -647,6 +657,8 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0"
                                " --xla_llvm_disable_expensive_passes=true").strip()
+  if args.budget_s is None:
+    args.budget_s = 1e9 if args.smoke else 470.0
   if args.case:
     run_case(args.case, args.budget_s, args.smoke, args.rows or None)
     return

@@ -19,7 +19,7 @@ def test_smoke_run_prints_every_row_with_consistent_numbers(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
   done = subprocess.run([sys.executable, "benchmarks/accelerator_suite.py", "--smoke",
                          f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+                        timeout=900)
   assert done.returncode == 0, done.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
   want = [(case, variant) for case, (_, variants) in suite.CASES.items() for variant in variants]

@@ -27,9 +27,10 @@ Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens
 :mod:`align_jax.feature_store` (shards + manifest, several captions per image), whose every shard
 is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
 ``gs://`` are read through verified local copies). Rows are copied with one sorted ``np.take``
-per file and batch into recycled output buffers (see :class:`_BatchBuffers`): ~1M pooled
-D = 1,024 float16 pairs/s from the page cache on one core (benchmarks/README.md, "Stored-feature
-loader speed"); memory-mapped files far larger than RAM train at disk speed.
+per file and batch into recycled output buffers (see :class:`_BatchBuffers`): 0.8-1.5M pooled
+D = 1,024 float16 pairs per CPU-second from the page cache, 3.4-4.7x the loader before them
+(benchmarks/README.md, "Stored-feature loader speed"); memory-mapped files far larger than RAM
+train at disk speed.
 """
 
 from __future__ import annotations
