@@ -56,6 +56,7 @@ import gc
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -545,7 +546,10 @@ def online_case(deadline: Deadline, recorder: Recorder, smoke: bool) -> None:
     return {"image": {"pixel_values": jax.random.normal(kp, (batch, image_size, image_size, 3))},
             "text": {"input_ids": ids.astype(jnp.int32), "attention_mask": mask.astype(jnp.int32)}}
 
-  bench = StepBench(config, make_batch)
+  try:
+    bench = StepBench(config, make_batch)  # loads both encoders into memory
+  finally:
+    shutil.rmtree(root, ignore_errors=True)  # ~2.6 GB of random checkpoints at full size
   e = m.embed_dim
   image_tokens = 1 + (image_size // patch) ** 2
 
