@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from align_jax import sharding, train
+from helpers_metrics import assert_tensorboard_equals_metrics, tensorboard
 from train_utils import tiny_config
 
 
@@ -70,7 +71,10 @@ def test_loop_writes_metrics_and_eval(tmp_path, devices):
   eval_lines = [l for l in lines if "eval/i2t@1" in l]
   assert [l["step"] for l in eval_lines] == [3, 6]
   assert 0.0 <= last["eval/t2i@5"] <= 1.0
-  assert list((tmp_path / "tensorboard").iterdir())
+  # TensorBoard holds exactly metrics.jsonl's numbers (same tags, steps, float32 values).
+  assert tensorboard(str(tmp_path))["eval/i2t@1"][-1][:2] == (6, pytest.approx(
+      last["eval/i2t@1"], rel=1e-6))
+  assert_tensorboard_equals_metrics(str(tmp_path))
   # optax counts updates from 0: logged step 2 is update 1 of 2 warm-up updates -> half the peak
   assert train_lines[0]["train/learning_rate"] == pytest.approx(0.5e-3, rel=1e-5)
 
