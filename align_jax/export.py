@@ -118,5 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported step {card['step']} ({card['num_params']:,} params) to {args.out}")
 
 
+def run() -> None:
+  """Console entry point (``align-jax export``): :func:`main` on ``sys.argv``."""
+  main(sys.argv[1:])
+
+
 if __name__ == "__main__":
-  main()
+  run()

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from absl import app, flags as absl_flags
+
 from align_jax import distributed
 from align_jax.analysis import curation
 
@@ -83,6 +85,9 @@ def curate_pool(pool: str, features: str, prototypes: np.ndarray, names: Sequenc
   return stats
 
 
+FLAGS = absl_flags.FLAGS
+
+
 def main(argv):
   del argv
   distributed.initialize_or_exit()
@@ -105,8 +110,8 @@ def _curate(flags):
         f"{stats['n_selected']:,} into {stats['out_path']}")
 
 
-if __name__ == "__main__":
-  from absl import app, flags as absl_flags
+def define_flags() -> None:
+  """The command line's flags (absl), defined once, by :func:`run`."""
   absl_flags.DEFINE_string("pool", None, "Pool manifest (JSONL: image path + caption per line).")
   absl_flags.DEFINE_string("features", None, "[N, D] .npy caption features, row i = pool line i.")
   absl_flags.DEFINE_string("concepts", None, "Concept names, one per line.")
@@ -121,6 +126,14 @@ if __name__ == "__main__":
   absl_flags.DEFINE_string("out", None, "Curated manifest (.jsonl).")
   absl_flags.mark_flags_as_required(["pool", "features", "concepts", "out"])
   distributed.define_flags()
-  FLAGS = absl_flags.FLAGS
+
+
+def run() -> None:
+  """Console entry point (``python -m align_jax.analysis.curate``, ``align-jax curate``)."""
+  define_flags()
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from align_jax import config as config_lib
-from align_jax import storage
+from align_jax import distributed, storage
 from align_jax.evaluate import datasets
 from align_jax.evaluate.templates import TEMPLATES
 
@@ -358,8 +358,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--templates", default="", help="one template set for every "
                       "classification set, e.g. simple (default: each dataset's CLIP set)")
   parser.add_argument("--batch_size", type=int, default=1024, help="global embedding batch")
-  parser.add_argument("--distributed", action="store_true",
-                      help="multi-host: call jax.distributed.initialize() first")
+  distributed.add_arguments(parser)
   return parser.parse_args(argv)
 
 
@@ -367,9 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
   logger.setLevel(logging.INFO)
-  if args.distributed:
-    import jax
-    jax.distributed.initialize()
+  distributed.initialize_or_exit(args)
   only = [key.strip() for key in args.only.split(",") if key.strip()]
   try:
     report = run_suite(args.workdir, data_dir=args.data_dir, manifests=args.manifests,
@@ -380,5 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 1 if report["errors"] else 0
 
 
+def run() -> None:
+  """Console entry point (``align-jax eval_suite``): :func:`main` on ``sys.argv``."""
+  sys.exit(main(sys.argv[1:]))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()
