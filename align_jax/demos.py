@@ -27,6 +27,7 @@ on our machines (no network): ``tests/test_demos.py`` runs the hub path with loc
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import urllib.error
@@ -118,6 +119,21 @@ def caption_manifest(name: str, split: str, out_dir: str, *, data_dir: str,
                              "label": label}))
   storage.write_text(path, "\n".join(lines) + "\n")
   return path
+
+
+def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the repository's ``configs/<name>.py`` (e.g. ``"demo_online"``).
+
+  An installed align_jax has them as ``align_jax.configs`` (pyproject.toml maps the clone's
+  ``configs/`` there); a clone on the path (the tests, Jupyter started at its root) as ``configs``.
+  """
+  try:
+    module = importlib.import_module(f"align_jax.configs.{name}")
+  except ModuleNotFoundError as error:
+    if not (error.name or "").startswith("align_jax.configs"):
+      raise
+    module = importlib.import_module(f"configs.{name}")
+  return module.get_config(arg)
 
 
 def hub_config(steps: int = 300, *, data_root: str = "align_demo_data", num_train: int = 5000,
