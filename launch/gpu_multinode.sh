@@ -55,51 +55,29 @@ GPUS=""
 TIMEOUT=""
 LOG=""
 OVERRIDES=()
-JAX_CUDA="jax[cuda13]==0.10.2"
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --coordinator) need_value "$@"; COORDINATOR=$2; shift 2 ;;
-    --num-nodes) need_value "$@"; NUM_NODES=$2; shift 2 ;;
-    --node-rank) need_value "$@"; NODE_RANK=$2; shift 2 ;;
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --config.*) OVERRIDES+=("$1"); shift ;;
-    --python) need_value "$@"; PYTHON=$2; shift 2 ;;
-    --install) INSTALL=1; shift ;;
-    --gpus)
-      need_value "$@"
-      [[ "$2" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus needs GPU indices such as 0,1,2,3; got '$2'"
-      GPUS=$2; shift 2 ;;
-    --timeout) need_value "$@"; TIMEOUT=$2; shift 2 ;;
-    --log) need_value "$@"; LOG=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    *) die "unknown argument '$1'; see --help (main.py flags go after --)" ;;
-  esac
-done
+OPTIONS=(--coordinator COORDINATOR --num-nodes NUM_NODES --node-rank NODE_RANK --config CONFIG
+         --workdir WORKDIR --python PYTHON --install INSTALL=1 --gpus GPUS --timeout TIMEOUT
+         --log LOG -- OVERRIDES)
+parse_args "$@"
+need_gpu_list "$GPUS"
 require "--coordinator (or COORDINATOR)" "$COORDINATOR" "--num-nodes (or NUM_NODES)" "$NUM_NODES" \
   "--node-rank (or NODE_RANK)" "$NODE_RANK" "--config" "$CONFIG" "--workdir" "$WORKDIR"
-if [[ ! "$COORDINATOR" =~ ^[^:]+:[0-9]+$ && ! "$COORDINATOR" =~ ^\[[0-9A-Fa-f:]+\]:[0-9]+$ ]]; then
-  die "--coordinator needs HOST:PORT (node 0's address and a free port, e.g. 10.0.0.1:8476); got '$COORDINATOR'"
-fi
-[[ "$NUM_NODES" =~ ^[1-9][0-9]*$ ]] || die "--num-nodes needs a positive integer; got '$NUM_NODES'"
-[[ "$NODE_RANK" =~ ^[0-9]+$ ]] || die "--node-rank needs an integer 0 .. N-1; got '$NODE_RANK'"
+need_match --coordinator "$COORDINATOR" '^([^:]+|\[[0-9A-Fa-f:]+\]):[0-9]+$' \
+  "HOST:PORT (node 0's address and a free port, e.g. 10.0.0.1:8476)"
+need_match --num-nodes "$NUM_NODES" "$POSITIVE_INT" "a positive integer"
+need_match --node-rank "$NODE_RANK" '^[0-9]+$' "an integer 0 .. N-1"
 if ((NODE_RANK >= NUM_NODES)); then
   die "--node-rank $NODE_RANK is not below --num-nodes $NUM_NODES (ranks are 0 .. $((NUM_NODES - 1)))"
 fi
-if [[ -n "$TIMEOUT" && ! "$TIMEOUT" =~ ^[1-9][0-9]*$ ]]; then
-  die "--timeout needs a positive number of seconds; got '$TIMEOUT'"
+if [[ -n "$TIMEOUT" ]]; then
+  need_match --timeout "$TIMEOUT" "$POSITIVE_INT" "a positive number of seconds"
 fi
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$REPO_ROOT"
 
 check_gpus
-
 if [[ "$INSTALL" == 1 ]]; then
-  run "$PYTHON" -m pip install -q -r requirements.txt "$JAX_CUDA"
+  install_cuda_requirements "$PYTHON"
 fi
 train=("$PYTHON" main.py --config="$CONFIG" --workdir="$WORKDIR"
        --coordinator_address="$COORDINATOR" --num_processes="$NUM_NODES"

@@ -38,35 +38,17 @@ INSTALL=0
 GPUS=""
 LOG=""
 OVERRIDES=()
-JAX_CUDA="jax[cuda13]==0.10.2"
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --config.*) OVERRIDES+=("$1"); shift ;;
-    --python) need_value "$@"; PYTHON=$2; shift 2 ;;
-    --install) INSTALL=1; shift ;;
-    --gpus)
-      need_value "$@"
-      [[ "$2" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus needs GPU indices such as 0,1,2,3; got '$2'"
-      GPUS=$2; shift 2 ;;
-    --log) need_value "$@"; LOG=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    *) die "unknown argument '$1'; see --help (main.py flags go after --)" ;;
-  esac
-done
+OPTIONS=(--config CONFIG --workdir WORKDIR --python PYTHON --install INSTALL=1 --gpus GPUS
+         --log LOG -- OVERRIDES)
+parse_args "$@"
+need_gpu_list "$GPUS"
 require "--config" "$CONFIG" "--workdir" "$WORKDIR"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$REPO_ROOT"
 
 check_gpus
-
 if [[ "$INSTALL" == 1 ]]; then
-  run "$PYTHON" -m pip install -q -r requirements.txt "$JAX_CUDA"
+  install_cuda_requirements "$PYTHON"
 fi
 train=("$PYTHON" main.py --config="$CONFIG" --workdir="$WORKDIR"
        "${OVERRIDES[@]+"${OVERRIDES[@]}"}")

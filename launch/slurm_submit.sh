@@ -49,40 +49,18 @@ LOG_DIR="logs"
 PYTHON=${PYTHON:-python3}
 INSTALL=0
 OVERRIDES=()
-JAX_CUDA="jax[cuda13]==0.10.2"
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --config.*) OVERRIDES+=("$1"); shift ;;
-    --nodes) need_value "$@"; NODES=$2; shift 2 ;;
-    --gpus-per-node) need_value "$@"; GPUS_PER_NODE=$2; shift 2 ;;
-    --partition) need_value "$@"; PARTITION=$2; shift 2 ;;
-    --account) need_value "$@"; ACCOUNT=$2; shift 2 ;;
-    --time) need_value "$@"; TIME_LIMIT=$2; shift 2 ;;
-    --job-name) need_value "$@"; JOB_NAME=$2; shift 2 ;;
-    --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
-    --python) need_value "$@"; PYTHON=$2; shift 2 ;;
-    --install) INSTALL=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    *) die "unknown argument '$1'; see --help (main.py flags go after --)" ;;
-  esac
-done
+OPTIONS=(--config CONFIG --workdir WORKDIR --nodes NODES --gpus-per-node GPUS_PER_NODE
+         --partition PARTITION --account ACCOUNT --time TIME_LIMIT --job-name JOB_NAME
+         --log-dir LOG_DIR --python PYTHON --install INSTALL=1 -- OVERRIDES)
+parse_args "$@"
 require "--config" "$CONFIG" "--workdir" "$WORKDIR"
-for pair in "--nodes:$NODES" "--gpus-per-node:$GPUS_PER_NODE"; do
-  if [[ ! "${pair#*:}" =~ ^[1-9][0-9]*$ ]]; then
-    die "${pair%%:*} needs a positive integer, got '${pair#*:}'"
-  fi
-done
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+need_match --nodes "$NODES" "$POSITIVE_INT" "a positive integer"
+need_match --gpus-per-node "$GPUS_PER_NODE" "$POSITIVE_INT" "a positive integer"
+cd "$REPO_ROOT"
 
 if [[ "$INSTALL" == 1 ]]; then
-  run "$PYTHON" -m pip install -q -r requirements.txt "$JAX_CUDA"
+  install_cuda_requirements "$PYTHON"
 fi
 slurm=(--job-name="$JOB_NAME" --nodes="$NODES" --ntasks-per-node=1
        --gpus-per-node="$GPUS_PER_NODE" --time="$TIME_LIMIT" --output="$LOG_DIR/%x-%j.out")

@@ -35,9 +35,6 @@ Examples:
 EOF
 }
 
-TPU_NAME=${TPU_NAME:-}
-ZONE=${ZONE:-}
-PROJECT=${PROJECT:-}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-8}
 RUNTIME_VERSION=${RUNTIME_VERSION:-}
 SPOT=0
@@ -46,27 +43,11 @@ QUEUED_ID=""
 RESERVED=0
 VALID_UNTIL=""
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --name) need_value "$@"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2 ;;
-    --runtime-version) need_value "$@"; RUNTIME_VERSION=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --queued) QUEUED=1; shift ;;
-    --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --reserved) RESERVED=1; shift ;;
-    --valid-until) need_value "$@"; VALID_UNTIL=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1'; see --help" ;;
-  esac
-done
-
-require "--name (or TPU_NAME)" "$TPU_NAME" "--zone (or ZONE)" "$ZONE"
+OPTIONS=(--accelerator-type ACCELERATOR_TYPE --runtime-version RUNTIME_VERSION --spot SPOT=1
+         --queued QUEUED=1 --queued-id QUEUED_ID --reserved RESERVED=1 --valid-until VALID_UNTIL)
+tpu_vm_options  # --name, --zone, --project
+parse_args "$@"
+require_tpu_vm
 ACCELERATOR_TYPE=$(gcloud_accelerator_type "$ACCELERATOR_TYPE")
 RUNTIME_VERSION=${RUNTIME_VERSION:-$(default_runtime_version "$ACCELERATOR_TYPE")}
 if [[ "$QUEUED" == 0 && ( -n "$QUEUED_ID" || "$RESERVED" == 1 || -n "$VALID_UNTIL" ) ]]; then
@@ -76,10 +57,6 @@ if [[ "$SPOT" == 1 && "$RESERVED" == 1 ]]; then
   die "--spot and --reserved exclude each other: pick one"
 fi
 
-project_flag=()
-if [[ -n "$PROJECT" ]]; then
-  project_flag=(--project="$PROJECT")
-fi
 capacity=()
 if [[ "$SPOT" == 1 ]]; then
   capacity+=(--spot)
@@ -93,14 +70,12 @@ if [[ "$QUEUED" == 1 ]]; then
     capacity+=(--valid-until-duration="$VALID_UNTIL")
   fi
   run gcloud compute tpus queued-resources create "${QUEUED_ID:-$TPU_NAME}" \
-    --node-id="$TPU_NAME" --zone="$ZONE" "${project_flag[@]+"${project_flag[@]}"}" \
-    --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" \
-    "${capacity[@]+"${capacity[@]}"}"
-  printf 'queued: the VM exists once its state is ACTIVE; check with\n  %s\n' "$(join_command \
-    gcloud compute tpus queued-resources describe "${QUEUED_ID:-$TPU_NAME}" --zone="$ZONE" \
-    "${project_flag[@]+"${project_flag[@]}"}")" >&2
+    --node-id="$TPU_NAME" "${GCLOUD_FLAGS[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
+    --runtime-version="$RUNTIME_VERSION" "${capacity[@]+"${capacity[@]}"}"
+  hint_cmd "queued: the VM exists once its state is ACTIVE; check with" \
+    gcloud compute tpus queued-resources describe "${QUEUED_ID:-$TPU_NAME}" "${GCLOUD_FLAGS[@]}"
 else
-  run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" \
-    "${project_flag[@]+"${project_flag[@]}"}" --accelerator-type="$ACCELERATOR_TYPE" \
-    --version="$RUNTIME_VERSION" "${capacity[@]+"${capacity[@]}"}"
+  run gcloud compute tpus tpu-vm create "$TPU_NAME" "${GCLOUD_FLAGS[@]}" \
+    --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" \
+    "${capacity[@]+"${capacity[@]}"}"
 fi

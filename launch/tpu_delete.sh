@@ -26,38 +26,20 @@ Example:
 USAGE
 }
 
-TPU_NAME=${TPU_NAME:-}
-ZONE=${ZONE:-}
-PROJECT=${PROJECT:-}
 QUEUED=0
 QUEUED_ID=""
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --name) need_value "$@"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --queued) QUEUED=1; shift ;;
-    --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1'; see --help" ;;
-  esac
-done
-require "--name (or TPU_NAME)" "$TPU_NAME" "--zone (or ZONE)" "$ZONE"
+OPTIONS=(--queued QUEUED=1 --queued-id QUEUED_ID)
+tpu_vm_options  # --name, --zone, --project
+parse_args "$@"
+require_tpu_vm
 if [[ "$QUEUED" == 0 && -n "$QUEUED_ID" ]]; then
   die "--queued-id only applies with --queued"
 fi
 
-gcloud_flags=(--zone="$ZONE")
-if [[ -n "$PROJECT" ]]; then
-  gcloud_flags+=(--project="$PROJECT")
-fi
 if [[ "$QUEUED" == 1 ]]; then
-  run gcloud compute tpus queued-resources delete "${QUEUED_ID:-$TPU_NAME}" "${gcloud_flags[@]}" \
+  run gcloud compute tpus queued-resources delete "${QUEUED_ID:-$TPU_NAME}" "${GCLOUD_FLAGS[@]}" \
     --force --quiet
 else
-  run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${gcloud_flags[@]}" --quiet
+  run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --quiet
 fi

@@ -41,9 +41,6 @@ Example:
 EOF
 }
 
-TPU_NAME=${TPU_NAME:-}
-ZONE=${ZONE:-}
-PROJECT=${PROJECT:-}
 CONFIG=""
 WORKDIR=""
 LOG=""
@@ -51,36 +48,14 @@ DETACH=0
 ENVS=()
 OVERRIDES=()
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --name) need_value "$@"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --config.*) OVERRIDES+=("$1"); shift ;;
-    --env)
-      need_value "$@"
-      [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env needs KEY=VALUE, got '$2'"
-      ENVS+=("$2"); shift 2 ;;
-    --log) need_value "$@"; LOG=$2; shift 2 ;;
-    --detach) DETACH=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    *) die "unknown argument '$1'; see --help (main.py flags go after --)" ;;
-  esac
+OPTIONS=(--config CONFIG --workdir WORKDIR --env ENVS+ --log LOG --detach DETACH=1 -- OVERRIDES)
+tpu_vm_options  # --name, --zone, --project
+parse_args "$@"
+for env in "${ENVS[@]+"${ENVS[@]}"}"; do
+  need_match --env "$env" '^[A-Za-z_][A-Za-z0-9_]*=' KEY=VALUE
 done
-require "--name (or TPU_NAME)" "$TPU_NAME" "--zone (or ZONE)" "$ZONE" "--config" "$CONFIG" \
-  "--workdir" "$WORKDIR"
+require_tpu_vm "--config" "$CONFIG" "--workdir" "$WORKDIR"
 LOG=${LOG:-logs/tpu_run-$TPU_NAME-$(date +%Y%m%d-%H%M%S).log}
-
-gcloud_flags=(--zone="$ZONE")
-if [[ -n "$PROJECT" ]]; then
-  gcloud_flags+=(--project="$PROJECT")
-fi
 
 train=(../align_jax_venv/bin/python main.py --config="$CONFIG" --workdir="$WORKDIR" --distributed
        "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
@@ -90,13 +65,13 @@ fi
 if [[ "$DETACH" == 1 ]]; then
   remote="cd align_jax && nohup $(join_command "${train[@]}") > ../align_jax_run.log 2>&1"
   remote+=" < /dev/null &"
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_flags[@]}" --worker=all \
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=all \
     --command="$remote"
-  printf 'started in the background; follow worker 0 with\n  %s\n' "$(join_command \
-    gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_flags[@]}" --worker=0 \
-    --command="tail -n 100 -f align_jax_run.log")" >&2
+  hint_cmd "started in the background; follow worker 0 with" \
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=0 \
+    --command="tail -n 100 -f align_jax_run.log"
 else
   remote="cd align_jax && $(join_command "${train[@]}")"
-  run_logged "$LOG" gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_flags[@]}" --worker=all \
+  run_logged "$LOG" gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=all \
     --command="$remote"
 fi

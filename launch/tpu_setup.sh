@@ -35,40 +35,16 @@ Example:
 EOF
 }
 
-TPU_NAME=${TPU_NAME:-}
-ZONE=${ZONE:-}
-PROJECT=${PROJECT:-}
 GIT_URL=""
 BRANCH="main"
 TARBALL="${TMPDIR:-/tmp}/align_jax-src.tar.gz"
 PYTHON_BIN="python3.11"
 APT=1
-JAX_TPU="jax[tpu]==0.10.2"
 
-split_args "$@"
-set -- "${ARGS[@]+"${ARGS[@]}"}"
-while (($#)); do
-  case "$1" in
-    --name) need_value "$@"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --git-url) need_value "$@"; GIT_URL=$2; shift 2 ;;
-    --branch) need_value "$@"; BRANCH=$2; shift 2 ;;
-    --tarball) need_value "$@"; TARBALL=$2; shift 2 ;;
-    --python) need_value "$@"; PYTHON_BIN=$2; shift 2 ;;
-    --no-apt) APT=0; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$1'; see --help" ;;
-  esac
-done
-require "--name (or TPU_NAME)" "$TPU_NAME" "--zone (or ZONE)" "$ZONE"
-
-gcloud_flags=(--zone="$ZONE")
-if [[ -n "$PROJECT" ]]; then
-  gcloud_flags+=(--project="$PROJECT")
-fi
-repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OPTIONS=(--git-url GIT_URL --branch BRANCH --tarball TARBALL --python PYTHON_BIN --no-apt APT=0)
+tpu_vm_options  # --name, --zone, --project
+parse_args "$@"
+require_tpu_vm
 
 # The remote steps, joined with && so the first failure stops that worker (paths are relative to
 # the home directory, where ssh starts).
@@ -79,13 +55,13 @@ if [[ "$APT" == 1 ]]; then
 fi
 steps+=("$(join_command "$PYTHON_BIN" -m venv align_jax_venv)" "rm -rf align_jax")
 if [[ -z "$GIT_URL" ]]; then
-  if [[ "$DRY_RUN" == 0 && -n "$(git -C "$repo_root" status --porcelain --untracked-files=no)" ]]
+  if [[ "$DRY_RUN" == 0 && -n "$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no)" ]]
   then
-    warn "uncommitted changes in $repo_root are not shipped (the tarball is git HEAD)"
+    warn "uncommitted changes in $REPO_ROOT are not shipped (the tarball is git HEAD)"
   fi
-  run git -C "$repo_root" archive --format=tar.gz --output="$TARBALL" HEAD
+  run git -C "$REPO_ROOT" archive --format=tar.gz --output="$TARBALL" HEAD
   run gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME:align_jax-src.tar.gz" \
-    "${gcloud_flags[@]}" --worker=all
+    "${GCLOUD_FLAGS[@]}" --worker=all
   steps+=("mkdir -p align_jax" "tar -xzf align_jax-src.tar.gz -C align_jax")
 else
   steps+=("$(join_command git clone --depth=1 --branch="$BRANCH" "$GIT_URL" align_jax)")
@@ -95,5 +71,5 @@ steps+=("align_jax_venv/bin/pip install -q --upgrade pip"
         "cd align_jax"
         "../align_jax_venv/bin/python -c 'import align_jax, jax; print(jax.__version__)'")
 remote=$(printf '%s && ' "${steps[@]}")
-run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_flags[@]}" --worker=all \
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=all \
   --command="${remote% && }"

@@ -24,6 +24,11 @@ TEE = ["2>&1", "|", "tee", "-a"]
 
 def _launch(tmp_path, script, *args, env=None, path=None):
   """Runs launch/<script> with the fakes first on PATH -> (result, recorded calls)."""
+  return _bash(tmp_path, [os.path.join(LAUNCH, script), *args], env=env, path=path)
+
+
+def _bash(tmp_path, argv, env=None, path=None):
+  """Runs `bash *argv` in tmp_path with the fakes first on PATH -> (result, recorded calls)."""
   record = tmp_path / "calls.bin"
   record.unlink(missing_ok=True)
   full_env = {k: v for k, v in os.environ.items() if k not in (
@@ -31,8 +36,8 @@ def _launch(tmp_path, script, *args, env=None, path=None):
       "SLURM_JOB_ID", "SLURM_SUBMIT_DIR", "COORDINATOR", "NUM_NODES", "NODE_RANK")}
   full_env.update(PATH=path or f"{FAKEBIN}{os.pathsep}{os.environ['PATH']}",
                   FAKEBIN_LOG=str(record), TMPDIR=str(tmp_path), **(env or {}))
-  result = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=tmp_path,
-                          env=full_env, capture_output=True, text=True, timeout=30)
+  result = subprocess.run(["bash", *argv], cwd=tmp_path, env=full_env, capture_output=True,
+                          text=True, timeout=30)
   calls = []
   if record.exists():
     for entry in record.read_bytes().split(b"\x1e\0")[:-1]:
@@ -295,6 +300,132 @@ def test_missing_arguments_stop_with_a_message(tmp_path, script, message):
 def test_bad_arguments_stop_with_a_message(tmp_path, script, args, message):
   result, calls = _launch(tmp_path, script, *args)
   assert result.returncode == 2 and message in result.stderr and calls == []
+
+
+def _lib(tmp_path, code, *args, env=None):
+  """Runs `code` in bash -euo pipefail after sourcing launch/lib.sh, with "$@" = args."""
+  lib = os.path.join(LAUNCH, "lib.sh")
+  script = f"set -euo pipefail\nsource {shlex.quote(lib)}\n{code}"
+  return _bash(tmp_path, ["-c", script, "lib-test", *args], env=env)
+
+
+# A script with every kind of parse_args table entry; prints what each variable got.
+_PARSE = """
+usage() { echo "usage text"; }
+NAME=default; SWITCH=0; APT=1; ITEMS=(); OVERRIDES=()
+OPTIONS=(--name NAME --switch SWITCH=1 --no-apt APT=0 --item ITEMS+ -- OVERRIDES)
+parse_args "$@"
+printf 'NAME=%s SWITCH=%s APT=%s DRY_RUN=%s\n' "$NAME" "$SWITCH" "$APT" "$DRY_RUN"
+printf 'item:%s\n' "${ITEMS[@]+"${ITEMS[@]}"}"
+printf 'pass:%s\n' "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
+"""
+
+
+def test_parse_args_sets_values_switches_lists_and_passes_main_py_flags_on(tmp_path):
+  result, _ = _lib(tmp_path, _PARSE, "--name=a b", "--switch", "--item", "k=v", "--no-apt",
+                   "--config.lr=0.1", "--item=x=y", "--dry-run", "--", "--name", "z", "--bogus")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [
+      "NAME=a b SWITCH=1 APT=0 DRY_RUN=1", "item:k=v", "item:x=y",
+      "pass:--config.lr=0.1", "pass:--name", "pass:z", "pass:--bogus"]
+  result, _ = _lib(tmp_path, _PARSE)  # no arguments: every default stays
+  assert result.stdout.splitlines() == ["NAME=default SWITCH=0 APT=1 DRY_RUN=0", "item:", "pass:"]
+  result, _ = _lib(tmp_path, _PARSE, "--name", "later", "--name", "last")  # the last one wins
+  assert result.stdout.splitlines()[0] == "NAME=last SWITCH=0 APT=1 DRY_RUN=0"
+
+
+@pytest.mark.parametrize("args, rc, stdout, stderr", [
+    (["--switch", "--help", "--bogus"], 0, "usage text\n", ""),
+    (["-h"], 0, "usage text\n", ""),
+    (["--bogus"], 2, "",
+     "error: unknown argument '--bogus'; see --help (main.py flags go after --)\n"),
+    (["--switch=1"], 2, "",
+     "error: unknown argument '1'; see --help (main.py flags go after --)\n"),
+    (["--name"], 2, "", "error: --name needs a value (e.g. --name=VALUE); see --help\n"),
+    (["--name", "--switch"], 2, "",
+     "error: --name needs a value (e.g. --name=VALUE); see --help\n"),
+    (["--item="], 2, "", "error: --item needs a value (e.g. --item=VALUE); see --help\n"),
+])
+def test_parse_args_help_and_bad_arguments(tmp_path, args, rc, stdout, stderr):
+  result, _ = _lib(tmp_path, _PARSE, *args)
+  assert (result.returncode, result.stdout, result.stderr) == (rc, stdout, stderr)
+
+
+def test_parse_args_without_main_py_flags_refuses_them(tmp_path):
+  code = 'usage() { :; }\nX=""\nOPTIONS=(--x X)\nparse_args "$@"\necho "X=$X"'
+  assert _lib(tmp_path, code, "--x=1")[0].stdout == "X=1\n"
+  for word in ("--config.lr=0.1", "--"):
+    result, _ = _lib(tmp_path, code, "--x=1", word)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: unknown argument '{word}'; see --help\n"
+
+
+@pytest.mark.parametrize("code, stderr", [
+    ('need_match --nodes 12 "$POSITIVE_INT" "a positive integer"', ""),
+    ('need_match --nodes 012 "$POSITIVE_INT" "a positive integer"',
+     "error: --nodes needs a positive integer; got '012'\n"),
+    ('need_match --nodes 0 "$POSITIVE_INT" "a positive integer"',
+     "error: --nodes needs a positive integer; got '0'\n"),
+    ("need_match --env 'A=1 2' '^[A-Za-z_][A-Za-z0-9_]*=' KEY=VALUE", ""),
+    ("need_match --env '1A=2' '^[A-Za-z_][A-Za-z0-9_]*=' KEY=VALUE",
+     "error: --env needs KEY=VALUE; got '1A=2'\n"),
+    ('need_gpu_list ""', ""),
+    ("need_gpu_list 0,1,12", ""),
+    ("need_gpu_list 0,,1", "error: --gpus needs GPU indices such as 0,1,2,3; got '0,,1'\n"),
+    ("need_gpu_list all", "error: --gpus needs GPU indices such as 0,1,2,3; got 'all'\n"),
+])
+def test_need_match_and_need_gpu_list(tmp_path, code, stderr):
+  result, _ = _lib(tmp_path, code + "\necho passed")
+  assert result.stderr == stderr
+  assert (result.returncode, result.stdout) == ((0, "passed\n") if not stderr else (2, ""))
+
+
+def test_tpu_vm_options_read_the_environment_and_flags_win(tmp_path):
+  code = ('usage() { :; }\nOPTIONS=(--spot SPOT=1)\nSPOT=0\ntpu_vm_options\nparse_args "$@"\n'
+          'echo "$TPU_NAME|$ZONE|$PROJECT|$SPOT|${OPTIONS[*]}"')
+  result, _ = _lib(tmp_path, code, "--zone=z2", "--spot",
+                   env={"TPU_NAME": "e", "ZONE": "ez", "PROJECT": "ep"})
+  assert result.stdout == "e|z2|ep|1|--spot SPOT=1 --name TPU_NAME --zone ZONE --project PROJECT\n"
+  result, _ = _lib(tmp_path, code, "--name", "n", "--project=p", env={"TPU_NAME": "e"})
+  assert result.stdout.startswith("n||p|0|")
+
+
+@pytest.mark.parametrize("setting, extra, stdout, stderr", [
+    ("TPU_NAME=t ZONE=z PROJECT=", "", "--zone=z\n", ""),
+    ("TPU_NAME=t ZONE=z PROJECT=p", "", "--zone=z\n--project=p\n", ""),
+    ("TPU_NAME=t ZONE=z PROJECT=p", '--config c --workdir ""', "",
+     "error: missing required --workdir; see --help\n"),
+    ("TPU_NAME= ZONE= PROJECT=p", '--config ""', "",
+     "error: missing required --name (or TPU_NAME), --zone (or ZONE), --config; see --help\n"),
+    ("TPU_NAME=t ZONE= PROJECT=", "", "", "error: missing required --zone (or ZONE); see --help\n"),
+])
+def test_require_tpu_vm_checks_the_name_and_sets_the_gcloud_location_flags(
+    tmp_path, setting, extra, stdout, stderr):
+  code = f'{setting}\nrequire_tpu_vm {extra}\nprintf "%s\\n" "${{GCLOUD_FLAGS[@]}}"'
+  result, _ = _lib(tmp_path, code)
+  assert (result.returncode, result.stdout, result.stderr) == (2 if stderr else 0, stdout, stderr)
+
+
+def test_install_cuda_requirements_and_hint_cmd(tmp_path):
+  install = ["python", "-m", "pip", "install", "-q", "-r", "requirements.txt",
+             "jax[cuda13]==0.10.2"]
+  result, calls = _lib(tmp_path, "install_cuda_requirements python")
+  assert result.returncode == 0 and _printed(result.stdout) == [install] and calls == [install]
+  result, calls = _lib(tmp_path, "install_cuda_requirements /venv/bin/python", env={"DRY_RUN": "1"})
+  assert result.stdout == ("+ /venv/bin/python -m pip install -q -r requirements.txt "
+                           "'jax[cuda13]==0.10.2'\n") and calls == []
+  result, calls = _lib(tmp_path, "hint_cmd 'check with' gcloud x --zone=z '--command=tail -f a'")
+  assert (result.returncode, result.stdout, calls) == (0, "", [])
+  assert result.stderr == "check with\n  gcloud x --zone=z --command='tail -f a'\n"
+
+
+def test_repo_root_is_found_from_any_folder(tmp_path):
+  code = 'printf "%s|%s" "$REPO_ROOT" "$PWD"'
+  result, _ = _lib(tmp_path, code)
+  assert result.stdout == f"{REPO}|{tmp_path}"
+  relative = os.path.relpath(os.path.join(LAUNCH, "lib.sh"), tmp_path)
+  result, _ = _bash(tmp_path, ["-c", f"source {shlex.quote(relative)}; {code}"])
+  assert result.stdout == f"{REPO}|{tmp_path}"  # and sourcing it left the folder alone
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
