@@ -387,18 +387,26 @@ def test_variants_are_off_by_default():
 def test_training_from_a_feature_store_with_several_captions(devices, tmp_path):
   """Stored features (manifest + shards, 1-4 captions per image) -> k = 2 positives per image."""
   import json
+  from align_jax.data import feature_files
   rng = np.random.default_rng(8)
-  shards, offset = [], 0
+  shards = []
   for s, num_images in enumerate((40, 24)):
     counts = rng.integers(1, 5, num_images)
     latent = rng.normal(size=(num_images, 6))
     folder = tmp_path / f"shard-0-{s}"
     folder.mkdir()
-    np.save(folder / "image.npy", (latent @ rng.normal(size=(6, 12))).astype(np.float16))
-    np.save(folder / "text.npy", (np.repeat(latent, counts, axis=0) @ rng.normal(size=(6, 10))
-                                  + 0.1 * rng.normal(size=(counts.sum(), 10))).astype(np.float16))
-    np.save(folder / "text_to_image.npy", np.repeat(np.arange(num_images), counts))
-    shards.append({"name": folder.name, "num_images": num_images})
+    arrays = {
+        "image.npy": (latent @ rng.normal(size=(6, 12))).astype(np.float16),
+        "text.npy": (np.repeat(latent, counts, axis=0) @ rng.normal(size=(6, 10))
+                     + 0.1 * rng.normal(size=(counts.sum(), 10))).astype(np.float16),
+        "text_to_image.npy": np.repeat(np.arange(num_images), counts)}
+    files = {}
+    for name, array in arrays.items():  # written as the store writes them: listed in the manifest
+      data = feature_files.npy_bytes(array)
+      (folder / name).write_bytes(data)
+      files[name] = feature_files.file_entry(data, array)
+    shards.append({"name": folder.name, "num_images": num_images,
+                   "num_texts": int(counts.sum()), "files": files})
   (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
   config = tiny_config(**{"data.source": "features", "data.path": str(tmp_path),
                           "model.image_encoder": "features", "model.text_encoder": "features",
