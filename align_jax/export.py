@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 import align_jax
-from align_jax import distributed, inference
+from align_jax import distributed, inference, loss_kinds
 from align_jax import storage
 
 FORMAT = inference.EXPORT_FORMAT
@@ -38,11 +38,7 @@ FORMAT = inference.EXPORT_FORMAT
 def model_card(config: ml_collections.ConfigDict, params: dict, step: int) -> dict:
   """The ``align_jax_model.json`` contents for a config and its trained params."""
   m = config.model
-  logit = params["logit"]
-  if "log_temperature" in logit:
-    logit_values = {"temperature": float(np.exp(logit["log_temperature"]))}
-  else:
-    logit_values = {"scale": float(np.exp(logit["log_scale"])), "bias": float(logit["bias"])}
+  logit_values = loss_kinds.get(config.loss).host_loss_args(params["logit"])
   return {
       "format": FORMAT, "align_jax_version": align_jax.__version__, "step": int(step),
       "image_encoder": m.image_encoder, "text_encoder": m.text_encoder,

@@ -47,6 +47,7 @@ import numpy as np
 
 import align_jax
 from align_jax import config as config_lib
+from align_jax import loss_kinds
 from align_jax import model as model_lib
 from align_jax import storage
 from align_jax import toy_encoders
@@ -149,6 +150,8 @@ class AlignedModel:
     params: trainable params (projectors and logit params), on the default device.
     step: the training step the params come from.
     model: the :class:`align_jax.model.AlignModel`.
+    loss_kind: the :mod:`align_jax.loss_kinds` object of the config's loss (logit params ->
+      temperature or scale and bias -> probabilities).
     batch_size: rows per jitted embedding call.
     image_preprocessing: "eval" or "encoder" (how raw images become pixels; module docstring).
   """
@@ -165,6 +168,7 @@ class AlignedModel:
     self.step = int(step)
     self.batch_size = int(batch_size)
     self.model = model_lib.build_model(config)
+    self.loss_kind = loss_kinds.get(config.loss)
     self.params = jax.device_put(params)
     self.frozen = jax.device_put(self.model.frozen_params())
     self._embed_images = jax.jit(self.model.embed_images)
@@ -289,10 +293,7 @@ class AlignedModel:
   @property
   def logit_params(self) -> dict[str, float]:
     """The learned ``{"temperature"}`` (softmax loss) or ``{"scale", "bias"}`` (sigmoid loss)."""
-    logit = jax.device_get(self.params["logit"])
-    if "log_temperature" in logit:
-      return {"temperature": float(np.exp(logit["log_temperature"]))}
-    return {"scale": float(np.exp(logit["log_scale"])), "bias": float(logit["bias"])}
+    return self.loss_kind.host_loss_args(jax.device_get(self.params["logit"]))
 
   def class_embeddings(self, class_names: Sequence[str],
                        templates: str | Sequence[str] | None = "imagenet80") -> np.ndarray:
@@ -312,14 +313,7 @@ class AlignedModel:
     Sigmoid loss: ``sigmoid(scale * image_emb @ class_emb.T + bias)``, one independent
     probability per class (SigLIP).
     """
-    logits = np.asarray(image_emb, np.float64) @ np.asarray(class_emb, np.float64).T
-    values = self.logit_params
-    if "temperature" in values:
-      logits = logits / values["temperature"]
-      logits -= logits.max(axis=1, keepdims=True)
-      exp = np.exp(logits)
-      return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-    return (1.0 / (1.0 + np.exp(-(values["scale"] * logits + values["bias"])))).astype(np.float32)
+    return self.loss_kind.probabilities(image_emb, class_emb, self.logit_params)
 
   def zero_shot_classify(self, images: Any, class_names: Sequence[str],
                          templates: str | Sequence[str] | None = "imagenet80", *,

@@ -1,7 +1,8 @@
 """Two towers: frozen encoders + trainable projectors -> L2-normalised embeddings, and the logit params.
 
 Trainable parameters form one pytree ``{"image": ..., "text": ..., "logit": ...}`` — the projectors
-and the temperature (softmax loss) or scale and bias (sigmoid loss). Frozen encoder parameters are a
+and the temperature (softmax loss) or scale and bias (sigmoid loss), which the loss kind
+(:mod:`align_jax.loss_kinds`) creates and clamps. Frozen encoder parameters are a
 separate pytree ``{"image": ..., "text": ...}`` passed as its own argument, read under
 ``stop_gradient`` and never seen by the optimiser.
 """
@@ -9,7 +10,6 @@ separate pytree ``{"image": ..., "text": ...}`` passed as its own argument, read
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax import projectors, sharding, toy_encoders
+from align_jax import loss_kinds, projectors, sharding, toy_encoders
 
 
 # config.model.dropout_rng_impl: jax PRNG implementations for the dropout masks
@@ -52,24 +52,6 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def init_logit_params(loss_config: ml_collections.ConfigDict) -> dict:
-  """Learnable log-temperature (softmax) or log-scale and bias (sigmoid), as float32 scalars."""
-  if loss_config.name == "softmax":
-    return {"log_temperature": jnp.asarray(math.log(loss_config.temperature_init), jnp.float32)}
-  return {"log_scale": jnp.asarray(math.log(loss_config.scale_init), jnp.float32),
-          "bias": jnp.asarray(loss_config.bias_init, jnp.float32)}
-
-
-def clamp_logit_params(logit: dict, loss_config: ml_collections.ConfigDict) -> dict:
-  """Projects the logit params back into their allowed range after each update (as open_clip)."""
-  if "log_temperature" in logit:
-    return {"log_temperature": jnp.clip(logit["log_temperature"],
-                                        math.log(loss_config.temperature_min),
-                                        math.log(loss_config.temperature_max))}
-  return {"log_scale": jnp.minimum(logit["log_scale"], math.log(loss_config.scale_max)),
-          "bias": logit["bias"]}
-
-
 @dataclasses.dataclass(frozen=True)
 class AlignModel:
   """Frozen image/text encoders and their trainable projectors.
@@ -78,7 +60,8 @@ class AlignModel:
     image_encoder / text_encoder: objects with ``params`` and a pure ``apply(params, inputs)``
       returning features (see :mod:`align_jax.projectors` for the convention).
     image_projector / text_projector: Flax modules mapping features to embeddings.
-    loss_config: ``config.loss``; decides which logit params exist.
+    loss_config: ``config.loss``; its loss kind (:mod:`align_jax.loss_kinds`) owns the logit
+      params.
   """
   image_encoder: Any
   text_encoder: Any
@@ -114,7 +97,7 @@ class AlignModel:
     image_rng, text_rng = jax.random.split(rng)
     return {"image": self.image_projector.init(image_rng, image)["params"],
             "text": self.text_projector.init(text_rng, text)["params"],
-            "logit": init_logit_params(self.loss_config)}
+            "logit": loss_kinds.get(self.loss_config).init_params()}
 
   def project(self, params: dict, image: dict, text: dict, *, train: bool = False,
               rng: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -29,7 +29,7 @@ from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
-from align_jax import losses, model as model_lib, optim, preemption, reporting, sharding
+from align_jax import loss_kinds, model as model_lib, optim, preemption, reporting, sharding
 from align_jax import storage, variants
 from align_jax.data import factory as data_factory
 from align_jax.evaluate import evaluators as evaluators_lib
@@ -46,36 +46,14 @@ class TrainState:
   rng: jax.Array
 
 
-def logit_values(params: dict) -> dict:
-  """The loss's scalars from the trainable logit params."""
-  logit = params["logit"]
-  if "log_temperature" in logit:
-    return {"temperature": jnp.exp(logit["log_temperature"])}
-  return {"scale": jnp.exp(logit["log_scale"]), "bias": logit["bias"]}
-
-
-def make_loss_fn(loss_config: ml_collections.ConfigDict, mesh, batch_axes):
-  """(z_image, z_text, logit values) -> scalar loss over the global batch, sharded over the mesh."""
-  kwargs = {}
-  if loss_config.impl:
-    kwargs["impl"] = loss_config.impl
-  if loss_config.block_size:
-    kwargs["block_size"] = loss_config.block_size
-  if loss_config.name == "softmax":
-    sharded = losses.shard_loss(losses.softmax_loss, mesh, tuple(batch_axes), **kwargs)
-    return lambda zi, zt, v: sharded(zi, zt, v["temperature"])
-  sharded = losses.shard_loss(losses.sigmoid_loss, mesh, tuple(batch_axes), **kwargs)
-  return lambda zi, zt, v: sharded(zi, zt, v["scale"], v["bias"])
-
-
 def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh):
   """Returns the pure ``train_step(state, frozen, batch) -> (state, metrics)``."""
-  loss_fn = make_loss_fn(config.loss, mesh, config.mesh.batch_axes)
+  kind = loss_kinds.get(config.loss)  # the loss and its logit params (align_jax.loss_kinds)
   # align_jax.variants (each off by default): FuseMix on the frozen features; the objective
-  # (multi-positive / CWCL losses, STRUCTURE); plain loss_fn when all are off.
+  # (multi-positive / CWCL losses, STRUCTURE); the kind's sharded loss when all are off.
   mix_features = variants.make_feature_mixer(config, mesh)
-  objective_fn = variants.make_objective(config, mesh, loss_fn)
+  objective_fn = variants.make_objective(config, mesh, kind)
   schedule = optim.learning_rate_schedule(config)
 
   def train_step(state: TrainState, frozen: dict, batch: dict):
@@ -85,14 +63,14 @@ def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformatio
 
     def objective(params):
       z_image, z_text = model.project(params, image, text, train=True, rng=dropout_rng)
-      values = logit_values(params)
+      values = kind.loss_args(params["logit"])
       loss, extra = objective_fn(z_image, z_text, values, image, text)
       return loss, {**values, **extra}
 
     (loss, values), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params = {**params, "logit": model_lib.clamp_logit_params(params["logit"], config.loss)}
+    params = {**params, "logit": kind.clamp(params["logit"])}
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                "train/param_norm": optax.tree.norm(params),
                "train/learning_rate": schedule(state.step),

@@ -256,24 +256,24 @@ def structure_regularizer(frozen: jnp.ndarray, projected: jnp.ndarray, levels: i
 # --------------------------------------------------------------------------- the objective
 
 
-def make_objective(config: ml_collections.ConfigDict, mesh, base_loss_fn: Callable) -> Callable:
-  """``(z_image, z_text, logit values, image features, text features) -> (loss, extra metrics)``.
+def make_objective(config: ml_collections.ConfigDict, mesh, kind) -> Callable:
+  """``(z_image, z_text, loss args, image features, text features) -> (loss, extra metrics)``.
 
-  ``base_loss_fn(z_image, z_text, values)`` is the trainer's loss (``losses``, sharded); it is used
-  unless several captions per image or CWCL replace it. STRUCTURE is added on top of either.
+  ``kind`` is the run's loss kind (``align_jax.loss_kinds.get(config.loss)``): its sharded loss
+  (``losses``) is used unless several captions per image (its multi-positive loss) or CWCL
+  replace it. STRUCTURE is added on top of either.
   """
   loss_config, axes = config.loss, tuple(config.mesh.batch_axes)
   k = int(config.data.captions_per_image)
   kw = dict(mesh=mesh, batch_axes=axes)
+  base_loss_fn = kind.sharded_loss(mesh, axes)
 
   def contrastive(zi, zt, values, image, text):
-    if loss_config.cwcl_weight > 0:
+    if loss_config.cwcl_weight > 0:  # softmax only (config.validate)
       return cwcl_softmax_loss(zi, zt, pooled(image), pooled(text), values["temperature"],
                                loss_config.cwcl_weight, **kw)
-    if k > 1 and loss_config.name == "softmax":
-      return multi_positive_softmax_loss(zi, zt, values["temperature"], k, **kw)
     if k > 1:
-      return multi_positive_sigmoid_loss(zi, zt, values["scale"], values["bias"], k, **kw)
+      return kind.multi_positive_loss(zi, zt, values, k, **kw)
     return base_loss_fn(zi, zt, values)
 
   def objective(zi, zt, values, image, text):

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from align_jax import model as model_lib, optim, sharding, train  # noqa: E402
+from align_jax import loss_kinds, model as model_lib, optim, sharding, train  # noqa: E402
 from configs import dinov2_roberta  # noqa: E402
 
 LN_EPS = 1e-6  # flax.linen.LayerNorm's default
@@ -123,10 +123,11 @@ class JaxStep:
 
   def loss_without_dropout(self) -> float:
     model = self.model
-    loss_fn = train.make_loss_fn(self.config.loss, model.mesh, self.config.mesh.batch_axes)
+    kind = loss_kinds.get(self.config.loss)
+    loss_fn = kind.sharded_loss(model.mesh, self.config.mesh.batch_axes)
     image, text = model.encode(self.frozen, self.batch)
     z_image, z_text = model.project(self.state.params, image, text, train=False)
-    return float(loss_fn(z_image, z_text, train.logit_values(self.state.params)))
+    return float(loss_fn(z_image, z_text, kind.loss_args(self.state.params["logit"])))
 
   def __call__(self) -> float:
     self.state, metrics = self.step_fn(self.state, self.frozen, self.batch)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import feature_store, model as model_lib, sharding, train
+from align_jax import feature_store, loss_kinds, model as model_lib, sharding
 from align_jax.data import features, pipeline, factory
 from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
                          tiny_config, tiny_online_config)
@@ -62,11 +62,12 @@ def test_stored_and_online_give_the_same_loss(online_config, tmp_path, devices):
   stored = {"image": {k: v[rows] for k, v in image.items()},
             "text": {k: v[first_caption] for k, v in text.items()}}
   params = model.init(jax.random.PRNGKey(0), frozen, online)
-  loss_fn = train.make_loss_fn(online_config.loss, mesh, ("data",))
+  kind = loss_kinds.get(online_config.loss)
+  loss_fn = kind.sharded_loss(mesh, ("data",))
 
   def loss(m, f, b):
     z_image, z_text = m.embed(params, f, b)
-    return float(loss_fn(z_image, z_text, train.logit_values(params)))
+    return float(loss_fn(z_image, z_text, kind.loss_args(params["logit"])))
 
   stored_model = model_lib.build_model(tiny_config(**{
       "model.image_projector": "freeze_align_image", "model.text_projector": "freeze_align_text",

@@ -52,11 +52,25 @@ def test_frozen_params_bit_identical_and_never_in_optimizer(devices):
 
 
 def test_temperature_is_clamped(devices):
-  config = tiny_config(**{"loss.temperature_init": 0.5, "loss.temperature_max": 0.5,
-                          "optim.learning_rate": 0.5, "optim.warmup_steps": 0})
-  _, state, _ = _run_steps(config, sharding.make_mesh(("data",), (8,)), 3)
+  # Adam's first update moves log-temperature by about the learning rate (0.5) whichever way its
+  # gradient points: from 0.1 that leaves [0.09, 0.11] on either side, so the clamp must act.
+  low, high = 0.09, 0.11
+  overrides = {"loss.temperature_init": 0.1, "optim.learning_rate": 0.5, "optim.warmup_steps": 0}
+  mesh = sharding.make_mesh(("data",), (8,))
+  _, free, _ = _run_steps(tiny_config(**overrides), mesh, 1)  # the default range [0.001, 0.5]
+  unclamped = math.exp(float(free.params["logit"]["log_temperature"]))
+  assert not low <= unclamped <= high, unclamped  # the step pushes it out of the narrow range
+  config = tiny_config(**overrides, **{"loss.temperature_min": low, "loss.temperature_max": high})
+  trainer = train.build_trainer(config, mesh)
+  state = trainer.state
+  assert low < math.exp(float(state.params["logit"]["log_temperature"])) < high  # starts inside
+  state, _ = trainer.train_step(state, trainer.frozen, trainer.next_batch())
+  bound = high if unclamped > high else low  # the same first step, clamped to the bound it crossed
+  assert float(state.params["logit"]["log_temperature"]) == float(np.float32(math.log(bound)))
+  for _ in range(2):
+    state, _ = trainer.train_step(state, trainer.frozen, trainer.next_batch())
   temperature = math.exp(float(state.params["logit"]["log_temperature"]))
-  assert 0.001 - 1e-7 <= temperature <= 0.5 + 1e-6
+  assert low - 1e-7 <= temperature <= high + 1e-6
 
 
 def test_loop_writes_metrics_and_eval(tmp_path, devices):
