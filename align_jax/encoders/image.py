@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax import interfaces
 from align_jax.encoders import hub
 from align_jax.encoders import image_processing
 from align_jax.encoders import layers as layers_lib
@@ -157,7 +158,10 @@ class ImageEncoder:
     num_tokens: tokens per image (CLS + patches).
     layers: the layer indices ``apply`` pools (see :mod:`align_jax.encoders.layers`); ``(N,)``,
       the final output, by default.
+    input_kind: ``interfaces.RAW``: it reads images (a ``interfaces.RawInputEncoder``).
   """
+
+  input_kind = interfaces.RAW
 
   def __init__(self, *, name: str, family: ImageFamily, module: Any, params: Any, config: Any,
                pooling: str, preprocessing: image_processing.ImageProcessor,
