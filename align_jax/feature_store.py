@@ -305,9 +305,9 @@ def _extract_split(config, data, out_dir: str, model, frozen, mesh, *, batch_siz
   batch_sharding = sharding.batch_sharding(mesh, batch_axes)
   # Outputs stay split like the batch (rows only: with FSDP-sharded frozen params XLA could
   # otherwise split them along the feature axis), so each process keeps its own rows.
-  encode_images = jax.jit(lambda p, x: model._run(model.image_encoder, p, x),
+  encode_images = jax.jit(lambda p, x: model.apply_encoder(model.image_encoder, p, x),
                           out_shardings=batch_sharding)
-  encode_texts = jax.jit(lambda p, x: model._run(model.text_encoder, p, x),
+  encode_texts = jax.jit(lambda p, x: model.apply_encoder(model.text_encoder, p, x),
                          out_shardings=batch_sharding)
   text_local = batch_size // jax.process_count()
 

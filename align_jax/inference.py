@@ -49,8 +49,8 @@ import align_jax
 from align_jax import config as config_lib
 from align_jax import loss_kinds
 from align_jax import model as model_lib
+from align_jax import interfaces
 from align_jax import storage
-from align_jax import toy_encoders
 
 MODEL_FILE = "align_jax_model.json"  # marks an exported folder
 EXPORT_FORMAT = "align_jax.model/1"
@@ -230,7 +230,7 @@ class AlignedModel:
 
   def _inputs(self, encoder: Any, items: Any, tower: str) -> tuple[dict, int]:
     """Raw user inputs -> (the encoder's input dict of host arrays, row count)."""
-    if hasattr(encoder, "preprocess"):  # Hugging Face: images / strings
+    if encoder.input_kind == interfaces.RAW:  # Hugging Face: images / strings
       if tower == "image" and isinstance(items, np.ndarray) and items.ndim == 3:
         items = items[None]
       if tower == "text" and isinstance(items, str):
@@ -240,7 +240,7 @@ class AlignedModel:
       if tower == "image" and self.image_preprocessing == "eval":
         return {"pixel_values": self._eval_pixels(items)}, len(items)
       return dict(encoder.preprocess(items)), len(items)
-    if isinstance(encoder, toy_encoders.RandomMLPEncoder):
+    if encoder.input_kind == interfaces.VECTORS:  # the demo's random MLPs
       values = _as_rows(items, f"{tower} inputs (raw demo vectors)")
       if values.shape[1] != encoder.input_dim:
         raise ValueError(f"the demo's random {tower} encoder takes vectors of width "
@@ -298,7 +298,7 @@ class AlignedModel:
   def class_embeddings(self, class_names: Sequence[str],
                        templates: str | Sequence[str] | None = "imagenet80") -> np.ndarray:
     """[C, D] prompt-ensemble class embeddings (``align_jax.evaluate.prompts.class_embeddings``)."""
-    if not hasattr(self.model.text_encoder, "preprocess"):
+    if self.model.text_encoder.input_kind != interfaces.RAW:
       raise ValueError(f"class names need a text encoder that reads strings; this model's is "
                        f"{self.model.text_encoder.name!r}: pass class_embeddings= (e.g. "
                        "embed_texts of one text input per class) to zero_shot_classify")

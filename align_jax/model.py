@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax import loss_kinds, projectors, sharding, toy_encoders
+from align_jax import interfaces, loss_kinds, projectors, sharding, toy_encoders
 
 
 # config.model.dropout_rng_impl: jax PRNG implementations for the dropout masks
@@ -57,14 +57,14 @@ class AlignModel:
   """Frozen image/text encoders and their trainable projectors.
 
   Attributes:
-    image_encoder / text_encoder: objects with ``params`` and a pure ``apply(params, inputs)``
-      returning features (see :mod:`align_jax.projectors` for the convention).
+    image_encoder / text_encoder: :class:`align_jax.interfaces.FrozenEncoder`s, ``params`` and a
+      pure ``apply(params, inputs)`` returning features (:mod:`align_jax.projectors` convention).
     image_projector / text_projector: Flax modules mapping features to embeddings.
     loss_config: ``config.loss``; its loss kind (:mod:`align_jax.loss_kinds`) owns the logit
       params.
   """
-  image_encoder: Any
-  text_encoder: Any
+  image_encoder: interfaces.FrozenEncoder
+  text_encoder: interfaces.FrozenEncoder
   image_projector: nn.Module
   text_projector: nn.Module
   loss_config: ml_collections.ConfigDict
@@ -80,11 +80,16 @@ class AlignModel:
   def encode(self, frozen: dict, batch: dict) -> tuple[dict, dict]:
     """Runs the frozen encoders; no gradient flows into them or their params."""
     frozen = jax.lax.stop_gradient(frozen)
-    image = self._run(self.image_encoder, frozen["image"], batch["image"])
-    text = self._run(self.text_encoder, frozen["text"], batch["text"])
+    image = self.apply_encoder(self.image_encoder, frozen["image"], batch["image"])
+    text = self.apply_encoder(self.text_encoder, frozen["text"], batch["text"])
     return jax.lax.stop_gradient(image), jax.lax.stop_gradient(text)
 
-  def _run(self, encoder, params, inputs):
+  def apply_encoder(self, encoder: interfaces.FrozenEncoder, params: Any, inputs: dict) -> dict:
+    """One frozen encoder's features of ``inputs``, micro-batched by ``encoder_micro_batch``.
+
+    No ``stop_gradient``: :meth:`encode` adds it for training; evaluation and feature extraction
+    take no gradient.
+    """
     if not self.encoder_micro_batch or self.mesh is None:
       return encoder.apply(params, inputs)
     return sharding.map_micro_batches(
@@ -140,12 +145,12 @@ class AlignModel:
 
   def embed_images(self, params: dict, frozen: dict, inputs: dict) -> jnp.ndarray:
     """Image-tower inputs -> normalised embeddings (evaluation, inference)."""
-    features = self._run(self.image_encoder, frozen["image"], inputs)
+    features = self.apply_encoder(self.image_encoder, frozen["image"], inputs)
     return self._project(self.image_projector, params["image"], features, False, None)
 
   def embed_texts(self, params: dict, frozen: dict, inputs: dict) -> jnp.ndarray:
     """Text-tower inputs -> normalised embeddings (evaluation, inference)."""
-    features = self._run(self.text_encoder, frozen["text"], inputs)
+    features = self.apply_encoder(self.text_encoder, frozen["text"], inputs)
     return self._project(self.text_projector, params["text"], features, False, None)
 
   def embed(self, params: dict, frozen: dict, batch: dict, *, train: bool = False,

@@ -37,19 +37,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from align_jax.ops import masked_mean
+
 Features = dict
 
 # config.model.projector_dtype -> compute dtype (parameters stay float32)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def masked_mean(tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-  """Mean over the tokens where ``mask`` is true ([B, T, D], [B, T] -> [B, D]); as sentence-transformers.
-
-  An all-padding row gives zeros.
-  """
-  weights = mask.astype(tokens.dtype)[..., None]
-  return (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
 
 def pooled(features: Features) -> jnp.ndarray:
@@ -147,7 +140,7 @@ class TokenProjector(nn.Module):
 
   ``__call__(x)`` maps every token ([..., D] -> [..., embed_dim]). ``__call__(x, mask)`` returns
   the masked mean over tokens of those outputs ([B, T, D], [B, T] -> [B, embed_dim]; zeros for a
-  row without tokens, as :func:`masked_mean`), computed as ``linear(mean d) + mlp_out(mean
+  row without tokens, as :func:`align_jax.ops.masked_mean`), computed as ``linear(mean d) + mlp_out(mean
   GELU(mlp_in(d)))``: the same function with two of the three matmuls once per example instead
   of once per token. Parameters and dropout masks are the same in both forms. Without an active
   dropout mask, LN's scale and shift fold into ``linear`` and ``mlp_in`` (:func:`_folded_dense`).

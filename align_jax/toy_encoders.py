@@ -1,7 +1,8 @@
 """Frozen encoders that need no checkpoint: stored features, and the CPU demo's fixed random MLPs.
 
-They follow the frozen-encoder interface of :mod:`align_jax.encoders` (the Hugging Face ones):
-``params`` (a pytree that is never trained) and a pure ``apply(params, inputs) -> features``.
+They are :class:`align_jax.interfaces.FrozenEncoder`s, as the Hugging Face ones: ``params`` (a
+pytree that is never trained) and a pure ``apply(params, inputs) -> features``; their
+``input_kind`` says what they read (stored features, or the demo's raw vectors).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax import interfaces
+
 
 @dataclasses.dataclass(frozen=True)
 class StoredFeatures:
   """The batch already holds encoder outputs (``{"pooled": ...}`` or ``{"tokens", "mask"}``)."""
   name: str = "features"
+  input_kind: str = dataclasses.field(default=interfaces.FEATURES, init=False)
 
   @property
   def params(self) -> dict:
@@ -44,6 +48,7 @@ class RandomMLPEncoder:
   seed: int
   activation: str = "tanh"
   name: str = "random_mlp"
+  input_kind: str = dataclasses.field(default=interfaces.VECTORS, init=False)
 
   def __post_init__(self):
     if self.activation not in _ACTIVATIONS:

@@ -29,6 +29,7 @@ from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
+from align_jax import interfaces
 from align_jax import loss_kinds, model as model_lib, optim, preemption, reporting, sharding
 from align_jax import storage, variants
 from align_jax.data import factory as data_factory
@@ -119,7 +120,7 @@ class Trainer:
   config: ml_collections.ConfigDict
   mesh: Any
   model: model_lib.AlignModel
-  source: Any
+  source: interfaces.PairSource  # next / get_state / set_state / skipped
   frozen: dict
   state: TrainState
   state_shardings: Any

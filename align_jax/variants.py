@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from align_jax import projectors
+from align_jax import ops
 
 _EPS = 1e-12
 
@@ -50,7 +50,7 @@ def pooled(features: dict) -> jnp.ndarray:
   """One float32 vector per row of an encoder's features: ``pooled``, or the masked token mean."""
   if "pooled" in features:
     return features["pooled"].astype(jnp.float32)
-  return projectors.masked_mean(features["tokens"].astype(jnp.float32), features["mask"])
+  return ops.masked_mean(features["tokens"].astype(jnp.float32), features["mask"])
 
 
 def _normalize(x: jnp.ndarray) -> jnp.ndarray:

@@ -1,4 +1,4 @@
-"""Transforms: shapes, normalisation, eval crop against PIL, RandomResizedCrop, determinism."""
+"""Transforms: shapes, normalisation, eval crop against the HF processor, RandomResizedCrop."""
 
 import math
 
@@ -26,24 +26,25 @@ def test_normalize_matches_formula():
   assert got.dtype == np.float32
 
 
-@pytest.mark.parametrize("width,height", [(40, 30), (30, 40), (17, 17), (100, 20)])
-def test_eval_transform_equals_pil_reference(width, height):
+@pytest.mark.parametrize("width,height", [(40, 30), (30, 40), (17, 17), (100, 20), (38, 32),
+                                          (32, 38)])
+def test_eval_transform_equals_hf_image_processor(width, height):
+  """The evaluation crop is the HF processors' (38 x 32: torchvision's rounding would differ)."""
+  import transformers
   image = _pil(1, width, height)
   size = 16
   got = transforms.make_image_transform(size, train=False, mean=MEAN, std=STD)(image, None)
-  # Reference written out by hand: torchvision Resize(size) (bicubic) + CenterCrop(size).
-  scale = size / min(width, height)
-  if width <= height:
-    new = (size, int(size * height / width))
-  else:
-    new = (int(size * width / height), size)
-  assert abs(new[0] - width * scale) < 1 and abs(new[1] - height * scale) < 1
-  resized = image.resize(new, Image.Resampling.BICUBIC) if new != (width, height) else image
-  left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
-  ref = np.asarray(resized.crop((left, top, left + size, top + size)), np.float64)
-  ref = (ref / 255.0 - np.array(MEAN)) / np.array(STD)
-  assert got.shape == (size, size, 3)
+  processor = transformers.BitImageProcessor(
+      size={"shortest_edge": size}, crop_size=size, resample=Image.Resampling.BICUBIC,
+      image_mean=list(MEAN), image_std=list(STD))
+  ref = processor(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  assert got.shape == ref.shape == (size, size, 3)
   np.testing.assert_allclose(got, ref, atol=1e-5)
+  if (width, height) == (38, 32):  # resized to 19 x 16: a margin of 3, cut 1 | 2 (HF), not 2 | 1
+    resized = image.resize((19, 16), Image.Resampling.BICUBIC)
+    torchvision_crop = np.asarray(resized.crop((2, 0, 18, 16)), np.float64)
+    torchvision_crop = (torchvision_crop / 255.0 - np.array(MEAN)) / np.array(STD)
+    assert np.abs(got - torchvision_crop).max() > 0.1
 
 
 def test_constant_image_normalises_to_known_values():

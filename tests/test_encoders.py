@@ -163,12 +163,14 @@ def test_preprocess_equals_hf_image_processor(checkpoints, family, image_size):
   enc = encoders.ImageEncoder.from_pretrained(folder, image_size=image_size)
   proc = transformers.AutoImageProcessor.from_pretrained(folder, use_fast=False)
   overrides = {}
-  if image_size is not None:
-    settings = enc.preprocessing
-    overrides["size"] = ({"shortest_edge": settings.shortest_edge} if settings.shortest_edge else
-                         {"height": settings.resize_hw[0], "width": settings.resize_hw[1]})
-    if settings.crop_hw:
+  if image_size is not None:  # the resize scales as the crop: the same field of view
+    if family == "vit":  # square resize, no crop
+      overrides["size"] = {"height": image_size, "width": image_size}
+    else:
+      ratio = image_size / proc.crop_size["height"]
+      overrides["size"] = {"shortest_edge": round(proc.size["shortest_edge"] * ratio)}
       overrides["crop_size"] = {"height": image_size, "width": image_size}
+    assert enc.preprocessing.overrides == overrides
   images = _images(2)
   ref = proc(images, return_tensors="np", **overrides)["pixel_values"].transpose(0, 2, 3, 1)
   size = image_size or enc.image_size
@@ -179,6 +181,35 @@ def test_preprocess_equals_hf_image_processor(checkpoints, family, image_size):
   np.testing.assert_allclose(enc.preprocess(stacked)["pixel_values"], ref.transpose(0, 2, 3, 1),
                              atol=1e-5)
   assert enc.mean == tuple(proc.image_mean) and enc.std == tuple(proc.image_std)
+
+
+def test_image_processor_wrapper_is_the_hf_processor_in_nhwc():
+  """Any PIL mode or uint8 array is made RGB, then HF's own processor runs; sizes are checked."""
+  import transformers
+  from align_jax.encoders import image_processing
+  proc = transformers.BitImageProcessor(size={"shortest_edge": 20}, crop_size=18, resample=3,
+                                        image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+  wrapper = image_processing.ImageProcessor(proc)
+  assert (wrapper.image_size, wrapper.overrides) == (18, {})
+  assert (wrapper.mean, wrapper.std) == ((0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+  rgb = _images(3)
+  images = [rgb[0].convert("L"), rgb[1].convert("RGBA"), np.asarray(rgb[2]), rgb[3]]
+  ref = proc([im.convert("RGB") for im in [images[0], images[1], rgb[2], rgb[3]]],
+             return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  out = wrapper(images)
+  assert out.dtype == np.float32 and out.shape == (4, 18, 18, 3) and out.flags.c_contiguous
+  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(wrapper(np.asarray(rgb[2])), ref[2:3])  # one [H, W, 3] array
+  assert wrapper([]).shape == (0, 18, 18, 3)
+  larger = image_processing.ImageProcessor(proc, image_size=27)  # crop 27, short side 30
+  assert larger.overrides == {"size": {"shortest_edge": 30},
+                              "crop_size": {"height": 27, "width": 27}}
+  assert larger(rgb).shape == (4, 27, 27, 3)
+  no_crop = transformers.BitImageProcessor(size={"shortest_edge": 20}, do_center_crop=False)
+  with pytest.raises(ValueError, match="image_size"):
+    image_processing.ImageProcessor(no_crop)
+  with pytest.raises(ValueError, match="uint8"):
+    wrapper([np.zeros((4, 4, 3), np.float32)])
 
 
 def _torch_text(torch, family, folder, inputs):

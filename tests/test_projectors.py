@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax import config as config_lib, projectors
+from align_jax import config as config_lib, ops, projectors
 
 RNG = np.random.default_rng(0)
 
@@ -35,7 +35,7 @@ def test_masked_mean_matches_numpy():
   tokens = RNG.normal(size=(3, 5, 4)).astype(np.float32)
   mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
   expected = np.stack([tokens[i][mask[i]].mean(0) for i in range(3)])
-  np.testing.assert_allclose(projectors.masked_mean(tokens, mask), expected, rtol=1e-6)
+  np.testing.assert_allclose(ops.masked_mean(tokens, mask), expected, rtol=1e-6)
 
 
 def test_freeze_align_parameter_count_matches_recipe():
@@ -121,7 +121,7 @@ def test_pooled_projectors_accept_tokens_via_masked_mean():
   params = module.init(jax.random.PRNGKey(4), {"pooled": x[:, 0]})
   np.testing.assert_allclose(
       module.apply(params, {"tokens": x, "mask": mask}),
-      module.apply(params, {"pooled": projectors.masked_mean(x, mask)}), rtol=1e-6)
+      module.apply(params, {"pooled": ops.masked_mean(x, mask)}), rtol=1e-6)
 
 
 def test_unknown_projector_and_missing_tokens():
@@ -185,7 +185,7 @@ def test_token_projector_pooled_equals_per_token_values_and_gradients(rate):
     return module.apply({"params": p}, v, mask, train=True, rngs=rngs)
 
   def per_token(p, v):
-    return projectors.masked_mean(module.apply({"params": p}, v, train=True, rngs=rngs), mask)
+    return ops.masked_mean(module.apply({"params": p}, v, train=True, rngs=rngs), mask)
 
   out = pooled(params, x)
   np.testing.assert_allclose(out, per_token(params, x), rtol=1e-5, atol=1e-6)
@@ -202,7 +202,7 @@ def test_token_projector_pooled_equals_per_token_values_and_gradients(rate):
     assert 0.55 < float(keep.mean()) < 0.85  # a real mask (rate 0.3), not all ones
 
   def reference(p, v):
-    return projectors.masked_mean(_token_reference(p, v, keep, rate), mask)
+    return ops.masked_mean(_token_reference(p, v, keep, rate), mask)
 
   np.testing.assert_allclose(out, reference(params, x), rtol=1e-5, atol=1e-6)
   expected = jax.grad(lambda p, v: (reference(p, v) * cotangent).sum(), argnums=(0, 1))(params, x)
@@ -225,10 +225,10 @@ def test_freeze_align_towers_equal_per_token_form_with_a_fixed_dropout_mask(rate
   def image_reference(p, keep):
     cls = _token_reference(p["cls"], x[:, 0], keep["cls"], rate)
     patches = _token_reference(p["patch"], x[:, 1:], keep["patch"], rate)
-    return cls + projectors.masked_mean(patches, image_mask[:, 1:])
+    return cls + ops.masked_mean(patches, image_mask[:, 1:])
 
   def text_reference(p, keep):
-    pooled = projectors.masked_mean(_token_reference(p["token"], x, keep["token"], rate),
+    pooled = ops.masked_mean(_token_reference(p["token"], x, keep["token"], rate),
                                     text_mask)
     h = p["head"]
     proj = _dense_jnp(pooled, h["proj"])
@@ -284,7 +284,7 @@ def test_pooled_token_projector_does_a_third_of_the_matmul_flops():
     params = module.init(jax.random.PRNGKey(0), x)["params"]
 
     def per_token(p, module=module):
-      return projectors.masked_mean(module.apply({"params": p}, x, train=True, rngs=rngs), mask)
+      return ops.masked_mean(module.apply({"params": p}, x, train=True, rngs=rngs), mask)
 
     def pooled(p, module=module):
       return module.apply({"params": p}, x, mask, train=True, rngs=rngs)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import helpers_data as hd
 from align_jax import config as config_lib
+from align_jax import interfaces
 from align_jax import model as model_lib
 from align_jax import sharding, train
 from align_jax.data import factory, synthetic_images
@@ -29,14 +30,13 @@ class _FakeImageEncoder:
   image_size: int = 4
   mean: tuple = (0.0, 0.0, 0.0)
   std: tuple = (1.0, 1.0, 1.0)
-
-  def preprocess(self, images):
-    raise NotImplementedError  # present only: the evaluator checks raw encoders by attribute
+  input_kind: str = interfaces.RAW  # reads raw images (the evaluator checks this)
 
 
 @dataclasses.dataclass(frozen=True)
 class _FakeTextEncoder:
   """Token 0/1/2 for the first colour word of a text, 3 for none (padding)."""
+  input_kind: str = interfaces.RAW
 
   def preprocess(self, texts):
     ids = [next((WORDS.index(w) for w in t.lower().replace(".", " ").split() if w in WORDS), 3)

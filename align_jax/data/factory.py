@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from align_jax import storage
+from align_jax import interfaces, storage
 from align_jax.data import features
 
 ARRAY_SOURCES = ("synthetic", "features")
@@ -24,7 +24,7 @@ def is_array_source(data_config) -> bool:
 def check_raw_encoders(model, data_config, where: str = "") -> None:
   """Raw images and captions need Hugging Face encoders (not stored features or random MLPs)."""
   for tower in ("image_encoder", "text_encoder"):
-    if not hasattr(getattr(model, tower), "preprocess"):
+    if getattr(model, tower).input_kind != interfaces.RAW:
       raise ValueError(f"{where + ': ' if where else ''}data.source {data_config.source!r} yields "
                        f"raw images and captions, so config.model.{tower} must be a Hugging Face "
                        f"encoder (id or folder), not {getattr(model, tower).name!r}")

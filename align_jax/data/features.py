@@ -1,7 +1,7 @@
 """Pairs held in arrays: stored encoder features (memory-mapped .npy) and the synthetic demo world.
 
 Both are served by :class:`ArrayPairSource`, the simplest implementation of the source interface
-every training input follows:
+every training input follows (:class:`align_jax.interfaces.PairSource`):
 
 * ``next(source)`` -> this process's rows of the next global batch, ``{"image": {...}, "text": {...}}``;
 * ``get_state()`` / ``set_state(state)`` -> a JSON dict saved in each checkpoint, so a resumed run

@@ -2,9 +2,13 @@
 
 Training: RandomResizedCrop(size, scale 0.2–1.0, ratio 3/4–4/3) → horizontal flip (p = 0.5) →
 optional RandAugment(2, 7) → the encoder's mean/std normalisation. Evaluation: resize the shorter
-side to ``size`` (bicubic) → centre crop ``size × size`` → normalisation. These follow the
-torchvision definitions the paper used (``transforms.RandomResizedCrop``, ``Resize`` +
-``CenterCrop``), written on PIL so that workers need neither torch nor TF.
+side to ``size`` (bicubic) → centre crop ``size × size`` → normalisation. Training follows the
+torchvision definitions the paper used (``transforms.RandomResizedCrop``); the evaluation resize and
+crop are those of the encoders' Hugging Face image processors (:mod:`align_jax.encoders.
+image_processing`: short side with ``int()`` rounding, crop offset ``(side - size) // 2``), so a
+model sees one centre crop whichever path made its pixels; the tests compare it with HF's
+BitImageProcessor. Both are written on PIL + numpy, so that workers need neither torch, TF nor
+transformers, and run per image at PIL speed.
 
 Every random choice is drawn from an ``np.random.Generator`` handed in by the caller: the data
 pipeline seeds it from (seed, stream position, record), so an example is augmented identically
@@ -63,7 +67,7 @@ def random_resized_crop_box(
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-  """Bicubic resize so the shorter side is ``size`` (torchvision ``Resize(size)`` rounding)."""
+  """Bicubic resize so the shorter side is ``size`` (``int()`` rounding, as HF and torchvision)."""
   width, height = image.size
   if width <= height:
     new_w, new_h = size, int(size * height / width)
@@ -75,10 +79,14 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
-  """Centre ``size × size`` crop with torchvision ``CenterCrop`` rounding."""
+  """Centre ``size × size`` crop at offset ``(side - size) // 2``, the HF image processors' rule.
+
+  (torchvision's ``CenterCrop`` rounds ``(side - size) / 2`` half to even instead: one pixel off
+  when the margin is odd.) Images are at least ``size`` on both sides after the resize.
+  """
   width, height = image.size
-  top = int(round((height - size) / 2.0))
-  left = int(round((width - size) / 2.0))
+  top = (height - size) // 2
+  left = (width - size) // 2
   return image.crop((left, top, left + size, top + size))
 
 

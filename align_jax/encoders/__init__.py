@@ -10,7 +10,7 @@ D']}`` or ``{"tokens": [B, T, D], "mask": [B, T]}``, always float32, of the laye
 
 from align_jax.encoders.hub import EncoderNotFoundError, resolve_checkpoint
 from align_jax.encoders.image import IMAGE_FAMILIES, ImageEncoder
-from align_jax.encoders.image_processing import ImagePreprocessing
+from align_jax.encoders.image_processing import ImageProcessor
 from align_jax.encoders.pooling import IMAGE_POOLINGS, TEXT_POOLINGS
 from align_jax.encoders.pos_embed import resample_position_embeddings
 from align_jax.encoders.text import TEXT_FAMILIES, TextEncoder
@@ -20,7 +20,7 @@ __all__ = [
   "IMAGE_FAMILIES",
   "IMAGE_POOLINGS",
   "ImageEncoder",
-  "ImagePreprocessing",
+  "ImageProcessor",
   "TEXT_FAMILIES",
   "TEXT_POOLINGS",
   "TextEncoder",

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax import interfaces
 from align_jax.encoders import hub
 from align_jax.encoders import image_processing
 from align_jax.encoders import layers as layers_lib
@@ -142,7 +143,7 @@ def layer_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float
 
 
 class ImageEncoder:
-  """A frozen image encoder: params, a pure ``apply`` and its HF-equivalent preprocessing.
+  """A frozen image encoder: params, a pure ``apply`` and its checkpoint's HF preprocessing.
 
   Attributes:
     params: the frozen parameter pytree (never trained; pass it to ``apply``).
@@ -152,14 +153,18 @@ class ImageEncoder:
     mean, std: the normalisation ``preprocess`` applies (for data pipelines).
     name: the name or folder it was loaded from.
     pooling: the pooling ``apply`` returns.
-    preprocessing: the full preprocessing settings (resize, crop, normalisation).
+    preprocessing: the checkpoint's HF image processor at ``image_size``
+      (:class:`align_jax.encoders.image_processing.ImageProcessor`).
     num_tokens: tokens per image (CLS + patches).
     layers: the layer indices ``apply`` pools (see :mod:`align_jax.encoders.layers`); ``(N,)``,
       the final output, by default.
+    input_kind: ``interfaces.RAW``: it reads images (a ``interfaces.RawInputEncoder``).
   """
 
+  input_kind = interfaces.RAW
+
   def __init__(self, *, name: str, family: ImageFamily, module: Any, params: Any, config: Any,
-               pooling: str, preprocessing: image_processing.ImagePreprocessing,
+               pooling: str, preprocessing: image_processing.ImageProcessor,
                dtype: jnp.dtype, layers: tuple[int, ...] | None = None):
     self.name = name
     self.family = family
@@ -169,7 +174,7 @@ class ImageEncoder:
     self.pooling = pooling
     self.preprocessing = preprocessing
     self.dtype = dtype
-    self.image_size = int(preprocessing.output_hw[0])
+    self.image_size = preprocessing.image_size
     self.mean = preprocessing.mean
     self.std = preprocessing.std
     self.num_tokens = 1 + (self.image_size // config.patch_size) ** 2
@@ -211,15 +216,11 @@ class ImageEncoder:
       processor = image_processing.load_image_processor(folder, family.default_processor)
     layers = layers_lib.parse_layers(layer, int(config.num_hidden_layers),
                                      "--config.model.image_layer")
-    preprocessing = image_processing.ImagePreprocessing.from_processor(processor)
-    if image_size is None:
-      if preprocessing.output_hw is None or len(set(preprocessing.output_hw)) != 1:
-        image_size = int(config.image_size)
-      else:
-        image_size = int(preprocessing.output_hw[0])
+    preprocessing = image_processing.ImageProcessor(processor, image_size,
+                                                    default_size=int(config.image_size))
+    image_size = preprocessing.image_size
     if image_size < config.patch_size:
       raise ValueError(f"image_size {image_size} is smaller than the patch size {config.patch_size}")
-    preprocessing = preprocessing.with_image_size(image_size)
     flax_class = getattr(transformers, family.flax_class)
     kwargs = {"add_pooling_layer": False} if family.has_pooler else {}
     module = flax_class.module_class(config=config, dtype=dtype, **kwargs)
@@ -298,7 +299,7 @@ class ImageEncoder:
     return tokens
 
   def preprocess(self, images: Sequence[Any] | np.ndarray) -> dict[str, np.ndarray]:
-    """PIL images or uint8 [N, H, W, 3] -> ``{"pixel_values": float32 [N, S, S, 3]}`` (HF-equal)."""
+    """PIL images or uint8 [N, H, W, 3] -> ``{"pixel_values": float32 [N, S, S, 3]}`` (HF's)."""
     return {"pixel_values": self.preprocessing(images)}
 
   def encode(self, images: Sequence[Any] | np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from align_jax.projectors import masked_mean  # one definition of the features convention
+from align_jax.ops import masked_mean  # the one definition, shared with the projectors
 
 IMAGE_POOLINGS = ("cls", "mean", "cls+mean_patch", "tokens")
 TEXT_POOLINGS = ("cls", "mean", "tokens", "last")

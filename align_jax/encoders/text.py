@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax import interfaces
 from align_jax.encoders import decoder_text
 from align_jax.encoders import host_weights
 from align_jax.encoders import hub
@@ -89,7 +90,10 @@ class TextEncoder:
     layers: the layer indices ``apply`` pools (see :mod:`align_jax.encoders.layers`); ``(N,)``,
       the final output, by default.
     prefix: text put before every input by ``preprocess`` (an embedder's instruction).
+    input_kind: ``interfaces.RAW``: it reads strings (a ``interfaces.RawInputEncoder``).
   """
+
+  input_kind = interfaces.RAW
 
   def __init__(self, *, name: str, family: TextFamily, module: Any, params: Any, config: Any,
                tokenizer: Any, pooling: str, max_length: int, dtype: jnp.dtype,

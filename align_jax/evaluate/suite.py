@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from align_jax import config as config_lib
-from align_jax import distributed, storage
+from align_jax import distributed, interfaces, storage
 from align_jax.evaluate import datasets
 from align_jax.evaluate.templates import TEMPLATES
 
@@ -292,7 +292,7 @@ def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts:
   config.evals = {}  # the run's own evaluators are not the suite's
   run = standalone.restore_for_evaluation(config, workdir, step, mesh)
   for tower in ("image_encoder", "text_encoder"):
-    if not hasattr(getattr(run.model, tower), "preprocess"):
+    if getattr(run.model, tower).input_kind != interfaces.RAW:
       raise ValueError(f"the suite embeds raw images and class names, so the run's "
                        f"model.{tower} must be a Hugging Face encoder, not "
                        f"{getattr(run.model, tower).name!r}; for a run trained on stored "

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from align_jax import interfaces
 from align_jax.data import factory, skip_log, sources
 from align_jax.evaluate import datasets, metrics, prompts
 
@@ -46,7 +47,7 @@ class ZeroShotEvaluator:
 
   def __init__(self, name: str, eval_config, config: ml_collections.ConfigDict, model, mesh):
     for tower in ("image_encoder", "text_encoder"):
-      if not hasattr(getattr(model, tower), "preprocess"):
+      if getattr(model, tower).input_kind != interfaces.RAW:
         raise ValueError(f"config.evals.{name} (zero_shot) needs raw images and prompts, so "
                          f"config.model.{tower} must be a Hugging Face encoder (id or folder), "
                          "not stored features or the demo's random networks.")
