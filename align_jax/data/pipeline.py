@@ -1,8 +1,9 @@
 """Image–caption batches for training and evaluation: order, sharding, workers, skipping, resume.
 
 Order. The global stream is the concatenation of epochs; epoch ``e`` visits every record once in a
-permutation seeded by ``(seed, e)``. Stream position ``k`` is cut into chunks of ``b`` (the
-per-process batch); chunk ``c`` belongs to process ``c % P``. Without bad records, global batch
+permutation seeded by ``(seed, e)`` (:mod:`align_jax.data.order`, shared with the array sources).
+Stream position ``k`` is cut into chunks of ``b`` (the per-process batch); chunk ``c`` belongs to
+process ``c % P``. Without bad records, global batch
 ``t`` is chunks ``tP … tP+P−1``, so each process holds a contiguous slice of every global batch,
 and within an epoch the processes' records are disjoint and together complete.
 
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from align_jax.data import order as order_lib
 from align_jax.data import readers
 from align_jax.data import records
 
@@ -41,7 +43,11 @@ Tokenize = Callable[[list[str]], dict[str, np.ndarray]]
 
 
 class StreamPlan:
-  """Maps a process's local stream position to a global stream position and a record index."""
+  """Maps a process's local stream position to a global stream position and a record index.
+
+  The order is :mod:`align_jax.data.order`'s (the same as the array sources'); chunk ``c`` of
+  ``local_batch`` local positions is this process's slice of global batch ``c``.
+  """
 
   def __init__(self, num_records: int, local_batch: int, process_index: int, process_count: int,
                seed: int, shuffle: bool):
@@ -51,26 +57,15 @@ class StreamPlan:
     self.process_count = process_count
     self.seed = seed
     self.shuffle = shuffle
-    self._cache: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_cache"] = (-1, np.zeros(0, np.int64))  # Rebuilt lazily in each worker.
-    return state
+    self._order = order_lib.EpochOrder(num_records, seed, shuffle)
 
   def global_position(self, local: int) -> int:
     chunk, offset = divmod(local, self.local_batch)
-    return (chunk * self.process_count + self.process_index) * self.local_batch + offset
+    global_start = chunk * self.process_count * self.local_batch
+    return order_lib.process_start(global_start, self.local_batch, self.process_index) + offset
 
   def record(self, position: int) -> int:
-    epoch, slot = divmod(position, self.num_records)
-    if not self.shuffle:
-      return slot
-    cached_epoch, perm = self._cache  # One read: loader threads may swap the cache concurrently.
-    if cached_epoch != epoch:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
-      self._cache = (epoch, perm)
-    return int(perm[slot])
+    return self._order.record(position)
 
 
 class ExampleLoader:
