@@ -3,9 +3,9 @@
 Order. The global stream is the concatenation of epochs; epoch ``e`` visits every record once in a
 permutation seeded by ``(seed, e)`` (:mod:`align_jax.data.order`, shared with the array sources).
 Stream position ``k`` is cut into chunks of ``b`` (the per-process batch); chunk ``c`` belongs to
-process ``c % P``. Without bad records, global batch
-``t`` is chunks ``tP … tP+P−1``, so each process holds a contiguous slice of every global batch,
-and within an epoch the processes' records are disjoint and together complete.
+process ``c % P``. Without bad records, global batch ``t`` is chunks ``tP … tP+P−1``, so each
+process holds a contiguous slice of every global batch, and within an epoch the processes' records
+are disjoint and together complete.
 
 Bad records. A process that meets a bad record takes the next record of its own chunks, so it
 never needs another process's data, and the batch keeps its fixed shape. Skips are counted
