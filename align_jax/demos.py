@@ -204,7 +204,7 @@ def zero_shot_examples(config: ml_collections.ConfigDict, count: int = 0) -> Exa
   ``count`` defaults to the hub path's zero-shot evaluation split, or 12 offline scenes.
   """
   if _is_hub(config):
-    from align_jax.data import sources
+    from align_jax.data import records
     from align_jax.evaluate import datasets
     data = config.evals[ZERO_SHOT_SET].data
     reader = datasets.TfdsClassificationReader(
@@ -212,7 +212,7 @@ def zero_shot_examples(config: ml_collections.ConfigDict, count: int = 0) -> Exa
     images, labels = [], []
     for i in range(len(reader)):
       record = reader.read(i)
-      image = sources.decode_image(record.image, key=record.key, max_pixels=1 << 24, min_size=1)
+      image = records.decode_image(record.image, key=record.key, max_pixels=1 << 24, min_size=1)
       images.append(np.asarray(image.convert("RGB")))
       labels.append(reader.class_names[record.label])
     return Examples(images, labels, list(reader.class_names), "cifar",

@@ -29,7 +29,7 @@ import pytest
 import align_jax
 from align_jax import config as config_lib
 from align_jax import inference, storage, train
-from align_jax.data import pipeline, sources, transforms, webdataset
+from align_jax.data import pipeline, records, sources, transforms, webdataset
 from align_jax.evaluate import datasets, prompts, standalone
 
 import helpers_data as hd
@@ -271,7 +271,7 @@ def test_manifests_and_class_files_read_from_gcs(gcs_bucket, tmp_path, monkeypat
                                      image_root=f"{gcs_bucket}/data")
   assert elsewhere.read(2).image == hd.image_bytes(2)
   storage.remove(f"{gcs_bucket}/data/{names[3]}")
-  with pytest.raises(sources.SkipRecord, match="missing_file") as error:
+  with pytest.raises(records.SkipRecord, match="missing_file") as error:
     elsewhere.read(3)
   assert f"{gcs_bucket}/data/{names[3]}" in str(error.value)
 

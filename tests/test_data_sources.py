@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_jax.data import sources, webdataset
+from align_jax.data import records, sources, webdataset
 
 import helpers_data as hd
 
@@ -125,23 +125,23 @@ def test_decode_image_modes_to_rgb(mode):
     image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
   buf = io.BytesIO()
   image.save(buf, "PNG")
-  out = sources.decode_image(buf.getvalue(), key="k", max_pixels=10**6, min_size=1)
+  out = records.decode_image(buf.getvalue(), key="k", max_pixels=10**6, min_size=1)
   assert out.mode == "RGB" and out.size == (12, 10)
   if mode in ("RGB", "RGBA"):
     np.testing.assert_array_equal(np.asarray(out), arr)  # PNG is lossless.
   if mode in ("L", "I;16"):  # 16-bit grey is scaled to 8 bits, not clipped at 255.
     grey = np.asarray(Image.fromarray(arr).convert("L"))
     np.testing.assert_array_equal(np.asarray(out), np.stack([grey] * 3, -1))
-  decoded = sources.decode_image(arr, key="k", max_pixels=10**6, min_size=1)
+  decoded = records.decode_image(arr, key="k", max_pixels=10**6, min_size=1)
   np.testing.assert_array_equal(np.asarray(decoded), arr)  # Pre-decoded arrays pass through.
 
 
 def test_decode_captions_rules():
-  assert sources.decode_captions([b" a ", "", "b", None], key="k") == ["a", "b"]
-  with pytest.raises(sources.SkipRecord, match="bad_encoding"):
-    sources.decode_captions([b"ok", b"\xff"], key="k")
-  with pytest.raises(sources.SkipRecord, match="bad_encoding"):
-    sources.decode_captions(["bad \udcff"], key="k")  # Escaped undecodable byte from a CSV.
-  with pytest.raises(sources.SkipRecord, match="empty_caption"):
-    sources.decode_captions([" ", b""], key="k")
+  assert records.decode_captions([b" a ", "", "b", None], key="k") == ["a", "b"]
+  with pytest.raises(records.SkipRecord, match="bad_encoding"):
+    records.decode_captions([b"ok", b"\xff"], key="k")
+  with pytest.raises(records.SkipRecord, match="bad_encoding"):
+    records.decode_captions(["bad \udcff"], key="k")  # Escaped undecodable byte from a CSV.
+  with pytest.raises(records.SkipRecord, match="empty_caption"):
+    records.decode_captions([" ", b""], key="k")
   assert os.path.basename(__file__) == "test_data_sources.py"

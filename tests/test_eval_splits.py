@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from align_jax import feature_store, model as model_lib, sharding, train
-from align_jax.data import factory, sources, synthetic_images
+from align_jax.data import factory, readers, synthetic_images
 from align_jax.evaluate import evaluators as evaluators_lib
 from train_utils import tiny_config, tiny_online_config
 
@@ -113,7 +113,7 @@ def test_manifest_evaluator_reads_the_held_out_manifest(online_config, manifests
   model = model_lib.build_model(config, mesh)
   (evaluator,) = evaluators_lib.build_evaluators(config, model, mesh)
   assert evaluator.data.path == str(manifests / "heldout.jsonl")
-  assert len(sources.make_reader(evaluator.data)) == 24  # the held-out images, not the 32 train
+  assert len(readers.make_reader(evaluator.data)) == 24  # the held-out images, not the 32 train
   assert len(factory.make_train_source(config, model).reader) == 32
 
 

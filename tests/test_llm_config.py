@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from align_jax import aot, feature_store, sharding
-from align_jax.data import features, sources, synthetic_images
+from align_jax.data import features, readers, synthetic_images
+from align_jax.data import records as records_lib
 from align_jax.encoders import TextEncoder, tiny
 from configs import dinov2_llm
 from train_utils import run_train_steps
@@ -125,11 +126,11 @@ def test_feature_extraction_with_a_decoder_text_layer_and_prefix(folders, tmp_pa
   assert (manifest["text_layer"], manifest["text_prefix"]) == (1, "caption: ")
   encoder = TextEncoder.from_pretrained(config.model.text_encoder, pooling="last",
                                         max_length=12, layer=1, prefix="caption: ")
-  reader = sources.make_reader(config.data)
+  reader = readers.make_reader(config.data)
   ids = np.concatenate([np.load(os.path.join(tmp_path, s["name"], "image_ids.npy"))
                         for s in manifest["shards"]])
   records = [reader.read(int(i)) for i in ids]
-  captions = [c for r in records for c in sources.decode_captions(r.captions, key=r.key)]
+  captions = [c for r in records for c in records_lib.decode_captions(r.captions, key=r.key)]
   _, text, text_to_image = features.load_stored_features(str(tmp_path))
   stored = np.asarray(text["pooled"][np.arange(len(captions))])
   assert stored.shape == (80, 32) and len(text_to_image) == 80

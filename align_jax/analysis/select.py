@@ -23,8 +23,9 @@ That is the best pair by final-layer CKA with ``model.image_layer`` / ``model.te
 ``--layers``, the pair and layers of the highest CKA over every layer pair of every encoder pair
 (layer indices as :mod:`align_jax.encoders.layers` counts them; the final output written -1).
 
-Records come from the image-caption readers of :mod:`align_jax.data.sources` (manifest, tfds,
-webdataset, synthetic_shapes); unreadable records are skipped and counted. Each encoder
+Records come from the image-caption readers (:func:`align_jax.data.readers.make_reader`: manifest,
+tfds, webdataset, synthetic_shapes), read and decoded as training reads them; unreadable records
+are skipped and counted. Each encoder
 preprocesses images with its own Hugging Face processor.
 """
 
@@ -36,38 +37,41 @@ import os
 from typing import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
 from align_jax import distributed
 from align_jax.analysis import cka
-from align_jax.data import sources
+from align_jax.data import readers
+from align_jax.data import records
 
 logger = logging.getLogger("align_jax")
 
 
 def read_pairs(data_config, num_images: int) -> tuple[list[Image.Image], list[list[str]], dict]:
-  """The first ``num_images`` readable records: decoded images, their captions, skip counts."""
-  reader = sources.make_reader(data_config)
-  images, captions, skipped = [], [], dict(reader.index_skips)
+  """The first ``num_images`` readable records: decoded RGB images, their captions, skip counts.
+
+  Read and decoded as training reads them (:mod:`align_jax.data.records`, with the config's
+  ``data.max_image_pixels`` / ``data.min_image_size``); skips are ``data/skipped_<reason>``.
+  """
+  reader = readers.make_reader(data_config)
+  limits = readers.decode_limits(data_config)
+  skips = records.SkipCounter(reader.name, logger, reader.index_skips)
+  images, captions = [], []
   for index in range(len(reader)):
     if len(images) == num_images:
       break
     try:
-      record = reader.read(index)
-      image = sources.decode_image(record.image, key=record.key, max_pixels=89_478_485,
-                                   min_size=8)
-      texts = sources.decode_captions(record.captions, key=record.key)
-    except sources.SkipRecord as skip:
-      skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+      image, texts = records.decode(reader.read(index), limits)
+    except records.SkipRecord as skip:
+      skips.add(skip.reason, skip.detail)
       continue
-    images.append(image.convert("RGB"))
+    images.append(image)
     captions.append(texts)
   if len(images) < 2:
     raise ValueError(f"{reader.name}: fewer than 2 readable image-caption pairs "
-                     f"(skipped: {skipped})")
-  return images, captions, skipped
+                     f"(skipped: {skips.counts})")
+  return images, captions, dict(skips.counts)
 
 
 def _batched(fn, inputs: dict, batch_size: int) -> np.ndarray:
@@ -239,10 +243,10 @@ def main(argv):
   distributed.initialize_or_exit()
   split = flags.split or {"tfds": "validation", "synthetic_shapes": "heldout"}.get(flags.source,
                                                                                   "train")
-  data = ml_collections.ConfigDict({
+  data = readers.with_schema({  # the flags over the schema's data block
       "source": flags.source, "path": flags.path, "name": flags.name, "split": split,
       "data_dir": flags.data_dir, "urls": flags.urls, "image_root": flags.image_root,
-      "image_key": "image", "caption_key": flags.caption_key, "num_pairs": flags.num_images})
+      "caption_key": flags.caption_key, "num_pairs": flags.num_images})
   rows = distributed.on_first_process(  # one process writes --out; the others wait for it
       select_encoders, data, flags.image_encoders, flags.text_encoders, flags.out,
       num_images=flags.num_images, layers=flags.layers, batch_size=flags.batch_size,

@@ -8,10 +8,10 @@ every training input follows (:class:`align_jax.interfaces.PairSource`):
   sees exactly the examples an uninterrupted run would have seen;
 * ``skipped()`` -> counters of dropped records (none for arrays).
 
-Order (a pure function of the seed and the position, so the state is a single integer): global
-position ``q`` holds pair ``permutation(seed, e)[q mod N]`` with ``e = q div N`` (epoch ``e``
-visits every pair once, in numpy ``default_rng([seed, e]).permutation`` order; batches run on
-across epoch ends). The global batch that starts at position ``s`` is the pairs at positions
+Order (a pure function of the seed and the position, so the state is a single integer; the
+image pipeline's too, :mod:`align_jax.data.order`): global position ``q`` holds pair
+``permutation(seed, e)[q mod N]`` with ``e = q div N`` (epoch ``e`` visits every pair once, in
+numpy ``default_rng([seed, e]).permutation`` order; batches run on across epoch ends). The global batch that starts at position ``s`` is the pairs at positions
 ``s .. s + B - 1`` **sorted by row index** (each epoch's part of it separately, when it spans an
 epoch end), and process ``p`` of ``P`` takes the ``p``-th contiguous slice of it. Which pairs
 share a batch is as random as the permutation; only their order inside the batch is fixed
@@ -43,6 +43,7 @@ import numpy as np
 
 from align_jax import storage
 from align_jax.data import feature_files
+from align_jax.data import order as order_lib
 
 _ALIGN = 64  # bytes; keeps every array of a recycled batch buffer cache-line (and SIMD) aligned
 
@@ -195,36 +196,15 @@ class ArrayPairSource:
     self.seed, self.shuffle = seed, shuffle
     self.captions_per_image = int(captions_per_image)
     self.position = 0  # global position of the next batch's first example
-    self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two used)
+    self._order = order_lib.EpochOrder(self.num_pairs, seed, shuffle)
     layout = {tower: {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
               for tower, arrays in (("image", image), ("text", text))}
     self._buffers = _BatchBuffers(layout, {"image": self.local_batch_size,
                                            "text": self.local_batch_size * self.captions_per_image})
 
-  def _order(self, epoch: int) -> np.ndarray:
-    order = self._orders.get(epoch)
-    if order is None:
-      index_dtype = np.int32 if self.num_pairs < 2**31 else np.int64
-      if self.shuffle:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
-      else:
-        order = np.arange(self.num_pairs)
-      order = order.astype(index_dtype, copy=False)
-      if len(self._orders) >= 2:  # batches need at most this epoch and the one before
-        del self._orders[min(self._orders)]
-      self._orders[epoch] = order
-    return order
-
   def indices(self, start: int, count: int) -> np.ndarray:
     """Pair indices at global positions ``start .. start + count - 1`` (before any sort)."""
-    out = np.empty(count, np.int64)
-    done = 0
-    while done < count:
-      epoch, offset = divmod(start + done, self.num_pairs)
-      n = min(count - done, self.num_pairs - offset)
-      out[done:done + n] = self._order(epoch)[offset:offset + n]
-      done += n
-    return out
+    return self._order.records(start, count)
 
   def batch_indices(self, position: int) -> np.ndarray:
     """This process's pair indices (ascending) of the global batch starting at ``position``."""
@@ -234,7 +214,7 @@ class ArrayPairSource:
                     self.num_pairs):
       rows[lo:hi].sort()
       lo = hi
-    first = self.process_index * self.local_batch_size
+    first = order_lib.process_start(0, self.local_batch_size, self.process_index)
     return rows[first:first + self.local_batch_size]
 
   def caption_rows(self, indices: np.ndarray, start: int) -> np.ndarray:
@@ -266,7 +246,7 @@ class ArrayPairSource:
     return self
 
   def __next__(self) -> dict:
-    start = self.position + self.process_index * self.local_batch_size
+    start = order_lib.process_start(self.position, self.local_batch_size, self.process_index)
     batch = self.gather(self.batch_indices(self.position), start, out=self._buffers.get())
     self.position += self.global_batch_size
     return batch
@@ -335,7 +315,7 @@ def synthetic_pairs(data_config, split: str) -> tuple[dict, dict, np.ndarray | N
   latent = rng.normal(size=(n, latent_dim))
   noise = data_config.noise
   image = latent @ image_view + noise * rng.normal(size=(n, data_config.image_input_dim))
-  c = int(data_config.get("num_captions", 1))
+  c = int(data_config.num_captions)
   text = (np.repeat(latent, c, axis=0) @ text_view
           + noise * rng.normal(size=(n * c, data_config.text_input_dim)))
   text_to_image = np.repeat(np.arange(n), c) if c > 1 else None
@@ -358,8 +338,8 @@ def make_array_source(data_config, *, split: str, global_batch_size: int, seed: 
           "--mode=extract_features writes the training split to --workdir and each retrieval "
           "evaluator's split to <workdir>/<split>; or set data.path")
     image, text, text_to_image = load_stored_features(
-        path, split=split, verify=data_config.get("verify_features", "once") or "once",
-        cache_dir=data_config.get("feature_cache_dir", ""))
+        path, split=split, verify=data_config.verify_features or "once",
+        cache_dir=data_config.feature_cache_dir)
     kwargs["text_to_image"] = text_to_image
   else:
     raise ValueError(f"unknown data source {data_config.source!r}; choose 'synthetic' or "

@@ -1,15 +1,16 @@
 """Image–caption batches for training and evaluation: order, sharding, workers, skipping, resume.
 
 Order. The global stream is the concatenation of epochs; epoch ``e`` visits every record once in a
-permutation seeded by ``(seed, e)``. Stream position ``k`` is cut into chunks of ``b`` (the
-per-process batch); chunk ``c`` belongs to process ``c % P``. Without bad records, global batch
-``t`` is chunks ``tP … tP+P−1``, so each process holds a contiguous slice of every global batch,
-and within an epoch the processes' records are disjoint and together complete.
+permutation seeded by ``(seed, e)`` (:mod:`align_jax.data.order`, shared with the array sources).
+Stream position ``k`` is cut into chunks of ``b`` (the per-process batch); chunk ``c`` belongs to
+process ``c % P``. Without bad records, global batch ``t`` is chunks ``tP … tP+P−1``, so each
+process holds a contiguous slice of every global batch, and within an epoch the processes' records
+are disjoint and together complete.
 
 Bad records. A process that meets a bad record takes the next record of its own chunks, so it
 never needs another process's data, and the batch keeps its fixed shape. Skips are counted
 (``data/skipped_<reason>``); the first few per reason are logged with the file or key, then only
-counts (:mod:`align_jax.data.skip_log`).
+counts (:class:`align_jax.data.records.SkipCounter`).
 
 Determinism. Example ``k`` is decoded, captioned and augmented with a generator seeded by
 ``(seed, k, record)``: independent of the number of workers. The state is the number of local
@@ -29,13 +30,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-import grain
-from absl import flags
 import numpy as np
 from PIL import Image
 
-from align_jax.data import skip_log
-from align_jax.data import sources as sources_lib
+from align_jax.data import order as order_lib
+from align_jax.data import readers
+from align_jax.data import records
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ Tokenize = Callable[[list[str]], dict[str, np.ndarray]]
 
 
 class StreamPlan:
-  """Maps a process's local stream position to a global stream position and a record index."""
+  """Maps a process's local stream position to a global stream position and a record index.
+
+  The order is :mod:`align_jax.data.order`'s (the same as the array sources'); chunk ``c`` of
+  ``local_batch`` local positions is this process's slice of global batch ``c``.
+  """
 
   def __init__(self, num_records: int, local_batch: int, process_index: int, process_count: int,
                seed: int, shuffle: bool):
@@ -53,36 +57,25 @@ class StreamPlan:
     self.process_count = process_count
     self.seed = seed
     self.shuffle = shuffle
-    self._cache: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_cache"] = (-1, np.zeros(0, np.int64))  # Rebuilt lazily in each worker.
-    return state
+    self._order = order_lib.EpochOrder(num_records, seed, shuffle)
 
   def global_position(self, local: int) -> int:
     chunk, offset = divmod(local, self.local_batch)
-    return (chunk * self.process_count + self.process_index) * self.local_batch + offset
+    global_start = chunk * self.process_count * self.local_batch
+    return order_lib.process_start(global_start, self.local_batch, self.process_index) + offset
 
   def record(self, position: int) -> int:
-    epoch, slot = divmod(position, self.num_records)
-    if not self.shuffle:
-      return slot
-    cached_epoch, perm = self._cache  # One read: loader threads may swap the cache concurrently.
-    if cached_epoch != epoch:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
-      self._cache = (epoch, perm)
-    return int(perm[slot])
+    return self._order.record(position)
 
 
 class ExampleLoader:
   """Local position → decoded, augmented example, or a skip marker (runs in grain workers)."""
 
-  def __init__(self, reader: sources_lib.RecordReader, plan: StreamPlan,
-               image_transform: Callable[..., np.ndarray], *, train: bool, max_pixels: int,
-               min_size: int, captions_per_image: int = 1):
+  def __init__(self, reader: records.RecordReader, plan: StreamPlan,
+               image_transform: Callable[..., np.ndarray], *, train: bool,
+               limits: records.DecodeLimits, captions_per_image: int = 1):
     self.reader, self.plan, self.transform = reader, plan, image_transform
-    self.train, self.max_pixels, self.min_size = train, max_pixels, min_size
+    self.train, self.limits = train, limits
     self.captions_per_image = captions_per_image
 
   def __call__(self, local: int) -> dict[str, Any]:
@@ -95,10 +88,8 @@ class ExampleLoader:
     try:
       raw = self.reader.read(record)
       key = raw.key
-      captions = sources_lib.decode_captions(raw.captions, key=key)
-      image = sources_lib.decode_image(
-          raw.image, key=key, max_pixels=self.max_pixels, min_size=self.min_size)
-    except sources_lib.SkipRecord as e:
+      image, captions = records.decode(raw, self.limits)
+    except records.SkipRecord as e:
       return {"skip": e.reason, "detail": e.detail, "key": key}
     if self.train:  # k cyclically consecutive captions from a random start (k = 1: one)
       start = int(rng.integers(len(captions)))
@@ -120,7 +111,7 @@ def _tokenize(tokenize: Tokenize, texts: list[str], batch: int) -> dict[str, np.
 class _BaseSource:
   """Shared machinery: the grain iterator from a position, skip accounting, state."""
 
-  def __init__(self, reader: sources_lib.RecordReader, plan: StreamPlan, loader: ExampleLoader,
+  def __init__(self, reader: records.RecordReader, plan: StreamPlan, loader: ExampleLoader,
                tokenize: Tokenize, *, num_workers: int, num_threads: int, prefetch: int,
                stop: int, max_consecutive_skips: int):
     self.reader, self._plan, self._loader, self._tokenize = reader, plan, loader, tokenize
@@ -129,19 +120,13 @@ class _BaseSource:
     self._max_consecutive_skips = max_consecutive_skips
     self._position = 0
     self._consecutive_skips = 0
-    self._skipped: dict[str, int] = {f"data/skipped_{r}": n for r, n in reader.index_skips.items()}
+    self._skips = records.SkipCounter(reader.name, _log, reader.index_skips)
     self._iterator = None
 
   def _start(self):
-    dataset = grain.MapDataset.range(self._position, self._stop).map(self._loader)
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=self._num_threads, prefetch_buffer_size=self._prefetch))
-    if self._num_workers > 0:
-      if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app.run, use defaults.
-        flags.FLAGS.mark_as_parsed()
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._num_workers, per_worker_buffer_size=self._prefetch))
-    return iter(dataset)
+    return records.load_in_order(
+        self._loader, range(self._position, self._stop), num_threads=self._num_threads,
+        prefetch=self._prefetch, num_workers=self._num_workers)
 
   def _next_example(self) -> dict[str, Any]:
     """The next usable example of this process's stream (StopIteration at the end of eval)."""
@@ -156,20 +141,18 @@ class _BaseSource:
       self._record_skip(example)
 
   def _record_skip(self, example: dict[str, Any]) -> None:
-    name = f"data/skipped_{example['skip']}"
-    self._skipped[name] = self._skipped.get(name, 0) + 1
-    skip_log.record(_log, self.reader.name, example["skip"], example["detail"])
+    self._skips.add(example["skip"], example["detail"])
     self._consecutive_skips += 1
     if self._consecutive_skips >= self._max_consecutive_skips:
       raise ValueError(
           f"{self.reader.name}: the last {self._consecutive_skips} records read were all bad "
-          f"(skip counts: {self._skipped}); fix or replace the data (see the warnings above)")
+          f"(skip counts: {self._skips.counts}); fix or replace the data (see the warnings above)")
 
   def skipped(self) -> dict[str, int]:
-    return dict(self._skipped)
+    return dict(self._skips.counts)
 
   def _base_state(self) -> dict[str, Any]:
-    return {"position": self._position, "skipped": dict(self._skipped),
+    return {"position": self._position, "skipped": dict(self._skips.counts),
             "consecutive_skips": self._consecutive_skips,
             "num_records": self._plan.num_records, "local_batch": self._plan.local_batch,
             "process_index": self._plan.process_index,
@@ -183,7 +166,7 @@ class _BaseSource:
                          f"but this source has {mine[name]}; resume with the same data, seed, "
                          "batch size and process layout")
     self._position = int(state["position"])
-    self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
+    self._skips = records.SkipCounter(self.reader.name, _log, state["skipped"])
     self._consecutive_skips = int(state.get("consecutive_skips", 0))
     self._iterator = None  # Restarted lazily from the restored position.
 
@@ -247,7 +230,7 @@ class EvalPairSource(_BaseSource):
   def __next__(self) -> dict[str, Any]:
     if self._batches_done >= self.num_batches:
       if self._iterator is not None:
-        skip_log.summary(_log, f"data: {self.reader.name}: evaluation pass", self._skipped)
+        self._skips.summary(f"data: {self.reader.name}: evaluation pass")
       self.close()  # Lets the worker processes go as soon as the pass is over.
       raise StopIteration
     b = self._plan.local_batch
@@ -256,9 +239,9 @@ class EvalPairSource(_BaseSource):
       try:
         example = self._next_example()
       except StopIteration:
-        if not self.image_ids and not examples and sum(self._skipped.values()):
+        if not self.image_ids and not examples and self._skips.total:
           raise ValueError(f"{self.reader.name}: no readable image in this process's share of "
-                           f"the evaluation set (skip counts: {self._skipped}); fix the data")
+                           f"the evaluation set (skip counts: {self._skips.counts}); fix the data")
         break
       if "pad" in example:
         continue
@@ -299,13 +282,13 @@ def make_pair_source(data_config: Any, *, global_batch_size: int, seed: int,
   """Builds the training (``train=True``) or evaluation source described by ``data_config``.
 
   Args:
-    data_config: ConfigDict with ``source`` ("tfds" | "webdataset" | "manifest") and its keys
-      (see ``sources.make_reader``), plus optional ``num_workers`` (0: threads only),
-      ``num_threads`` (per worker, default 4), ``prefetch`` (examples buffered per worker and
-      per worker's threads, default 32; each is ~0.8 MB at 256 px, so not a whole batch),
-      ``max_image_pixels`` (default 89,478,485, PIL's limit), ``min_image_size`` (default 8) and
-      ``max_consecutive_skips`` (default min(records, 10,000): that many bad records in a row
-      means the source is broken, and the run stops with a ValueError naming it).
+    data_config: ConfigDict with ``source`` ("tfds" | "webdataset" | "manifest" |
+      "synthetic_shapes") and its keys (see ``readers.make_reader``), plus ``num_workers``
+      (0: threads only), ``num_threads`` (per worker), ``prefetch`` (examples buffered per
+      worker and per worker's threads; each is ~0.8 MB at 256 px, so not a whole batch),
+      ``max_image_pixels``, ``min_image_size`` and ``max_consecutive_skips`` (0: min(records,
+      10,000); that many bad records in a row means the source is broken, and the run stops with
+      a ValueError naming it). Keys it leaves out take the schema's values (``align_jax.config``).
     global_batch_size: examples per step over all processes; divisible by the process count.
     seed: fixes the per-epoch order, caption choice and augmentation.
     image_transform: from ``transforms.make_image_transform`` (train or eval to match ``train``).
@@ -325,26 +308,23 @@ def make_pair_source(data_config: Any, *, global_batch_size: int, seed: int,
                      f"process count {process_count}")
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}")
-  reader = sources_lib.make_reader(data_config)
+  data = readers.with_schema(data_config)
+  reader = readers.make_reader(data)
   if len(reader) == 0:
     raise ValueError(f"{reader.name}: no records (skipped while indexing: {reader.index_skips}); "
                      "check the data paths")
   local_batch = global_batch_size // process_count
   plan = StreamPlan(len(reader), local_batch, process_index, process_count, seed, shuffle=train)
   loader = ExampleLoader(
-      reader, plan, image_transform, train=train,
-      max_pixels=int(data_config.get("max_image_pixels", 89_478_485)),
-      min_size=int(data_config.get("min_image_size", 8)),
-      captions_per_image=int(data_config.get("captions_per_image", 1)) if train else 1)
+      reader, plan, image_transform, train=train, limits=readers.decode_limits(data),
+      captions_per_image=int(data.captions_per_image) if train else 1)
   if train:
     stop = 2**62  # Endless: positions are consumed lazily.
   else:
     stop = -(-len(reader) // global_batch_size) * local_batch
-  num_workers = int(data_config.get("num_workers", 0))
-  kwargs = dict(num_workers=num_workers, num_threads=int(data_config.get("num_threads", 4)),
-                prefetch=int(data_config.get("prefetch", 32)), stop=stop,
-                max_consecutive_skips=int(data_config.get("max_consecutive_skips")
-                                          or min(len(reader), 10_000)))
+  kwargs = dict(num_workers=int(data.num_workers), num_threads=int(data.num_threads),
+                prefetch=int(data.prefetch), stop=stop,
+                max_consecutive_skips=int(data.max_consecutive_skips) or min(len(reader), 10_000))
   cls = PairSource if train else EvalPairSource
   return cls(reader, plan, loader, tokenize, **kwargs)
 

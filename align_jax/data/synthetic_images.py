@@ -7,7 +7,7 @@ distinct scenes; every record is a new instance (jittered place and size, fresh 
 held-out split — one record per scene — is never seen in training and retrieval among its 256
 pairs has chance R@1 = 1/256.
 
-The reader follows ``align_jax.data.sources.RecordReader`` (sized, picklable, random access), so
+The reader follows ``align_jax.data.records.RecordReader`` (sized, picklable, random access), so
 the image-caption pipeline shuffles, augments, tokenizes and resumes it like any real source.
 """
 
@@ -18,7 +18,7 @@ import itertools
 import numpy as np
 from PIL import Image, ImageDraw
 
-from align_jax.data.sources import RawRecord
+from align_jax.data.records import RawRecord
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
           "yellow": (230, 210, 40), "purple": (150, 50, 200), "orange": (245, 140, 30),
@@ -69,9 +69,13 @@ def vocabulary() -> list[str]:
 
 
 class ShapesReader:
-  """``num_records`` rendered pairs; split "heldout" holds each of the 256 scenes once."""
+  """``num_records`` rendered pairs; split "heldout" holds each of the 256 scenes once.
 
-  def __init__(self, *, split: str = "train", num_records: int = 4096, seed: int = 0,
+  The defaults are the config schema's (``data.num_pairs`` 8192, ``data.data_seed`` 1234), so a
+  reader built here and one built from a config (``readers.make_reader``) show the same world.
+  """
+
+  def __init__(self, *, split: str = "train", num_records: int = 8192, seed: int = 1234,
                image_size: int = 64):
     if split not in ("train", "heldout"):
       raise ValueError(f"unknown split {split!r} for synthetic shapes; use 'train' or 'heldout'")

@@ -30,7 +30,7 @@ import numpy as np
 
 from align_jax import storage
 from align_jax.data import skip_log
-from align_jax.data.sources import RawRecord, SkipRecord
+from align_jax.data.records import RawRecord, SkipRecord
 
 _log = logging.getLogger(__name__)
 

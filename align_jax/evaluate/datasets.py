@@ -2,9 +2,10 @@
 
 A classification reader is a sized, random-access list of :class:`LabeledRecord` (encoded image
 bytes + integer label) with ``class_names`` in label order, read the way the training pipeline
-reads image-caption data (:mod:`align_jax.data.sources`): images are decoded with
-``sources.decode_image`` and a record that cannot be used raises ``sources.SkipRecord`` (counted,
-logged and left out of the accuracy by the evaluator).
+reads image-caption data (:mod:`align_jax.data.records`): images are decoded with
+``records.decode`` and a record that cannot be used raises ``records.SkipRecord`` (counted,
+logged and left out of the accuracy by the evaluator). Manifests are parsed by
+:mod:`align_jax.data.manifest`, as the caption manifests are.
 
 Two kinds of source, chosen by ``data.source``:
 
@@ -32,15 +33,15 @@ path="flickr30k_test.jsonl")`` with rows ``{"image": ..., "caption": [5 captions
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from align_jax import storage
+from align_jax.data import manifest
+from align_jax.data import records
 from align_jax.data import sources
 
 
@@ -177,34 +178,23 @@ class TfdsClassificationReader:
 
 def _label_rows(path: str, image_key: str, label_key: str) -> list[tuple[str, Any]]:
   """(image path, raw label) per row of a JSONL or CSV manifest; bad rows raise with the line."""
-  ext = storage.extension(path)
-  rows = []
-  if ext == ".jsonl":
-    with storage.open_file(path, "r", encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"manifest {path!r} line {line_no}: invalid JSON ({e}).") from None
-        if not isinstance(row, dict) or not isinstance(row.get(image_key), str) or (
-            label_key not in row):
-          raise ValueError(f"manifest {path!r} line {line_no}: need a string {image_key!r} and "
-                           f"a {label_key!r} (class name or index), got {row!r}.")
-        rows.append((row[image_key], row[label_key]))
-  elif ext == ".csv":
-    with storage.open_file(path, "r", newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
-      missing = [k for k in (image_key, label_key) if k not in (reader.fieldnames or [])]
-      if missing:
-        raise ValueError(f"manifest {path!r} lacks columns {missing} (columns: "
-                         f"{reader.fieldnames}); set data.image_key / data.label_key.")
-      for row in reader:
-        label = row[label_key].strip()
-        rows.append((row[image_key], int(label) if re.fullmatch(r"\d+", label) else label))
-  else:
-    raise ValueError(f"manifest {path!r}: unsupported extension {ext!r}; use .jsonl or .csv.")
+  rows, is_csv = [], storage.extension(path) == ".csv"
+  for row in manifest.read_rows(path, image_key=image_key,
+                                columns={label_key: "data.label_key"}):
+    if row.error is None and row.fields.get(label_key) is None:
+      row = manifest.Row(row.line, None, ("bad_manifest_row", f"no {label_key!r} value"))
+    if row.error is not None:
+      raise ValueError(f"manifest {path!r} line {row.line}: {row.error[1]}; need a string "
+                       f"{image_key!r} and a {label_key!r} (class name or index) per row.")
+    label = row.fields[label_key]
+    if is_csv:  # CSV cells are text: "207" is an index, anything else a class name
+      label = label.strip()
+      try:
+        label.encode("utf-8")
+      except UnicodeEncodeError:
+        raise ValueError(f"manifest {path!r} line {row.line}: label is not UTF-8.") from None
+      label = int(label) if re.fullmatch(r"\d+", label) else label
+    rows.append((row.fields[image_key], label))
   if not rows:
     raise ValueError(f"manifest {path!r} has no rows.")
   return rows
@@ -251,13 +241,7 @@ class ManifestClassificationReader:
   def read(self, index: int) -> LabeledRecord:
     image = self._images[index]
     file = image if storage.is_absolute(image) else storage.join(self._root, image)
-    try:
-      data = storage.read_bytes(file)
-    except FileNotFoundError:
-      raise sources.SkipRecord("missing_file", f"{file}: no such file") from None
-    except OSError as e:
-      raise sources.SkipRecord("unreadable_file", f"{file}: {e}") from None
-    return LabeledRecord(file, data, int(self.labels[index]))
+    return LabeledRecord(file, records.read_file(file), int(self.labels[index]))
 
 
 def make_classification_reader(data_config: Any, class_names: Sequence[str] | str | None = None):

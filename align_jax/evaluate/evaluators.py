@@ -11,42 +11,14 @@ Types: ``retrieval`` (below) and ``zero_shot`` (:mod:`align_jax.evaluate.zero_sh
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
-from align_jax import sharding
 from align_jax.data import factory
 from align_jax.data import features as features_data
+from align_jax.evaluate import embedding
 from align_jax.evaluate import metrics
 from align_jax.evaluate import zero_shot
-
-
-def _host(x) -> np.ndarray:
-  """A (possibly multi-host) global array, whole, on every host (eval sets are small)."""
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-class _Embedder:
-  """Jitted, sharded image / text embedding of fixed-size global batches."""
-
-  def __init__(self, model, config, mesh, batch_size: int):
-    batch_axes = tuple(config.mesh.batch_axes)
-    shards = sharding.num_batch_shards(mesh, batch_axes)
-    self.batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
-    self.local = self.batch_size // jax.process_count()
-    self.sharding = sharding.batch_sharding(mesh, batch_axes)
-    self.images = jax.jit(model.embed_images)
-    self.texts = jax.jit(model.embed_texts)
-
-  def local_rows(self, global_batch: dict) -> dict:
-    """This process's rows of a batch every process holds whole."""
-    start = jax.process_index() * self.local
-    return jax.tree.map(lambda x: x[start:start + self.local], global_batch)
-
-  def to_device(self, local_batch: dict) -> dict:
-    return sharding.host_to_global(local_batch, self.sharding)
 
 
 class RetrievalEvaluator:
@@ -63,7 +35,7 @@ class RetrievalEvaluator:
     self.ks = tuple(eval_config.get("ks", (1, 5, 10)))
     self.mesh, self.model = mesh, model
     self.data = factory.eval_data_config(config, eval_config.get("data", None), name=name)
-    self.embedder = _Embedder(model, config, mesh, eval_config.get("batch_size", 1024))
+    self.embedder = embedding.Embedder(model, config, mesh, eval_config.get("batch_size", 1024))
     if not factory.is_array_source(self.data):
       factory.check_raw_encoders(model, self.data, where=f"config.evals.{name}")
     else:
@@ -85,7 +57,8 @@ class RetrievalEvaluator:
     for tower, embed in (("image", embedder.images), ("text", embedder.texts)):
       parts = []
       for local_batch, _ in self.source.tower_batches(tower, embedder.batch_size):
-        parts.append(_host(embed(params, frozen, embedder.to_device(local_batch))))
+        z = embed(params, frozen, embedder.to_device(local_batch))
+        parts.append(embedding.host_gather(z))
       towers[tower] = np.concatenate(parts)
     text_to_image = self.source.text_to_image
     return (towers["image"][:self.source.num_pairs], towers["text"][:len(text_to_image)],
@@ -103,13 +76,14 @@ class RetrievalEvaluator:
     images = []
     for batch in source:
       pixels = embedder.to_device(embedder.local_rows(batch["image"]))
-      z = _host(embedder.images(params, frozen, pixels))
+      z = embedding.host_gather(embedder.images(params, frozen, pixels))
       images.append(z[batch["valid"]])
     texts = []
     for text_batch, valid in pipeline.text_batches(source.captions_flat,
                                                     model.text_encoder.preprocess,
                                                     embedder.batch_size):
-      z = _host(embedder.texts(params, frozen, embedder.to_device(embedder.local_rows(text_batch))))
+      batch = embedder.to_device(embedder.local_rows(text_batch))
+      z = embedding.host_gather(embedder.texts(params, frozen, batch))
       texts.append(z[valid])
     return np.concatenate(images), np.concatenate(texts), source.text_to_image
 

@@ -158,7 +158,7 @@ def _ids(x, name: str, length: int, upper: int, upper_name: str) -> np.ndarray:
   return array.astype(np.int32)
 
 
-def _cutoffs(k, name: str = "k") -> tuple[int, ...]:
+def cutoffs(k, name: str = "k") -> tuple[int, ...]:
   """Validates ``k`` (an int or a sequence of ints >= 1); returns them deduplicated, in order."""
   values = (k,) if isinstance(k, numbers.Integral) else k
   if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
@@ -202,7 +202,7 @@ def zero_shot_accuracy(image_emb, labels, class_emb, k: int | Sequence[int] = (1
   Returns:
     ``{"top{k}": accuracy}`` for each ``k``, as Python floats in [0, 1].
   """
-  ks = _cutoffs(k)
+  ks = cutoffs(k)
   _check_run_args(mesh, block_size)
   images = _embeddings(image_emb, "image_emb")
   classes = _embeddings(class_emb, "class_emb")
@@ -236,7 +236,7 @@ def retrieval_recall(image_emb, text_emb, text_to_image, k: int | Sequence[int] 
   Returns:
     ``{"i2t@{k}": recall, ..., "t2i@{k}": recall, ...}`` as Python floats in [0, 1].
   """
-  ks = _cutoffs(k)
+  ks = cutoffs(k)
   _check_run_args(mesh, block_size)
   images = _embeddings(image_emb, "image_emb")
   texts = _embeddings(text_emb, "text_emb")

@@ -25,10 +25,10 @@ import numpy as np
 from align_jax import storage
 from align_jax.evaluate.templates import TEMPLATES
 
-__all__ = ["TEMPLATES", "class_embeddings", "load_descriptions"]
+__all__ = ["TEMPLATES", "class_embeddings", "load_descriptions", "template_list"]
 
 
-def _template_list(templates: str | Sequence[str] | None) -> tuple[str, ...]:
+def template_list(templates: str | Sequence[str] | None) -> tuple[str, ...]:
   """Resolves ``templates`` (a TEMPLATES name, a sequence of templates or None) and checks it."""
   if templates is None:
     return ("{}",)  # the bare class name.
@@ -56,7 +56,7 @@ def _sentences(names: list[str], templates: str | Sequence[str] | None,
                descriptions: Mapping[str, Sequence[str]] | None) -> list[list[str]]:
   """Returns, for each class, the sentences whose embeddings are averaged."""
   if descriptions is None:
-    filled = _template_list(templates)
+    filled = template_list(templates)
     return [[template.format(name) for template in filled] for name in names]
   if not isinstance(descriptions, Mapping):
     raise ValueError("descriptions must map class name -> list of sentences (see "

@@ -26,7 +26,6 @@ projector. Images that cannot be read are skipped, counted in ``evaluator.skippe
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 
 import jax
@@ -34,8 +33,8 @@ import ml_collections
 import numpy as np
 
 from align_jax import interfaces
-from align_jax.data import factory, skip_log, sources
-from align_jax.evaluate import datasets, metrics, prompts
+from align_jax.data import factory, readers, records
+from align_jax.evaluate import datasets, embedding, metrics, prompts
 
 logger = logging.getLogger("align_jax")
 
@@ -54,7 +53,7 @@ class ZeroShotEvaluator:
     self.name = name
     self.every = eval_config.get("every", 0) or config.eval_every
     self.prefix = eval_config.get("prefix", "eval/")
-    self.ks = metrics._cutoffs(tuple(eval_config.get("ks", (1, 5))), f"config.evals.{name}.ks")
+    self.ks = metrics.cutoffs(tuple(eval_config.get("ks", (1, 5))), f"config.evals.{name}.ks")
     self.mesh, self.model = mesh, model
     overrides = dict(eval_config.get("data", None) or {})
     self.data = factory.eval_data_config(config, overrides)
@@ -66,62 +65,61 @@ class ZeroShotEvaluator:
     self.class_names = list(self.reader.class_names)
     templates = eval_config.get("templates", "imagenet80")
     self.templates = templates if isinstance(templates, str) else list(templates)
-    prompts._template_list(self.templates)  # bad templates fail now, not at the first evaluation
+    prompts.template_list(self.templates)  # bad templates fail now, not at the first evaluation
     path = eval_config.get("descriptions", "") or ""
     self.descriptions = prompts.load_descriptions(path) if path else None
-    # evaluators.py registers this class, so it is imported here rather than at module level.
-    from align_jax.evaluate import evaluators
-    self._host = evaluators._host
-    self.embedder = evaluators._Embedder(model, config, mesh, eval_config.get("batch_size", 1024))
+    self.embedder = embedding.Embedder(model, config, mesh, eval_config.get("batch_size", 1024))
     self.transform = factory.make_image_transform(model, self.data, train=False)
-    self.max_pixels = int(self.data.get("max_image_pixels", 89_478_485))
-    self.min_size = int(self.data.get("min_image_size", 8))
-    self.num_threads = max(1, int(self.data.get("num_threads", 4)))
-    self.skipped: dict[str, int] = {}
+    self.limits = readers.decode_limits(self.data)
+    self.num_threads = max(1, int(self.data.num_threads))
+    self.prefetch = max(1, int(self.data.prefetch))
+    self._skips = records.SkipCounter(f"zero-shot {name}", logger)
+
+  @property
+  def skipped(self) -> dict[str, int]:
+    """The last pass's skipped records, ``{"data/skipped_<reason>": count}``."""
+    return dict(self._skips.counts)
 
   def is_due(self, step: int, is_last: bool) -> bool:
     return is_last or step % self.every == 0
 
-  def _load(self, index: int) -> tuple[np.ndarray | None, int, sources.SkipRecord | None]:
+  def _load(self, index: int) -> tuple[np.ndarray | None, int, records.SkipRecord | None]:
     """(pixels, label, None) for a usable record, (None, -1, the SkipRecord) otherwise."""
-    key = f"{self.reader.name}#{index}"
     try:
       record = self.reader.read(index)
-      key = record.key
-      image = sources.decode_image(record.image, key=key, max_pixels=self.max_pixels,
-                                   min_size=self.min_size)
-    except sources.SkipRecord as e:
+      image, _ = records.decode(record, self.limits, captions=False)
+    except records.SkipRecord as e:
       return None, -1, e
     return np.asarray(self.transform(image), np.float32), record.label, None
-
-  def _count_skip(self, error: sources.SkipRecord) -> None:
-    name = f"data/skipped_{error.reason}"
-    self.skipped[name] = self.skipped.get(name, 0) + 1
-    skip_log.record(logger, f"zero-shot {self.name}", error.reason, error.detail)
 
   def image_embeddings(self, params, frozen) -> tuple[np.ndarray, np.ndarray]:
     """([N, D] embeddings, [N] labels) of every readable image, in dataset order."""
     embedder, n = self.embedder, len(self.reader)
     size = self.model.image_encoder.image_size
     local, offset = embedder.local, jax.process_index() * embedder.local
-    self.skipped = {}
+    self._skips = records.SkipCounter(f"zero-shot {self.name}", logger)
+    starts = range(0, n, embedder.batch_size)
+    # This process's rows of every global batch, read ahead in order.
+    mine = [[i for i in range(start + offset, start + offset + local) if i < n]
+            for start in starts]
+    loaded = records.load_in_order(self._load, [i for rows in mine for i in rows],
+                                   num_threads=self.num_threads, prefetch=self.prefetch)
     embeddings, labels = [], []
-    with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
-      for start in range(0, n, embedder.batch_size):
-        pixels = np.zeros((local, size, size, 3), np.float32)
-        label = np.full((local,), -1, np.int32)  # -1: padding row or skipped image
-        rows = [i for i in range(start + offset, start + offset + local) if i < n]
-        for row, (image, y, skip) in enumerate(pool.map(self._load, rows)):
-          if skip is not None:
-            self._count_skip(skip)
-          else:
-            pixels[row], label[row] = image, y
-        batch = embedder.to_device({"pixel_values": pixels})
-        z = self._host(embedder.images(params, frozen, batch))
-        global_label = self._host(label)
-        keep = global_label >= 0
-        embeddings.append(z[keep])
-        labels.append(global_label[keep])
+    for rows in mine:
+      pixels = np.zeros((local, size, size, 3), np.float32)
+      label = np.full((local,), -1, np.int32)  # -1: padding row or skipped image
+      for row in range(len(rows)):
+        image, y, skip = next(loaded)
+        if skip is not None:
+          self._skips.add(skip.reason, skip.detail)
+        else:
+          pixels[row], label[row] = image, y
+      batch = embedder.to_device({"pixel_values": pixels})
+      z = embedding.host_gather(embedder.images(params, frozen, batch))
+      global_label = embedding.host_gather(label)
+      keep = global_label >= 0
+      embeddings.append(z[keep])
+      labels.append(global_label[keep])
     labels = np.concatenate(labels)
     if labels.size == 0:
       raise ValueError(f"{self.reader.name}: no readable image (skip counts: {self.skipped}); "
@@ -135,7 +133,7 @@ class ZeroShotEvaluator:
     for tokens, valid in pipeline.text_batches(texts, self.model.text_encoder.preprocess,
                                                embedder.batch_size):
       batch = embedder.to_device(embedder.local_rows(tokens))
-      z = self._host(embedder.texts(params, frozen, batch))
+      z = embedding.host_gather(embedder.texts(params, frozen, batch))
       parts.append(z[valid])
     return np.concatenate(parts)
 
@@ -148,6 +146,6 @@ class ZeroShotEvaluator:
   def run(self, params, frozen) -> dict[str, float]:
     images, labels = self.image_embeddings(params, frozen)
     classes = self.class_embeddings(params, frozen)
-    skip_log.summary(logger, f"zero-shot {self.name}", self.skipped)
+    self._skips.summary(f"zero-shot {self.name}")
     accuracy = metrics.zero_shot_accuracy(images, labels, classes, k=self.ks, mesh=self.mesh)
     return {f"{self.prefix}{self.name}_{key}": value for key, value in accuracy.items()}
