@@ -20,3 +20,27 @@ def test_analysis_submodules_are_not_shadowed_by_exports():
   import types
   from align_jax.analysis import curate, select
   assert isinstance(curate, types.ModuleType) and isinstance(select, types.ModuleType)
+
+
+def test_data_exports_resolve_to_their_modules():
+  import align_jax.data as data
+  from align_jax.data import features, manifest, order, records
+  assert data.ArrayPairSource is features.ArrayPairSource
+  assert data.read_manifest_rows is manifest.read_rows and data.EpochOrder is order.EpochOrder
+  assert data.SkipCounter is records.SkipCounter
+  for name in data.__all__:
+    assert callable(getattr(data, name)), name
+  import pytest
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    data.nope  # pylint: disable=pointless-statement
+
+
+def test_subpackages_export_their_public_api():
+  from align_jax import encoders, evaluate
+  from align_jax.encoders import image, text
+  from align_jax.evaluate import metrics
+  assert encoders.ImageEncoder is image.ImageEncoder and encoders.TextEncoder is text.TextEncoder
+  assert evaluate.retrieval_recall is metrics.retrieval_recall
+  for package in (encoders, evaluate):
+    for name in package.__all__:
+      getattr(package, name)
