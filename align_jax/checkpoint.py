@@ -197,6 +197,7 @@ class Checkpointer:
     self.directory = storage.join(self.workdir, CHECKPOINTS)
     self.corrupt_directory = storage.join(self.workdir, CORRUPT)
     if read_only:  # the item handlers let a reader ask orbax for the saved tree's metadata
+      _forget_cached_listings(self.directory)  # the run may have saved (or removed) steps since
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
