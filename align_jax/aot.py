@@ -5,8 +5,8 @@
     python -m align_jax.aot --config=configs/dinov2_roberta.py:batch=65536 --topology=2xv5e-256
 
 Before paying for a v5e-256 or v4-32 slice, this builds the run's mesh, model, optimiser, shardings
-and the jitted ``train_step`` exactly as :func:`align_jax.train.build_trainer` does, but from
-abstract shapes only (``jax.eval_shape`` for the state, ``jax.ShapeDtypeStruct`` with shardings for
+and the jitted ``train_step`` with the builder :func:`align_jax.train.build_trainer` uses
+(:func:`align_jax.step_builder.build`), but from abstract shapes only (``jax.eval_shape`` for the state, ``jax.ShapeDtypeStruct`` with shardings for
 the frozen params and the batch), lowers and compiles it for the target devices, and prints what
 XLA reports: per-device memory (``memory_analysis``) and FLOPs (``cost_analysis``). A config that
 does not fit the mesh, a sharding rule that does not divide a dimension, or a step that does not
@@ -44,17 +44,13 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from align_jax import config as config_lib
-from align_jax import model as model_lib, optim, sharding
+from align_jax import model as model_lib, optim, sharding, step_builder
 from align_jax import train as train_lib
-from align_jax.data import factory as data_factory
-from align_jax.data import features as features_data
 
 # TPU slice shapes by chip count: 2D tori (v5e, v6e) and 3D tori (v4, v5p).
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
@@ -233,28 +229,6 @@ def topology_devices(topology: str) -> list:
   return list(description.devices)
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of ``tree``'s leaves, each with its sharding."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def abstract_batch(config: ml_collections.ConfigDict, model, batch_sharding) -> dict:
-  """The global batch's shapes: from one row of an array source, or from the encoders' inputs."""
-  if data_factory.is_array_source(config.data):
-    source = features_data.make_array_source(config.data, split="train", global_batch_size=1,
-                                             seed=config.seed, process_index=0, process_count=1)
-    row = jax.tree.map(np.asarray, next(source))
-  else:  # raw images + captions: no need to read the (possibly remote) data to know the shapes
-    size, length = model.image_encoder.image_size, model.text_encoder.max_length
-    row = {"image": {"pixel_values": np.zeros((1, size, size, 3), np.float32)},
-           "text": {"input_ids": np.zeros((1, length), np.int32),
-                    "attention_mask": np.zeros((1, length), np.int32)}}
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
-                                     sharding=batch_sharding), row)
-
-
 def _memory_stats(compiled) -> dict:
   try:
     stats = compiled.memory_analysis()
@@ -300,31 +274,13 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   config_lib.validate(config, sharding.num_batch_shards(mesh, batch_axes), num_processes)
   model = model_lib.build_model(config, mesh, abstract=True)
   tx = optim.make_optimizer(config)
-  batch_sharding = sharding.batch_sharding(mesh, batch_axes)
-  batch = abstract_batch(config, model, batch_sharding)
-  frozen_host = model.frozen_params()
-  frozen_shardings = sharding.param_shardings(frozen_host, mesh, config.mesh.frozen_param_rules)
-  frozen = _abstract(frozen_host, frozen_shardings)
-
-  def init(rng, frozen, batch):  # as train.create_train_state, traced only
-    params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, frozen, batch)
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params), rng=state_rng)
-
-  rng = jax.eval_shape(lambda: jax.random.PRNGKey(config.seed))
-  state_shapes = jax.eval_shape(init, rng, frozen, batch)
-  state_shardings = sharding.param_shardings(state_shapes, mesh, config.mesh.param_rules)
-  state = _abstract(state_shapes, state_shardings)
-  step = jax.jit(
-      train_lib.make_train_step(model, tx, config, mesh),
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  built = step_builder.build(config, mesh, model, tx,
+                             train_lib.make_train_step(model, tx, config, mesh),
+                             abstract_only=True)
   kind = devices[0].device_kind
   start = time.perf_counter()
   try:
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = built.train_step.lower(built.state, built.frozen, built.batch).compile()
   except jax.errors.JaxRuntimeError as error:
     first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
     if "RESOURCE_EXHAUSTED" not in first:

@@ -22,6 +22,10 @@ The run directory heals itself (:meth:`Checkpointer.restore_latest`):
 * Unfinished saves (orbax's temporary folders, or on ``gs://`` a step folder without its commit
   marker) are never listed by orbax as checkpoints; they are reported and orbax removes them.
 
+A reader (``Checkpointer(workdir, read_only=True)``, what :mod:`align_jax.run_dir` uses for
+evaluation, export and inference) lists and restores with the same verification, and never
+creates, cleans up or moves anything: the run it reads may still be training.
+
 A save that fails in the background (disk full, permission, quota) raises
 :class:`CheckpointError` at the next :meth:`Checkpointer.check` (the training loop calls it every
 step) with one line naming the path and the cause; the last good checkpoint stays intact (old ones
@@ -169,21 +173,44 @@ def _any_process(flag: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def _by_path_name(sums: dict[str, int]) -> dict[str, int]:
+  """``{".params['image'][0]": x}`` -> ``{"params/image/0": x}``: the same name for an attribute,
+  a dict key and a sequence index, whatever container held the array."""
+  def name(key: str) -> str:
+    parts = re.findall(r"\.(\w+)|\[(-?\d+)\]|\[(?:'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\")\]",
+                       key)
+    return "/".join(next(p for p in groups if p) if any(groups) else "" for groups in parts)
+  return {name(k): v for k, v in sums.items()}
+
+
 class Checkpointer:
   """Saves every ``every`` steps into ``WORKDIR/checkpoints``, keeps the last ``keep``."""
 
-  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, every: int = 1, keep: int | None = None,
+               async_save: bool = True, read_only: bool = False):
+    """``read_only``: a reader of an existing (possibly still training) run, for evaluation and
+    export: it creates no folder, removes no unfinished save and never saves."""
     _install_log_filter()
     self.every = every
+    self.read_only = read_only
     self.workdir = storage.normalize(workdir)
     self.directory = storage.join(self.workdir, CHECKPOINTS)
     self.corrupt_directory = storage.join(self.workdir, CORRUPT)
-    self._report_unfinished()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True))
+    if read_only:  # the item handlers let a reader ask orbax for the saved tree's metadata
+      _forget_cached_listings(self.directory)  # the run may have saved (or removed) steps since
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "data": ocp.JsonCheckpointHandler(),
+                         "integrity": ocp.JsonCheckpointHandler()})
+    else:
+      self._report_unfinished()
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+              cleanup_tmp_directories=True))
     self._pending: int | None = None  # step of a save not yet known to have finished
     self.last_good: int | None = None  # newest checkpoint known to be complete
 
@@ -192,6 +219,15 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The finished checkpoint steps, oldest first (unfinished saves are never listed)."""
+    return sorted(self.manager.all_steps())
+
+  def saved_state(self, step: int) -> Any:
+    """The saved train state's tree at ``step`` (nested dicts and lists; a leaf per array, with
+    ``shape`` and ``dtype``), read from the checkpoint's metadata without reading any array."""
+    return self.manager.item_metadata(step)["state"].tree
 
   # --- resume ----------------------------------------------------------------------------------
 
@@ -222,8 +258,10 @@ class Checkpointer:
     state = item("state", ocp.args.StandardRestore(abstract_state))
     if storage.exists(storage.join(self.step_path(step), "integrity")):  # absent before 2026-12
       saved = item("integrity", ocp.args.JsonRestore())
-      got = state_checksums(state)
-      expected = saved.get("checksums", {}) if isinstance(saved, dict) else {}
+      # Compared by path names, so a state restored as the saved tree (dicts and lists, see
+      # saved_state) is checked as well as one restored into a TrainState.
+      got = _by_path_name(state_checksums(state))
+      expected = _by_path_name(saved.get("checksums", {}) if isinstance(saved, dict) else {})
       bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
       if bad:
         raise CheckpointError(f"state: checksum mismatch in {len(bad)} of {len(got)} arrays "

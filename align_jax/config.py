@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from align_jax import storage
 
 LOSSES = ("softmax", "sigmoid")
 # config.data.source: arrays (align_jax.data.features) or raw images + captions (data.pipeline)
@@ -364,32 +363,3 @@ def _variant_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append("loss.structure_levels must be >= 1 and loss.structure_temperature > 0")
   return problems
 
-
-def from_json(path: str) -> ml_collections.ConfigDict:
-  """The config a run wrote to ``WORKDIR/config.json``, as a locked ConfigDict like the original.
-
-  JSON has no tuples, so lists are turned back into tuples where the schema has tuples.
-  """
-  import json
-  saved = json.loads(storage.read_text(path))  # a local path or a URL
-  config = default_config()
-
-  def merge(node: ml_collections.ConfigDict, values: dict, prefix: str):
-    for key, value in values.items():
-      if key not in node:
-        with node.unlocked():
-          node[key] = value  # free-form parts (evals entries)
-      elif isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-        merge(node[key], value, f"{prefix}{key}.")
-      else:
-        if isinstance(node[key], tuple) and isinstance(value, list):
-          value = _tuples(value)
-        node[key] = value
-
-  merge(config, saved, "")
-  return config
-
-
-def _tuples(value):
-  """Nested lists -> nested tuples (e.g. sharding rules)."""
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 import align_jax
-from align_jax import distributed, inference, loss_kinds
+from align_jax import distributed, inference, loss_kinds, run_dir
 from align_jax import storage
 
 FORMAT = inference.EXPORT_FORMAT
@@ -75,12 +75,10 @@ def export(workdir: str, out: str, *, step: int | None = None,
   if not storage.isdir(workdir):
     raise FileNotFoundError(f"--workdir {workdir!r} is not a folder: pass a training workdir")
   if config is None:
-    config_path = storage.join(workdir, inference.CONFIG_FILE)
-    if not storage.isfile(config_path):
-      raise FileNotFoundError(f"{config_path} is missing: pass config= (the run's config) or "
-                              "re-run training once with a current align_jax to write it")
-    config = inference.config_from_json(config_path)
-  params, step = inference.restore_params(workdir, step)  # every process (orbax syncs them)
+    config = run_dir.read_config(workdir, fix="pass config= (the run's config) or re-run "
+                                 "training once with a current align_jax to write it")
+  params, step, _ = run_dir.restore_params(workdir, step)  # every process (orbax syncs them)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   card = model_card(config, params, step)
   if jax.process_index() != 0:  # a multi-process run: process 0 writes the folder
     return card
@@ -89,7 +87,7 @@ def export(workdir: str, out: str, *, step: int | None = None,
   storage.makedirs(out)
   storage.write_bytes(storage.join(out, inference.WEIGHTS_FILE),
                       save(_flatten(params), metadata={"format": FORMAT, "step": str(step)}))
-  storage.write_text(storage.join(out, inference.CONFIG_FILE), config.to_json_best_effort(indent=2))
+  run_dir.write_config(out, config)
   storage.write_text(storage.join(out, inference.MODEL_FILE), json.dumps(card, indent=2))
   return card
 

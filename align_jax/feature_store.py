@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from align_jax import checksums, model as model_lib, sharding, storage
+from align_jax import checksums, model as model_lib, sharding, step_builder, storage
 from align_jax.data import factory, feature_files
 
 logger = logging.getLogger("align_jax")
@@ -245,8 +245,7 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *,
     raise ValueError("extract_features reads raw images and captions: set config.data.source to "
                      "tfds, webdataset, manifest or synthetic_shapes")
   model = model_lib.build_model(config, mesh)
-  frozen = jax.device_put(model.frozen_params(), sharding.param_shardings(
-      model.frozen_params(), mesh, config.mesh.frozen_param_rules))
+  frozen, _ = step_builder.place_frozen(model, mesh, config)
   out_dir = storage.normalize(out_dir)
   splits = [(out_dir, factory.resolve_split(config.data))]
   if eval_splits:

@@ -36,7 +36,6 @@ with unit L2 norm.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,80 +45,15 @@ import ml_collections
 import numpy as np
 
 import align_jax
-from align_jax import config as config_lib
-from align_jax import loss_kinds
+from align_jax import interfaces, loss_kinds
 from align_jax import model as model_lib
-from align_jax import interfaces
-from align_jax import storage
+from align_jax import run_dir, step_builder, storage
 
 MODEL_FILE = "align_jax_model.json"  # marks an exported folder
 EXPORT_FORMAT = "align_jax.model/1"
 WEIGHTS_FILE = "projectors.safetensors"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = run_dir.CONFIG_FILE
 IMAGE_PREPROCESSING = ("eval", "encoder")
-
-
-def config_from_json(path: str) -> ml_collections.ConfigDict:
-  """A training config read back from its ``config.json`` (keys it lacks keep their defaults)."""
-  try:
-    values = json.loads(storage.read_text(path))
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ValueError(f"{path} is not valid JSON ({error}); pass the run's config with "
-                     "config=align_jax.config... or rewrite the file") from None
-  config = config_lib.default_config()
-  try:
-    config.update(values)
-  except (AttributeError, KeyError, TypeError) as error:
-    raise ValueError(f"{path} does not match align_jax's config schema ({error}); pass the "
-                     "config explicitly with config=") from None
-  return config
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps of a workdir.
-
-  Locally orbax renames a step folder from a temporary name when it completes; on an object
-  store (no rename) it writes ``commit_success.txt`` into the folder last.
-  """
-  directory = storage.join(workdir, "checkpoints")
-  if not storage.isdir(directory):
-    return []
-  marker = "commit_success.txt" if storage.is_url(directory) else "state"
-  return sorted(int(name) for name in storage.listdir(directory)
-                if name.isdigit() and storage.exists(storage.join(directory, name, marker)))
-
-
-def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """The trainable params (host float32 numpy) of a workdir's checkpoint, and its step.
-
-  The whole train state is restored onto this process's first device from the checkpoint's own
-  metadata, so no mesh, optimiser or model has to be rebuilt, whatever mesh trained it.
-  """
-  import orbax.checkpoint as ocp  # only workdirs need orbax
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(
-        f"no checkpoint in {storage.join(workdir, 'checkpoints')}: train first (python main.py "
-        f"--config=... --workdir={workdir}) or load an exported folder")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; available steps: {steps}")
-  path = storage.join(storage.normalize(workdir), "checkpoints", str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  absl_logger = logging.getLogger("absl")
-  level = absl_logger.level
-  absl_logger.setLevel(logging.ERROR)  # "metadata file does not exist" for the item folder
-  try:
-    tree = checkpointer.metadata(path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            tree)
-    state = checkpointer.restore(path, abstract)
-  finally:
-    absl_logger.setLevel(level)
-    checkpointer.close()
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), state["params"]), step
 
 
 def load_exported_params(folder: str) -> dict:
@@ -170,7 +104,7 @@ class AlignedModel:
     self.model = model_lib.build_model(config)
     self.loss_kind = loss_kinds.get(config.loss)
     self.params = jax.device_put(params)
-    self.frozen = jax.device_put(self.model.frozen_params())
+    self.frozen, _ = step_builder.place_frozen(self.model, None, config)  # the default device
     self._embed_images = jax.jit(self.model.embed_images)
     self._embed_texts = jax.jit(self.model.embed_texts)
     self._eval_transform = None
@@ -198,13 +132,10 @@ class AlignedModel:
                               "written by python -m align_jax.export")
     exported = storage.isfile(storage.join(path, MODEL_FILE))
     if config is None:
-      config_path = storage.join(path, CONFIG_FILE)
-      if not storage.isfile(config_path):
-        raise FileNotFoundError(
-            f"{config_path} is missing: pass the run's config, e.g. AlignedModel.load(path, "
-            "config=configs.demo.get_config()), or train with a current align_jax (it writes "
-            "config.json into the workdir)")
-      config = config_from_json(config_path)
+      config = run_dir.read_config(
+          path, fix="pass the run's config, e.g. AlignedModel.load(path, "
+          "config=configs.demo.get_config()), or train with a current align_jax (it writes "
+          "config.json into the workdir)")
     else:
       config = ml_collections.ConfigDict(config.to_dict())
     if image_encoder is not None:
@@ -222,7 +153,8 @@ class AlignedModel:
                          f"that step (python -m align_jax.export --step={step}) or drop step=")
       params, step = load_exported_params(path), info.get("step", 0)
     else:
-      params, step = restore_params(path, step)
+      params, step, _ = run_dir.restore_params(path, step)
+      params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     return cls(config, params, step=step, batch_size=batch_size,
                image_preprocessing=image_preprocessing)
 

@@ -1,4 +1,4 @@
-"""The trainer: train state, one pure train step jitted with shardings, and the training loop.
+"""The trainer: one pure train step, the run's build (jitted by align_jax.step_builder), the loop.
 
 ``train_and_evaluate(config, workdir)`` is the whole program (``main.py`` only parses flags), so a
 notebook runs exactly what the command line runs. The step is
@@ -19,11 +19,8 @@ import math
 import time
 from typing import Any, Callable
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import parameter_overview
 
@@ -31,20 +28,13 @@ from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
 from align_jax import interfaces
 from align_jax import loss_kinds, model as model_lib, optim, preemption, reporting, sharding
-from align_jax import storage, variants
+from align_jax import run_dir, step_builder, storage, variants
 from align_jax.data import factory as data_factory
 from align_jax.evaluate import evaluators as evaluators_lib
 
 logger = logging.getLogger("align_jax")
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything that is trained or advances: step, trainable params, optimiser state, RNG key."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
 
 
 def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformation,
@@ -57,7 +47,7 @@ def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformatio
   objective_fn = variants.make_objective(config, mesh, kind)
   schedule = optim.learning_rate_schedule(config)
 
-  def train_step(state: TrainState, frozen: dict, batch: dict):
+  def train_step(state: step_builder.TrainState, frozen: dict, batch: dict):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     image, text = model.encode(frozen, batch)  # frozen: outside the differentiated function
     image, text = mix_features(state.rng, state.step, image, text)
@@ -82,29 +72,6 @@ def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformatio
   return train_step
 
 
-def create_train_state(model, tx, config, mesh, frozen, example_batch):
-  """Initial state, created directly on its shardings by a jitted init (no host copy)."""
-  def init(rng, frozen, batch):
-    params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, frozen, batch)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng)
-
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, rng, frozen, example_batch)
-  state_shardings = sharding.param_shardings(abstract, mesh, config.mesh.param_rules)
-  state = jax.jit(init, out_shardings=state_shardings)(rng, frozen, example_batch)
-  return state, state_shardings
-
-
-def _first_batch(source) -> dict:
-  """Peeks at the source's next batch (for shapes) without moving it."""
-  state = source.get_state()
-  batch = next(source)
-  source.set_state(state)
-  return batch
-
-
 def _check_finite(pending: list[tuple[int, dict]]) -> None:
   for step, metrics in pending:
     loss = float(metrics["train/loss"])
@@ -122,7 +89,7 @@ class Trainer:
   model: model_lib.AlignModel
   source: interfaces.PairSource  # next / get_state / set_state / skipped
   frozen: dict
-  state: TrainState
+  state: step_builder.TrainState
   state_shardings: Any
   batch_sharding: Any
   train_step: Callable  # jitted: (state, frozen, global batch) -> (state, metrics); donates state
@@ -140,21 +107,11 @@ def build_trainer(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
   model = model_lib.build_model(config, mesh)
   tx = optim.make_optimizer(config)
   source = data_factory.make_train_source(config, model)
-  batch_sharding = sharding.batch_sharding(mesh, batch_axes)
-
-  frozen_host = model.frozen_params()
-  frozen_shardings = sharding.param_shardings(frozen_host, mesh, config.mesh.frozen_param_rules)
-  frozen = jax.device_put(frozen_host, frozen_shardings)
-  example = sharding.host_to_global(_first_batch(source), batch_sharding)
-  state, state_shardings = create_train_state(model, tx, config, mesh, frozen, example)
-  train_step = jax.jit(
-      make_train_step(model, tx, config, mesh),
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  return Trainer(config=config, mesh=mesh, model=model, source=source, frozen=frozen,
-                 state=state, state_shardings=state_shardings, batch_sharding=batch_sharding,
-                 train_step=train_step)
+  step = step_builder.build(config, mesh, model, tx, make_train_step(model, tx, config, mesh),
+                            source=source)
+  return Trainer(config=config, mesh=mesh, model=model, source=source, frozen=step.frozen,
+                 state=step.state, state_shardings=step.state_shardings,
+                 batch_sharding=step.batch_sharding, train_step=step.train_step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
@@ -166,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   trainer = build_trainer(config, mesh)
   state, frozen, source = trainer.state, trainer.frozen, trainer.source
   if jax.process_index() == 0:  # the run's config, for evaluation, export and AlignedModel.load
-    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    run_dir.write_config(workdir, config)
   logger.info("trainable parameters:\n%s",
               parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
@@ -235,11 +192,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
                    "to continue", preempted_at, config.total_steps, workdir)
   return last
 
-
-def final_params(workdir: str, config: ml_collections.ConfigDict) -> Any:
-  """The trainable params of a workdir's latest checkpoint, as host numpy arrays (for tests/export)."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
-                                             keep=config.keep_checkpoints, async_save=False)
-  restored = checkpointer.manager.restore(checkpointer.latest_step())
-  checkpointer.close()
-  return jax.tree.map(np.asarray, restored["state"]["params"])

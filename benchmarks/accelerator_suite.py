@@ -324,7 +324,7 @@ class StepBench:
   def __init__(self, config, make_batch: Callable[[Any, int], dict]):
     import jax
 
-    from align_jax import model as model_lib, optim, sharding, train
+    from align_jax import model as model_lib, optim, sharding, step_builder, train
 
     self.config = config
     self.make_batch = make_batch  # (key, batch) -> dict of arrays (traced under jit)
@@ -333,20 +333,16 @@ class StepBench:
     self.model = model_lib.build_model(config, self.mesh)
     tx = optim.make_optimizer(config)
     self.batch_sharding = sharding.batch_sharding(self.mesh, tuple(config.mesh.batch_axes))
-    frozen_host = self.model.frozen_params()
-    frozen_shardings = sharding.param_shardings(frozen_host, self.mesh,
-                                                config.mesh.frozen_param_rules)
-    self.frozen = jax.device_put(frozen_host, frozen_shardings)
+    self.frozen, frozen_shardings = step_builder.place_frozen(self.model, self.mesh, config)
     # The trainable state does not depend on the batch size: made once from a one-row batch
     # (the frozen encoders' forward in init is dead code for XLA) and copied for each trial.
-    example = jax.jit(lambda key: make_batch(key, 1))(jax.random.key(0))
-    self.state0, state_shardings = train.create_train_state(self.model, tx, config, self.mesh,
-                                                            self.frozen, example)
+    example = jax.eval_shape(lambda key: make_batch(key, 1), jax.random.key(0))
+    self.state0, state_shardings = step_builder.init_state(self.model, tx, config, self.mesh,
+                                                           self.frozen, example)
     self.copy = jax.jit(lambda tree: jax.tree.map(lambda x: x.copy(), tree))
-    self.step = jax.jit(train.make_train_step(self.model, tx, config, self.mesh),
-                        in_shardings=(state_shardings, frozen_shardings, self.batch_sharding),
-                        out_shardings=(state_shardings, sharding.replicated(self.mesh)),
-                        donate_argnums=(0,))
+    self.step = step_builder.jit_step(train.make_train_step(self.model, tx, config, self.mesh),
+                                      self.mesh, state_shardings, frozen_shardings,
+                                      self.batch_sharding)
 
   def trial(self, row: Row, batch: int, flops: float, deadline: Deadline) -> tuple[Row, Any]:
     """Compiles, checks memory, runs; fills ``row`` ("OOM" / "does not fit" on failure).

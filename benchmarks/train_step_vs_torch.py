@@ -10,8 +10,8 @@ grad-norm and param-norm metrics), on random stored features in float32:
   * ``glu``: SAIL's GLU heads (LayerNorm, two Linear(D -> 8D) branches, relu6(a) * b,
     Linear(8D -> 1024)) on pooled features (2,048 image / 1,024 text) with the sigmoid loss.
 
-JAX runs the real step: ``align_jax.train.make_train_step`` and ``create_train_state`` on a config,
-jitted with shardings and the state donated as ``build_trainer`` does, on one CPU device. PyTorch
+JAX runs the real step: ``align_jax.train.make_train_step`` and ``step_builder.init_state`` on a
+config, jitted with shardings and the state donated as ``build_trainer`` does, on one CPU device. PyTorch
 runs the same model and optimiser eagerly (``torch.optim.AdamW``, ``clip_grad_norm_``); its token
 projector is written as the paper's module is (every branch on every token), and a second PyTorch
 variant applies the same pooling trick as align_jax (``lin`` and ``fc2`` once per example), so the
@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from align_jax import loss_kinds, model as model_lib, optim, sharding, train  # noqa: E402
+from align_jax import loss_kinds, model as model_lib, optim, sharding, step_builder, train  # noqa: E402
 from configs import dinov2_roberta  # noqa: E402
 
 LN_EPS = 1e-6  # flax.linen.LayerNorm's default
@@ -109,8 +109,8 @@ class JaxStep:
     batch_sharding = sharding.batch_sharding(mesh, tuple(config.mesh.batch_axes))
     frozen = jax.device_put(model.frozen_params(), sharding.replicated(mesh))
     self.batch = sharding.host_to_global(host_batch, batch_sharding)
-    self.state, state_shardings = train.create_train_state(model, tx, config, mesh, frozen,
-                                                           self.batch)
+    self.state, state_shardings = step_builder.init_state(model, tx, config, mesh, frozen,
+                                                          self.batch)
     self.frozen = frozen
     self.model = model
     self.step_fn = jax.jit(

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 import align_jax
-from align_jax import config as config_lib
-from align_jax import inference, storage, train
+from align_jax import storage
+from align_jax import run_dir as run_dir_lib
 from align_jax.data import pipeline, records, sources, transforms, webdataset
 from align_jax.evaluate import datasets, prompts, standalone
 
@@ -80,12 +80,12 @@ def test_demo_trains_on_gcs_then_evaluates_and_loads(gcs_bucket, tmp_path, monke
   assert done.returncode == 0, _output(done)[-3000:]
   assert {"checkpoints", "config.json", "metrics.jsonl", "tensorboard"} <= set(
       storage.listdir(workdir))
-  assert inference.checkpoint_steps(workdir) == [10, 20]
+  assert run_dir_lib.steps(workdir) == [10, 20]
   assert sorted(_losses(workdir)) == [5, 10, 15, 20] and _eval_steps(workdir) == [0, 10, 20]
   assert_tensorboard_equals_metrics(workdir)
 
   monkeypatch.chdir(tmp_path)  # in-process reads below: nothing local either
-  config = config_lib.from_json(storage.join(workdir, "config.json"))
+  config = run_dir_lib.read_config(workdir)
   assert config.total_steps == 20 and config.batch_size == 256
   report = standalone.evaluate_checkpoint(config, workdir)
   assert report["step"] == 20 and report["checkpoint"] == f"{workdir}/checkpoints/20"
@@ -96,7 +96,7 @@ def test_demo_trains_on_gcs_then_evaluates_and_loads(gcs_bucket, tmp_path, monke
   model = align_jax.AlignedModel.load(workdir)
   assert model.step == 20
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(model.params),
-               train.final_params(workdir, config))
+               run_dir_lib.restore_params(workdir).params)
   embeddings = model.embed_images(np.random.RandomState(0).randn(
       3, config.data.image_input_dim).astype(np.float32))
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
@@ -137,7 +137,7 @@ def test_sigkill_and_resume_on_gcs_matches_uninterrupted_local_run(gcs_bucket, t
   finally:
     process.kill()
     process.wait()
-  assert inference.checkpoint_steps(workdir)[-1] < 100  # killed mid-run
+  assert run_dir_lib.steps(workdir)[-1] < 100  # killed mid-run
   done = _main([*args, f"--workdir={workdir}"], run_dir)
   assert done.returncode == 0, _output(done)[-3000:]
   assert "restored checkpoint at step" in _output(done)
@@ -146,9 +146,8 @@ def test_sigkill_and_resume_on_gcs_matches_uninterrupted_local_run(gcs_bucket, t
   assert sorted(got) == sorted(expected) == list(range(5, 101, 5))
   assert got == expected  # bit-identical losses at every logged step
   assert _eval_steps(workdir) == _eval_steps(reference) == [0, 25, 50, 75, 100]
-  config = config_lib.from_json(storage.join(workdir, "config.json"))
-  jax.tree.map(np.testing.assert_array_equal, train.final_params(reference, config),
-               train.final_params(workdir, config))
+  jax.tree.map(np.testing.assert_array_equal, run_dir_lib.restore_params(reference).params,
+               run_dir_lib.restore_params(workdir).params)
   assert_tensorboard_equals_metrics(workdir)  # after SIGKILL + resume, on gs://
   assert_tensorboard_equals_metrics(reference)  # uninterrupted, local
   assert os.listdir(run_dir) == []
@@ -170,7 +169,7 @@ def test_mode_evaluate_and_export_to_gcs(gcs_bucket, tmp_path, monkeypatch):
                          f"--out={out}"], cwd=tmp_path, capture_output=True, text=True,
                         timeout=300, env={**os.environ, "PYTHONPATH": REPO})
   assert done.returncode == 0, _output(done)[-3000:]
-  assert f"exported step 20" in done.stdout
+  assert "exported step 20" in done.stdout
   assert storage.listdir(out) == ["align_jax_model.json", "config.json", "projectors.safetensors"]
 
   monkeypatch.chdir(tmp_path)

@@ -3,6 +3,7 @@
 import pytest
 
 from align_jax import config as config_lib
+from align_jax import run_dir
 
 
 def test_required_keys_and_locking():
@@ -41,8 +42,8 @@ def test_config_json_round_trip(tmp_path):
   config.mesh.param_rules = ((r"kernel", ("data", None)),)
   config.evals.heldout = dict(type="retrieval", data=dict(split="heldout"), ks=(1, 5))
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  loaded = config_lib.from_json(str(tmp_path / "config.json"))
+  loaded = run_dir.read_config(str(tmp_path))
   assert loaded.total_steps == 7 and loaded.mesh.axes == ("data",)
   assert loaded.mesh.param_rules == ((r"kernel", ("data", None)),)
   assert loaded.evals.heldout.data.split == "heldout"
-  assert loaded.to_dict() == config_lib.from_json(str(tmp_path / "config.json")).to_dict()
+  assert loaded.to_dict() == run_dir.read_config(str(tmp_path)).to_dict()

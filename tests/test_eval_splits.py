@@ -14,7 +14,7 @@ import ml_collections
 import pytest
 from PIL import Image
 
-from align_jax import feature_store, model as model_lib, sharding, train
+from align_jax import feature_store, model as model_lib, run_dir, sharding, train
 from align_jax.data import factory, readers, synthetic_images
 from align_jax.evaluate import evaluators as evaluators_lib
 from train_utils import tiny_config, tiny_online_config
@@ -64,7 +64,7 @@ def test_train_from_features_evaluates_the_held_out_store(online_config, tmp_pat
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   logged = _logged_evals(workdir)
-  params = train.final_params(workdir, config)
+  params = run_dir.restore_params(workdir).params
   evaluator, on_heldout = _evaluate(config, {"path": str(store / "heldout")}, params)
   assert evaluator.source.num_pairs == 256
   assert logged == pytest.approx(on_heldout, abs=1e-6)
@@ -124,7 +124,7 @@ def test_train_from_manifest_evaluates_the_held_out_manifest(online_config, mani
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   logged = _logged_evals(workdir)
-  params = train.final_params(workdir, config)
+  params = run_dir.restore_params(workdir).params
   evaluator, on_heldout = _evaluate(config, {"path": str(manifests / "heldout.jsonl")}, params)
   assert evaluator.data.path == str(manifests / "heldout.jsonl")
   assert logged == pytest.approx(on_heldout, abs=1e-6)

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 import align_jax
 from align_jax import export as export_lib
-from align_jax import inference, train
+from align_jax import inference, run_dir, train
 from align_jax.evaluate import prompts
 from train_utils import tiny_config, tiny_online_config
 
@@ -75,7 +75,7 @@ def test_demo_embeddings_match_numpy_and_export(demo_run, tmp_path):
   config, workdir = demo_run
   model = align_jax.AlignedModel.load(workdir, batch_size=32)
   assert model.step == config.total_steps
-  params = train.final_params(workdir, config)
+  params = run_dir.restore_params(workdir).params
   rng = np.random.default_rng(0)
   images = rng.normal(size=(45, config.data.image_input_dim)).astype(np.float32)  # 2 batches
   texts = rng.normal(size=(7, config.data.text_input_dim)).astype(np.float32)
@@ -127,7 +127,7 @@ def test_features_encoders_take_features(demo_run):
   demo = align_jax.AlignedModel.load(workdir)
   features_config = tiny_config(**{"model.image_encoder": "features",
                                    "model.text_encoder": "features"})
-  model = align_jax.AlignedModel(features_config, train.final_params(workdir, config), step=6)
+  model = align_jax.AlignedModel(features_config, run_dir.restore_params(workdir).params, step=6)
   x = np.random.default_rng(2).normal(size=(5, config.data.image_input_dim)).astype(np.float32)
   encoder = demo.model.image_encoder
   pooled = np.asarray(encoder.apply(encoder.params, {"values": x})["pooled"])
@@ -144,7 +144,7 @@ def test_features_encoders_take_features(demo_run):
 def test_sigmoid_probabilities_and_retrieve(demo_run):
   demo_config, workdir = demo_run
   config = tiny_config(**{"loss.name": "sigmoid"})
-  params = train.final_params(workdir, demo_config)
+  params = run_dir.restore_params(workdir).params
   params["logit"] = {"log_scale": np.float32(np.log(7.0)), "bias": np.float32(-2.5)}
   model = align_jax.AlignedModel(config, params, step=6)
   values = model.logit_params
@@ -171,7 +171,7 @@ def test_online_model_matches_trainer_and_zero_shot(online_run):
   from align_jax.data import factory, synthetic_images
   config, workdir = online_run
   model = align_jax.AlignedModel.load(workdir, batch_size=8)
-  params = train.final_params(workdir, config)
+  params = run_dir.restore_params(workdir).params
   align, frozen = model.model, model.frozen  # the same frozen encoders, not a second copy
   embed = jax.jit(align.embed)
   embed_texts = jax.jit(align.embed_texts)

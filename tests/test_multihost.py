@@ -34,8 +34,8 @@ def _train_in_this_process(workdir):
 
 def _final_params(workdir):
   """The latest checkpoint's params, read onto this process's device whatever mesh saved them."""
-  from align_jax import inference
-  return inference.restore_params(str(workdir))[0]
+  from align_jax import run_dir
+  return run_dir.restore_params(str(workdir))[0]
 
 
 def _assert_params_close(expected, got, atol=1e-6):

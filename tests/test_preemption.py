@@ -29,8 +29,8 @@ def _demo_config():
 
 
 def _params(workdir):
-  from align_jax import inference
-  return inference.restore_params(str(workdir))[0]
+  from align_jax import run_dir
+  return run_dir.restore_params(str(workdir))[0]
 
 
 def _assert_same_run(reference, resumed, total):

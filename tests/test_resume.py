@@ -25,10 +25,8 @@ def _losses(workdir):
 
 
 def _final_params(workdir):
-  from align_jax import train
-  from configs import demo  # noqa: F401  (the config only sets the checkpoint options read here)
-  config = demo.get_config("steps=100")
-  return train.final_params(workdir, config)
+  from align_jax import run_dir
+  return run_dir.restore_params(workdir).params
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from align_jax import train
+from align_jax import run_dir, train
 from align_jax.evaluate import standalone
 from train_utils import tiny_config
 
@@ -57,10 +57,10 @@ def test_given_step_restores_that_checkpoint(trained):
   for key, value in in_training[15].items():
     np.testing.assert_allclose(report["results"][key], value, rtol=0, atol=1e-7)
   # The step-15 and step-30 params differ, so the restore really picked the step.
-  params15, _, _ = standalone.restore_params(workdir, 15)
-  params30, _, _ = standalone.restore_params(workdir)
+  params15, _, _ = run_dir.restore_params(workdir, 15)
+  params30, _, _ = run_dir.restore_params(workdir)
   np.testing.assert_array_equal(params30["image"]["hidden"]["kernel"],
-                                train.final_params(workdir, config)["image"]["hidden"]["kernel"])
+                                run_dir.restore_params(workdir).params["image"]["hidden"]["kernel"])
   assert not np.allclose(params15["image"]["hidden"]["kernel"],
                          params30["image"]["hidden"]["kernel"])
 

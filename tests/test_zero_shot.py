@@ -15,7 +15,7 @@ import helpers_data as hd
 from align_jax import config as config_lib
 from align_jax import interfaces
 from align_jax import model as model_lib
-from align_jax import sharding, train
+from align_jax import run_dir, sharding, train
 from align_jax.data import factory, synthetic_images
 from align_jax.evaluate import datasets, metrics, prompts, standalone
 from align_jax.evaluate.zero_shot import ZeroShotEvaluator
@@ -250,7 +250,7 @@ def test_training_eval_standalone_eval_and_reference_agree(online, tmp_path):
   assert report["results"] == in_training
   with open(os.path.join(workdir, "eval_results.json")) as f:
     assert json.load(f)["results"] == in_training
-  params, _, _ = standalone.restore_params(workdir)
+  params, _, _ = run_dir.restore_params(workdir)
   model = model_lib.build_model(config)
   expected = _reference(config, model, params, model.frozen_params())
   assert in_training == {"eval/shapes_top1": expected["top1"], "eval/shapes_top3": expected["top3"]}

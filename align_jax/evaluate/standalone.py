@@ -22,60 +22,16 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
 from align_jax import config as config_lib
 from align_jax import model as model_lib
-from align_jax import sharding
+from align_jax import run_dir, sharding, step_builder
 from align_jax import storage
 from align_jax.evaluate import evaluators as evaluators_lib
 
 logger = logging.getLogger("align_jax")
 
 RESULTS_FILE = "eval_results.json"
-
-
-def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int, str]:
-  """The trainable params of a checkpoint, as host numpy arrays, with its step and folder.
-
-  Args:
-    workdir: the training run's folder (checkpoints live in ``workdir/checkpoints``).
-    step: the checkpoint step; None for the latest.
-
-  Raises:
-    FileNotFoundError: no checkpoint in the folder, or none at ``step`` (lists the ones there).
-  """
-  directory = storage.join(storage.normalize(workdir), "checkpoints")
-  missing = FileNotFoundError(f"no checkpoint in {directory}; train first (python main.py "
-                              f"--config=... --workdir={workdir}) or pass the workdir of a run.")
-  if not storage.isdir(directory):  # checked first: the manager would create the folder
-    raise missing
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise missing
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise FileNotFoundError(f"no checkpoint at step {step} in {directory}; available steps: "
-                              f"{steps}.")
-    # Only the train state (not the data position); without a target orbax returns host arrays.
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    manager.close()
-  params = jax.tree.map(np.asarray, restored["state"]["params"])
-  return params, step, storage.join(directory, str(step))
-
-
-def _on_mesh(params: Any, mesh, rules) -> Any:
-  """Host params laid out on the mesh by the training run's parameter rules."""
-  # Rules match paths of the train state, whose params sit under "params/".
-  shardings = sharding.param_shardings({"params": params}, mesh, rules)["params"]
-  return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
-      params, shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +62,11 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
   config_lib.validate(config, sharding.num_batch_shards(mesh, tuple(config.mesh.batch_axes)),
                       jax.process_count())
-  host_params, step, folder = restore_params(workdir, step)
-  params = _on_mesh(host_params, mesh, config.mesh.param_rules)
+  # Read straight onto the mesh, laid out by the training run's parameter rules.
+  params, step, folder = run_dir.restore_params(
+      workdir, step, shardings=lambda shapes: step_builder.params_shardings(shapes, mesh, config))
   model = model_lib.build_model(config, mesh)
-  frozen_host = model.frozen_params()
-  frozen = jax.device_put(
-      frozen_host, sharding.param_shardings(frozen_host, mesh, config.mesh.frozen_param_rules))
+  frozen, _ = step_builder.place_frozen(model, mesh, config)
   return Restored(model, params, frozen, mesh, int(step), folder)
 
 

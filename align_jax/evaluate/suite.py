@@ -57,7 +57,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from align_jax import config as config_lib
 from align_jax import distributed, interfaces, storage
 from align_jax.evaluate import datasets
 from align_jax.evaluate.templates import TEMPLATES
@@ -184,7 +183,8 @@ def load_run_config(workdir: str):
   if not storage.isfile(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's folder (every "
                             "run writes config.json next to checkpoints/).")
-  return config_lib.from_json(path)
+  from align_jax import run_dir  # orbax and jax: only once a run is read
+  return run_dir.read_config(workdir)
 
 
 def _percent(value: float | None) -> str:
