@@ -4,7 +4,7 @@ Submodules are imported on use (``from align_jax import losses``) so that import
 does not pull in every dependency.
 """
 
-__version__ = "0.1.0"
+from align_jax.version import __version__  # noqa: F401  (re-exported)
 
 
 def __getattr__(name):  # AlignedModel on first use, so `import align_jax` stays cheap

@@ -44,7 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
-import align_jax
+from align_jax import version
 from align_jax import interfaces, loss_kinds
 from align_jax import model as model_lib
 from align_jax import run_dir, step_builder, storage
@@ -146,7 +146,7 @@ class AlignedModel:
       info = json.loads(storage.read_text(storage.join(path, MODEL_FILE)))
       if info.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} holds an export of format {info.get('format')!r}; this "
-                         f"align_jax ({align_jax.__version__}) reads {EXPORT_FORMAT!r}: upgrade "
+                         f"align_jax ({version.__version__}) reads {EXPORT_FORMAT!r}: upgrade "
                          "align_jax or export the run again")
       if step is not None and step != info.get("step"):
         raise ValueError(f"{path} is an export of step {info.get('step')}, not {step}: export "
