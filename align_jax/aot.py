@@ -48,6 +48,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from align_jax import cli
 from align_jax import config as config_lib
 from align_jax import model as model_lib, optim, sharding, step_builder
 from align_jax import train as train_lib
@@ -366,6 +367,12 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(f"error: {error}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (``python -m align_jax.aot``, ``align-jax aot``)."""
   _define_flags()
+  cli.list_flags_in_help(__name__)
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -32,6 +32,18 @@ COMMANDS = {
 }
 
 
+def list_flags_in_help(module_name: str) -> None:
+  """Makes absl's ``--help`` list the flags ``module_name`` defines (and adopted).
+
+  absl lists the key flags of the module named by ``sys.argv[0]``: the module itself under
+  ``python -m``, but ``main.py`` or ``align-jax`` when a command line defined in a module is
+  started from another file. Called by each absl command's ``run()``.
+  """
+  from absl import flags
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def usage() -> str:
   lines = ["usage: align-jax COMMAND [flags]   (align-jax COMMAND --help for its flags)", "",
            "commands:"]

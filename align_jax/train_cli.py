@@ -22,7 +22,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from align_jax import distributed
+from align_jax import cli, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
@@ -147,6 +147,7 @@ def main(argv):
 
 def run() -> None:
   """Entry point: parses ``sys.argv`` (absl flags) and runs :func:`main`."""
+  cli.list_flags_in_help(__name__)
   app.run(main, flags_parser=parse_flags)
 
 

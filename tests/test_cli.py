@@ -47,3 +47,23 @@ def test_bad_variant_and_missing_config_file(tmp_path):
   result = _main("--config=configs/no_such_config.py", f"--workdir={tmp_path}")
   assert result.returncode != 0 and "could not load --config" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["main.py"], "--workdir"), (["main.py"], "--coordinator_address"),
+    (["-m", "align_jax.cli", "train"], "--workdir"),
+    (["-m", "align_jax.cli", "select"], "--image_encoders"),
+    (["-m", "align_jax.cli", "curate"], "--quota"),
+    (["-m", "align_jax.cli", "aot"], "--topology"),
+])
+def test_help_lists_the_commands_flags(command, flag):
+  result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]  # (absl's --help exits 1)
+  assert f"  {flag}:" in result.stdout
+
+
+def test_console_command_rejects_an_unknown_subcommand():
+  result = subprocess.run([sys.executable, "-m", "align_jax.cli", "fly"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "unknown command 'fly'; one of: train," in result.stderr

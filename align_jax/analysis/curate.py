@@ -28,7 +28,7 @@ import numpy as np
 
 from absl import app, flags as absl_flags
 
-from align_jax import distributed
+from align_jax import cli, distributed
 from align_jax.analysis import curation
 
 logger = logging.getLogger("align_jax")
@@ -131,6 +131,7 @@ def define_flags() -> None:
 def run() -> None:
   """Console entry point (``python -m align_jax.analysis.curate``, ``align-jax curate``)."""
   define_flags()
+  cli.list_flags_in_help(__name__)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   app.run(main)
 

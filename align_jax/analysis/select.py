@@ -40,7 +40,9 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from align_jax import distributed
+from absl import app, flags as absl_flags
+
+from align_jax import cli, distributed
 from align_jax.analysis import cka
 from align_jax.data import readers
 from align_jax.data import records
@@ -237,6 +239,9 @@ def select_encoders(data_config, image_encoders: Sequence[str], text_encoders: S
   return rows
 
 
+FLAGS = absl_flags.FLAGS
+
+
 def main(argv):
   del argv
   flags = FLAGS
@@ -261,8 +266,8 @@ def main(argv):
         f"--flagfile={os.path.join(flags.out, OVERRIDES_FILE)}")
 
 
-if __name__ == "__main__":
-  from absl import app, flags as absl_flags
+def define_flags() -> None:
+  """The command line's flags (absl), defined once, by :func:`run`."""
   absl_flags.DEFINE_enum("source", "manifest", ["manifest", "tfds", "webdataset", "synthetic_shapes"],
                          "Where the image-caption pairs come from.")
   absl_flags.DEFINE_string("path", "", "manifest: .jsonl/.csv path.")
@@ -281,6 +286,15 @@ if __name__ == "__main__":
   absl_flags.DEFINE_string("out", None, "Output folder.")
   absl_flags.mark_flag_as_required("out")
   distributed.define_flags()
-  FLAGS = absl_flags.FLAGS
+
+
+def run() -> None:
+  """Console entry point (``python -m align_jax.analysis.select``, ``align-jax select``)."""
+  define_flags()
+  cli.list_flags_in_help(__name__)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
