@@ -369,9 +369,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console entry point (``python -m align_jax.aot``, ``align-jax aot``)."""
-  _define_flags()
-  cli.list_flags_in_help(__name__)
-  app.run(main, flags_parser=_parse_flags)
+  cli.run_absl(main, __name__, define_flags=_define_flags, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

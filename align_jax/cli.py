@@ -14,8 +14,9 @@ as the ``align-jax`` script (pyproject.toml); ``python -m align_jax.cli`` is the
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 # subcommand -> (module, extra leading arguments, what it does)
 COMMANDS = {
@@ -42,6 +43,21 @@ def list_flags_in_help(module_name: str) -> None:
   from absl import flags
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def run_absl(main: Callable, module_name: str, *, define_flags: Callable | None = None,
+             flags_parser: Callable | None = None, log_messages: bool = False) -> None:
+  """An absl command's ``run()``: defines its flags, lists them in ``--help``, runs ``main``.
+
+  ``log_messages``: INFO log lines as bare messages (the analysis commands' progress output).
+  """
+  from absl import app
+  if define_flags is not None:
+    define_flags()
+  list_flags_in_help(module_name)
+  if log_messages:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+  app.run(main, **({"flags_parser": flags_parser} if flags_parser else {}))
 
 
 def usage() -> str:

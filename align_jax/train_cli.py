@@ -147,8 +147,7 @@ def main(argv):
 
 def run() -> None:
   """Entry point: parses ``sys.argv`` (absl flags) and runs :func:`main`."""
-  cli.list_flags_in_help(__name__)
-  app.run(main, flags_parser=parse_flags)
+  cli.run_absl(main, __name__, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 
 from align_jax import config as config_lib
 from align_jax import loss_kinds, sharding, variants
+from train_utils import aligned_unit_pairs
 
 
 def _loss_config(**values):
@@ -20,14 +21,6 @@ def _loss_config(**values):
 
 def _f32_log(x):
   return float(np.float32(math.log(x)))
-
-
-def _embeddings(b, d, seed=0):
-  rng = np.random.default_rng(seed)
-  img = rng.normal(size=(b, d))
-  txt = img + 1.5 * rng.normal(size=(b, d))
-  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  return norm(img), norm(txt)
 
 
 def _np_softmax_loss(img, txt, temperature):
@@ -119,7 +112,7 @@ def test_loss_args(name, logit, want):
 def test_sharded_loss_matches_numpy(devices, name, impl):
   kind = loss_kinds.get(_loss_config(name=name, impl=impl, block_size=8, temperature_init=0.1,
                                      scale_init=5.0, bias_init=-2.0))
-  img, txt = _embeddings(32, 6)
+  img, txt = aligned_unit_pairs(32, 6)
   mesh = sharding.make_mesh(("data",), (8,))
   args = kind.loss_args(kind.init_params())
   got = jax.jit(kind.sharded_loss(mesh, ("data",)))(jnp.float32(img), jnp.float32(txt), args)
@@ -134,8 +127,8 @@ def test_sharded_loss_matches_numpy(devices, name, impl):
 def test_multi_positive_loss_is_the_variant(name):
   kind = loss_kinds.get(_loss_config(name=name, temperature_init=0.2, scale_init=4.0,
                                      bias_init=-2.0))
-  img, _ = _embeddings(6, 5)
-  _, txt = _embeddings(12, 5, seed=1)
+  img, _ = aligned_unit_pairs(6, 5)
+  _, txt = aligned_unit_pairs(12, 5, seed=1)
   args = kind.loss_args(kind.init_params())
   got = float(kind.multi_positive_loss(jnp.float32(img), jnp.float32(txt), args, 2))
   if name == "softmax":
@@ -145,7 +138,7 @@ def test_multi_positive_loss_is_the_variant(name):
                                                       -2.0, 2))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   # k = 1 is the plain loss
-  img, txt = _embeddings(8, 5, seed=2)
+  img, txt = aligned_unit_pairs(8, 5, seed=2)
   one = float(kind.multi_positive_loss(jnp.float32(img), jnp.float32(txt), args, 1))
   ref = _np_softmax_loss(img, txt, 0.2) if name == "softmax" else _np_sigmoid_loss(img, txt, 4.0,
                                                                                   -2.0)
@@ -154,8 +147,8 @@ def test_multi_positive_loss_is_the_variant(name):
 
 def test_softmax_probabilities_match_numpy():
   kind = loss_kinds.get(_loss_config(name="softmax"))
-  image, _ = _embeddings(5, 4, seed=3)
-  classes, _ = _embeddings(3, 4, seed=4)
+  image, _ = aligned_unit_pairs(5, 4, seed=3)
+  classes, _ = aligned_unit_pairs(3, 4, seed=4)
   probs = kind.probabilities(image, classes, {"temperature": 0.25})
   logits = image @ classes.T / 0.25
   want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -170,8 +163,8 @@ def test_softmax_probabilities_match_numpy():
 
 def test_sigmoid_probabilities_match_numpy():
   kind = loss_kinds.get(_loss_config(name="sigmoid"))
-  image, _ = _embeddings(5, 4, seed=5)
-  classes, _ = _embeddings(3, 4, seed=6)
+  image, _ = aligned_unit_pairs(5, 4, seed=5)
+  classes, _ = aligned_unit_pairs(3, 4, seed=6)
   probs = kind.probabilities(image, classes, {"scale": 7.0, "bias": -2.5})
   want = np.exp(-np.logaddexp(0.0, -(7.0 * image @ classes.T - 2.5)))  # sigmoid, another form
   assert probs.dtype == np.float32 and probs.shape == (5, 3)

@@ -7,18 +7,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from align_jax import losses
+from train_utils import aligned_unit_pairs
 
 SCALARS = {"softmax": (0.07,), "sigmoid": (10.0, -4.0)}
 LOSS_FNS = {"softmax": losses.softmax_loss, "sigmoid": losses.sigmoid_loss}
-
-
-def _embeddings(b, d, seed=0):
-  """Normalised pairs with some alignment, so positives and negatives both matter."""
-  rng = np.random.default_rng(seed)
-  img = rng.normal(size=(b, d))
-  txt = img + 1.5 * rng.normal(size=(b, d))
-  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  return norm(img), norm(txt)
 
 
 def _np_lse(x, axis):
@@ -73,7 +65,7 @@ def _mesh(shape=(8,), names=("data",)):
 
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])
 def test_numpy_reference_gradients_match_finite_differences(name):
-  img, txt = _embeddings(6, 4)
+  img, txt = aligned_unit_pairs(6, 4)
   scalars = SCALARS[name]
   args = [img, txt, *scalars]
   loss_of = lambda *a: NP_REFS[name](*a)[0]
@@ -101,14 +93,14 @@ def test_softmax_exact_answer_for_orthonormal_pairs():
 @pytest.mark.parametrize("impl", losses.IMPLS)
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])
 def test_matches_numpy_float64(name, impl):
-  img, txt = _embeddings(24, 8)
+  img, txt = aligned_unit_pairs(24, 8)
   got = _value_and_grads(LOSS_FNS[name], img, txt, SCALARS[name], impl=impl, block_size=5)
   _assert_close(got, NP_REFS[name](img, txt, *SCALARS[name]))
 
 
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])
 def test_blockwise_equals_gathered_for_several_block_sizes(name):
-  img, txt = _embeddings(30, 8, seed=1)
+  img, txt = aligned_unit_pairs(30, 8, seed=1)
   fn, scalars = LOSS_FNS[name], SCALARS[name]
   want = _value_and_grads(fn, img, txt, scalars, impl="gathered")
   for block_size in (4, 7, 10, 30, 64):  # 4 and 7 do not divide 30; 64 exceeds the batch
@@ -121,7 +113,7 @@ def test_blockwise_equals_gathered_for_several_block_sizes(name):
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])
 def test_eight_devices_equal_one_device(devices, name, impl, block_size):
   del devices  # the fixture asserts there are 8
-  img, txt = _embeddings(48, 8, seed=2)  # 6 rows per device; block 4 leaves a padded remainder
+  img, txt = aligned_unit_pairs(48, 8, seed=2)  # 6 rows per device; block 4 leaves a padded remainder
   fn, scalars = LOSS_FNS[name], SCALARS[name]
   want = _value_and_grads(fn, img, txt, scalars, impl="gathered")
   mesh = _mesh()
@@ -137,7 +129,7 @@ def test_eight_devices_equal_one_device(devices, name, impl, block_size):
 
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])
 def test_two_batch_axes_equal_one_device(name):
-  img, txt = _embeddings(40, 8, seed=3)
+  img, txt = aligned_unit_pairs(40, 8, seed=3)
   fn, scalars = LOSS_FNS[name], SCALARS[name]
   want = _value_and_grads(fn, img, txt, scalars, impl="gathered")
   mesh = _mesh((2, 4), ("replica", "data"))
@@ -148,7 +140,7 @@ def test_two_batch_axes_equal_one_device(name):
 
 @pytest.mark.parametrize("impl", losses.IMPLS)
 def test_bfloat16_inputs_give_float32_logits(impl):
-  img, txt = _embeddings(16, 8, seed=4)
+  img, txt = aligned_unit_pairs(16, 8, seed=4)
   img16, txt16 = jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16)
   for name, fn in LOSS_FNS.items():
     got = fn(img16, txt16, *SCALARS[name], impl=impl, block_size=5)

@@ -96,3 +96,14 @@ def extract_interrupted_after_one_shard(config, out, monkeypatch) -> None:
   with pytest.raises(KeyboardInterrupt):
     extract_small_shards(config, out)
   monkeypatch.setattr(feature_store._ShardWriter, "flush", flush)
+
+
+def aligned_unit_pairs(b, d, seed=0):
+  """``[b, d]`` unit-norm image and text rows with some alignment (row i of each is a pair), so a
+  contrastive loss sees both positives and negatives matter; numpy float64."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  img = rng.normal(size=(b, d))
+  txt = img + 1.5 * rng.normal(size=(b, d))
+  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  return norm(img), norm(txt)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from absl import app, flags as absl_flags
+from absl import flags as absl_flags
 
 from align_jax import cli, distributed
 from align_jax.analysis import curation
@@ -130,10 +130,7 @@ def define_flags() -> None:
 
 def run() -> None:
   """Console entry point (``python -m align_jax.analysis.curate``, ``align-jax curate``)."""
-  define_flags()
-  cli.list_flags_in_help(__name__)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  app.run(main)
+  cli.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
 
 
 if __name__ == "__main__":

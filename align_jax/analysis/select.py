@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from absl import app, flags as absl_flags
+from absl import flags as absl_flags
 
 from align_jax import cli, distributed
 from align_jax.analysis import cka
@@ -290,10 +290,7 @@ def define_flags() -> None:
 
 def run() -> None:
   """Console entry point (``python -m align_jax.analysis.select``, ``align-jax select``)."""
-  define_flags()
-  cli.list_flags_in_help(__name__)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  app.run(main)
+  cli.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
 
 
 if __name__ == "__main__":
