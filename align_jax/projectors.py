@@ -30,6 +30,7 @@ function; tests/test_projectors.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -37,12 +38,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax.ops import masked_mean
+from align_jax.ops import dense_dot_general, masked_mean, matmul
 
 Features = dict
 
 # config.model.projector_dtype -> compute dtype (parameters stay float32)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# flax.linen.Dense (same parameters, same function) whose kernel gradient is ops.matmul's
+_Dense = functools.partial(nn.Dense, dot_general=dense_dot_general)
 
 
 def pooled(features: Features) -> jnp.ndarray:
@@ -94,7 +98,7 @@ def _normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
 
 def _dense(x: jnp.ndarray, dense: tuple, dtype) -> jnp.ndarray:
   kernel, bias = dense
-  return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+  return matmul(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
 
 
 def _folded_dense(n: jnp.ndarray, norm: tuple, dense: tuple, dtype) -> jnp.ndarray:
@@ -115,7 +119,7 @@ class LinearProjector(nn.Module):
 
   @nn.compact
   def __call__(self, features: Features, *, train: bool = False) -> jnp.ndarray:
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name="dense")(pooled(features))
+    return _Dense(self.embed_dim, dtype=self.dtype, name="dense")(pooled(features))
 
 
 class MLPProjector(nn.Module):
@@ -132,7 +136,7 @@ class MLPProjector(nn.Module):
     hidden = _DenseParams(self.hidden_dim, name="hidden")(x.shape[-1])
     x = nn.gelu(_folded_dense(_normalize(x), norm, hidden, self.dtype))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name="out")(x)
+    return _Dense(self.embed_dim, dtype=self.dtype, name="out")(x)
 
 
 class TokenProjector(nn.Module):
@@ -156,7 +160,7 @@ class TokenProjector(nn.Module):
     norm = _LayerNormParams(name="norm")(width)
     linear = _DenseParams(self.embed_dim, name="linear")(width)
     mlp_in = _DenseParams(self.embed_dim, name="mlp_in")(width)
-    mlp_out = nn.Dense(self.embed_dim, dtype=self.dtype, name="mlp_out")
+    mlp_out = _Dense(self.embed_dim, dtype=self.dtype, name="mlp_out")
     n = _normalize(x)
     if train and self.dropout > 0:  # the mask sits between LN and the Dense layers
       scale, shift = norm
@@ -181,8 +185,8 @@ class GlobalHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    p = nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(x)
-    residual = nn.Dense(self.embed_dim, dtype=self.dtype, name="mlp")(nn.gelu(p))
+    p = _Dense(self.embed_dim, dtype=self.dtype, name="proj")(x)
+    residual = _Dense(self.embed_dim, dtype=self.dtype, name="mlp")(nn.gelu(p))
     residual = nn.Dropout(self.dropout, deterministic=not train)(residual)
     return nn.LayerNorm(dtype=self.dtype, name="norm")(p + residual)
 
@@ -236,7 +240,7 @@ class GLUProjector(nn.Module):
     n = _normalize(x)  # LN's scale and shift fold into gate and value (_folded_dense)
     a = _folded_dense(n, norm, _DenseParams(hidden, name="gate")(width), self.dtype)
     b = _folded_dense(n, norm, _DenseParams(hidden, name="value")(width), self.dtype)
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name="out")(nn.relu6(a) * b)
+    return _Dense(self.embed_dim, dtype=self.dtype, name="out")(nn.relu6(a) * b)
 
 
 PROJECTORS: dict[str, Callable[[ml_collections.ConfigDict, Any], nn.Module]] = {

@@ -295,7 +295,7 @@ def test_pooled_token_projector_does_a_third_of_the_matmul_flops():
   assert 2.9 < counts[0.1, "per_token", False] < 3.3
   assert 6.8 < counts[0.1, "per_token", True] < 7.4
   assert 1.0 < counts[0.1, "pooled", False] < 1.0 + 2 / tokens + 0.15
-  assert 3.0 < counts[0.1, "pooled", True] < 3.0 + 6 / tokens + 0.15
+  assert 3.0 < counts[0.1, "pooled", True] < 3.0 + 6 / tokens + 0.2  # + elementwise, fusion-dependent
   assert 2.0 < counts[0.0, "pooled", True] < 2.0 + 6 / tokens + 0.1
 
 
