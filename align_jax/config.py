@@ -58,6 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
   # "size" (shapes and sizes only; align_jax.data.feature_files)
   c.data.verify_features = "once"
   c.data.feature_cache_dir = ""  # verified-digest cache and local copies of gs:// stores
+  # features / synthetic sources: shuffle blocks of this many consecutive pairs (1 = every pair
+  # independently). 16 reads pooled stores ~2x faster (contiguous rows); the pairs of one block
+  # then always share a batch, so keep 1 for stores written in a correlated order
+  # (align_jax.data.order)
+  c.data.shuffle_block_rows = 1
   # synthetic source: a shared latent seen through two different fixed nonlinear views
   c.data.num_pairs = 8192
   c.data.num_heldout = 1000
@@ -343,6 +348,8 @@ def _variant_problems(config: ml_collections.ConfigDict) -> list[str]:
   if m.fusemix_alpha > 0 and "tokens" in (m.image_pooling, m.text_pooling):
     problems.append("model.fusemix_alpha needs pooled features: set model.image_pooling / "
                     "model.text_pooling to cls or mean (not tokens), or model.fusemix_alpha=0")
+  if d.shuffle_block_rows < 1:
+    problems.append(f"data.shuffle_block_rows must be >= 1 (got {d.shuffle_block_rows})")
   if d.captions_per_image < 1 or d.num_captions < 1:
     problems.append(f"data.captions_per_image and data.num_captions must be >= 1 (got "
                     f"{d.captions_per_image}, {d.num_captions})")

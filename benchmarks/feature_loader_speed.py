@@ -10,12 +10,18 @@ step (a, b, c, a, b, c, ...) so that load from other users of the machine hits a
 gives the median step's rate (wall clock) and pairs per CPU-second of the process
 (``time.process_time``: what one dedicated core delivers; the loader is single-threaded numpy).
 
-* ``align_jax``: this version (sorted ``np.take`` per file into recycled buffers).
+* ``align_jax``: this version (sorted ``np.take`` per file into recycled buffers), every pair
+  shuffled independently (``data.shuffle_block_rows = 1``, the default).
+* ``align_jax, blocks of R``: the same loader shuffling blocks of ``R`` consecutive pairs
+  (``data.shuffle_block_rows = R``, ``--block-rows``): contiguous 2R KiB reads.
 * ``previous``: the loader as it was before (commit 0b7400b, kept here as the baseline): the
   epoch's permutation recomputed every batch, a sorted fancy index per file, then a second copy
   to undo the sort, into fresh arrays.
 * ``ceiling``: a contiguous slice of each file copied into a reused buffer: the memory bandwidth
   the gather cannot beat.
+
+A small table times one tower's gather alone (scattered rows, runs of ``--block-rows``, and a
+contiguous copy; into one reused buffer and into six rotating ones).
 
 Each loader opens the files once (its own memory maps, so page-table faults are counted) and the
 first batch is not timed. The files were just written, so the OS page cache holds them (RAM
@@ -139,18 +145,21 @@ def print_rates(label: str, rates: dict, batch: int) -> None:
           f"{ratio} |", flush=True)
 
 
-def _source(image, text, batch, text_to_image=None):
+def _source(image, text, batch, text_to_image=None, block_rows=1):
   return features.ArrayPairSource(image, text, global_batch_size=batch, seed=0,
-                                  text_to_image=text_to_image, process_index=0, process_count=1)
+                                  text_to_image=text_to_image, process_index=0, process_count=1,
+                                  shuffle_block_rows=block_rows)
 
 
-def pooled_tables(folder: str, batches: list[int], steps: int) -> None:
+def pooled_tables(folder: str, batches: list[int], steps: int, block_rows: int) -> None:
   print("| store | batch | loader | pairs/s (median step, wall) | pairs per CPU-s | GiB/s "
         "| vs previous |")
   print("|---|---|---|---|---|---|---|")
   for batch in batches:
-    opened = [features.load_stored_features(folder)[:2] for _ in range(3)]
+    opened = [features.load_stored_features(folder)[:2] for _ in range(4)]
     loaders = {"align_jax": _source(*opened[0], batch),
+               f"align_jax, blocks of {block_rows}": _source(*opened[3], batch,
+                                                             block_rows=block_rows),
                "previous": PreviousLoader(*opened[1], batch),
                "ceiling": ContiguousCopy(*opened[2], batch)}
     print_rates("pooled [N, D]", interleaved(loaders, batch, steps), batch)
@@ -166,6 +175,41 @@ def pooled_tables(folder: str, batches: list[int], steps: int) -> None:
       [text["pooled"][2 * a:2 * b] for a, b in zip(cuts[:-1], cuts[1:])])}
   loaders = {"align_jax": _source(image, text, batch, np.arange(2 * n) // 2)}
   print_rates("8 shards, 2 captions/image", interleaved(loaders, batch, steps), batch)
+
+
+def gather_table(folder: str, batch: int, block_rows: int, steps: int) -> None:
+  """One tower's ``np.take`` alone: scattered rows vs runs of ``block_rows``, into one reused
+  buffer vs six rotating ones (a loader whose earlier batches are still held writes fresh memory),
+  against a contiguous copy; median CPU ms per batch."""
+  pooled = np.load(os.path.join(folder, "image.npy"), mmap_mode="r")
+  n, rng = len(pooled), np.random.default_rng(1)
+  outs = [np.zeros((batch, *pooled.shape[1:]), pooled.dtype) for _ in range(6)]
+
+  def rows(r):
+    starts = rng.choice(n // r, batch // r, replace=False)[:, None] * r
+    return np.sort((starts + np.arange(r)).reshape(-1))
+
+  def timed(copy, buffers):
+    times = []
+    for step in range(steps):
+      c = time.process_time()
+      copy(step, outs[step % buffers])
+      times.append(time.process_time() - c)
+    return 1e3 * float(np.median(times))
+
+  print("| gather of one tower (batch {:,}) | one reused buffer, ms | six rotating buffers, ms |"
+        .format(batch))
+  print("|---|---|---|")
+  for r in (1, block_rows):
+    index = [rows(r) for _ in range(steps)]
+
+    def take(step, out, index=index):
+      np.take(pooled, index[step], axis=0, out=out, mode="clip")
+    print(f"| np.take, runs of {r} row(s) | {timed(take, 1):.2f} | {timed(take, 6):.2f} |")
+
+  def copy(step, out):
+    np.copyto(out, pooled[(step * batch) % (n - batch):][:batch])
+  print(f"| contiguous copy | {timed(copy, 1):.2f} | {timed(copy, 6):.2f} |", flush=True)
 
 
 def token_table(folder: str, batch: int, steps: int) -> None:
@@ -228,6 +272,8 @@ def main() -> None:
   parser.add_argument("--token-batch", type=int, default=1024)
   parser.add_argument("--train-batch", type=int, default=4096, help="0 skips the train step table")
   parser.add_argument("--train-steps", type=int, default=5)
+  parser.add_argument("--block-rows", type=int, default=16,
+                      help="data.shuffle_block_rows of the block-shuffled pooled loader")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   batches = [int(b) for b in args.batches.split(",")]
@@ -244,8 +290,10 @@ def main() -> None:
           f"{os.cpu_count()} host cores, numpy {np.__version__}; pooled store {args.pairs:,} "
           f"pairs x {args.dim} ({pooled_gib:.2f} GiB), token store {args.token_pairs:,} pairs x "
           f"({image_tokens} + {text_tokens}) x {args.dim} ({token_gib:.2f} GiB), float16\n")
-    pooled_tables(pooled, batches, args.steps)
+    pooled_tables(pooled, batches, args.steps, args.block_rows)
     token_table(tokens, args.token_batch, args.steps)
+    print()
+    gather_table(pooled, batches[0], args.block_rows, args.steps)
     if args.train_batch:
       print()
       train_step_table(pooled, args.dim, args.train_batch, args.train_steps)

@@ -27,12 +27,14 @@ def test_validate_names_each_problem():
   config.batch_size = 100
   config.loss.name = "hinge"
   config.log_every = 0
+  config.data.shuffle_block_rows = 0
   with pytest.raises(ValueError) as error:
     config_lib.validate(config, num_batch_devices=8)
   text = str(error.value)
   assert "use a multiple of 8, e.g. --config.batch_size=96" in text
   assert "unknown loss 'hinge'" in text
   assert "log_every must be positive" in text
+  assert "data.shuffle_block_rows must be >= 1 (got 0)" in text
   config_lib.validate(config_lib.default_config(), num_batch_devices=8)
 
 

@@ -108,9 +108,17 @@ def test_stored_feature_errors(tmp_path):
                              global_batch_size=2, seed=0)
 
 
-def _reference_batches(n, batch, seed, steps, processes, process_index):
+def _block_permutation(n, block, seed, epoch):
+  """Epoch ``epoch``'s records: a permutation of the blocks of ``block`` consecutive records."""
+  blocks = np.random.default_rng([seed, epoch]).permutation(-(-n // block))
+  records = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in blocks])
+  assert block > 1 or np.array_equal(records, np.random.default_rng([seed, epoch]).permutation(n))
+  return records
+
+
+def _reference_batches(n, batch, seed, steps, processes, process_index, block=1):
   """The documented order, from scratch: epoch permutations, each epoch's part of a batch sorted."""
-  stream = np.concatenate([np.random.default_rng([seed, e]).permutation(n)
+  stream = np.concatenate([_block_permutation(n, block, seed, e)
                            for e in range(steps * batch // n + 2)])
   epoch = np.arange(len(stream)) // n
   local = batch // processes
@@ -132,6 +140,35 @@ def test_order_is_the_documented_function_of_seed_and_position(n, batch, process
     resumed = _source(n=n, batch=batch, process_index=p, process_count=processes)
     resumed.set_state({"position": 5 * batch})  # a fresh process: nothing cached
     np.testing.assert_array_equal(_ids(next(resumed)), want[5])
+
+
+@pytest.mark.parametrize("n,block,batch,processes",
+                         [(64, 8, 16, 1), (64, 8, 16, 2), (61, 8, 16, 1), (50, 4, 12, 3)])
+def test_block_shuffle_is_the_documented_function_of_seed_and_position(n, block, batch, processes):
+  for p in range(processes):
+    source = _source(n=n, batch=batch, process_index=p, process_count=processes,
+                     shuffle_block_rows=block)
+    got = [_ids(next(source)) for _ in range(9)]
+    want = _reference_batches(n, batch, 3, 9, processes, p, block=block)
+    np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    resumed = _source(n=n, batch=batch, process_index=p, process_count=processes,
+                      shuffle_block_rows=block)
+    resumed.set_state({"position": 5 * batch})
+    np.testing.assert_array_equal(_ids(next(resumed)), want[5])
+
+
+def test_block_shuffle_visits_every_pair_once_and_keeps_blocks_in_one_batch():
+  n, block, batch = 640, 16, 64
+  source = _source(n=n, batch=batch, shuffle_block_rows=block)
+  epochs = [np.concatenate([_ids(next(source)) for _ in range(n // batch)]) for _ in range(2)]
+  for seen in epochs:
+    np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+    for ids in seen.reshape(-1, batch):  # whole blocks, each of its rows in ascending order
+      assert np.all(np.bincount(ids // block, minlength=n // block)[np.unique(ids // block)]
+                    == block)
+  assert not np.array_equal(epochs[0], epochs[1])  # blocks reshuffled per epoch
+  with pytest.raises(ValueError, match="at least one record"):
+    _source(shuffle_block_rows=0)
 
 
 def test_batches_are_sorted_and_hold_the_permuted_pairs():

@@ -20,15 +20,18 @@ negative of the global batch. The sorted order is what makes the loader fast: ea
 reads its rows of each file front to back (page-cache and disk friendly), with no second copy to
 undo a sort, and on many hosts process ``p`` reads mostly the ``p``-th ``1/P`` of the rows, so
 each host's page cache needs about its share of the store. Each epoch's permutation is computed
-once and kept (4 bytes per pair).
+once and kept (4 bytes per pair). ``shuffle_block_rows = R > 1`` (``data.shuffle_block_rows``)
+permutes blocks of ``R`` consecutive pairs instead (:mod:`align_jax.data.order`), so each batch
+reads runs of ``R`` rows: the gather of pooled rows 1.8x faster, at the price that a block's
+pairs always share a batch.
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
 :mod:`align_jax.feature_store` (shards + manifest, several captions per image), whose every shard
 is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
 ``gs://`` are read through verified local copies). Rows are copied with one sorted ``np.take``
-per file and batch into recycled output buffers (see :class:`_BatchBuffers`): 0.8-1.5M pooled
-D = 1,024 float16 pairs per CPU-second from the page cache, 3.4-4.7x the loader before them
+per file and batch into recycled output buffers (see :class:`_BatchBuffers`): 0.6-1.5M pooled
+D = 1,024 float16 pairs per CPU-second from the page cache, 2.7-4.7x the loader before them
 (benchmarks/README.md, "Stored-feature loader speed"); memory-mapped files far larger than RAM
 train at disk speed.
 """
@@ -164,7 +167,7 @@ class ArrayPairSource:
   def __init__(self, image: dict, text: dict, *, global_batch_size: int, seed: int,
                text_to_image: np.ndarray | None = None, process_index: int | None = None,
                process_count: int | None = None, shuffle: bool = True,
-               captions_per_image: int = 1):
+               captions_per_image: int = 1, shuffle_block_rows: int = 1):
     num_images = {len(v) for v in image.values()}
     num_texts = {len(v) for v in text.values()}
     if len(num_images) != 1 or len(num_texts) != 1:
@@ -196,7 +199,7 @@ class ArrayPairSource:
     self.seed, self.shuffle = seed, shuffle
     self.captions_per_image = int(captions_per_image)
     self.position = 0  # global position of the next batch's first example
-    self._order = order_lib.EpochOrder(self.num_pairs, seed, shuffle)
+    self._order = order_lib.EpochOrder(self.num_pairs, seed, shuffle, block=shuffle_block_rows)
     layout = {tower: {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
               for tower, arrays in (("image", image), ("text", text))}
     self._buffers = _BatchBuffers(layout, {"image": self.local_batch_size,
@@ -344,5 +347,6 @@ def make_array_source(data_config, *, split: str, global_batch_size: int, seed: 
   else:
     raise ValueError(f"unknown data source {data_config.source!r}; choose 'synthetic' or "
                      "'features' (config.data.source)")
+  kwargs.setdefault("shuffle_block_rows", data_config.shuffle_block_rows)
   return ArrayPairSource(image, text, global_batch_size=global_batch_size, seed=seed,
                          shuffle=shuffle, **kwargs)

@@ -10,6 +10,12 @@ which the losses do not see; image sources replace a bad record by the process's
   ``default_rng([seed, e]).permutation(N)`` (or record order, without shuffling). Epoch ``e``
   therefore visits every record exactly once, and any position can be computed without replaying
   the stream: the state of a source is a position, and a resumed run is bit-exact.
+* Blocks (array sources' ``data.shuffle_block_rows = R > 1``): the permutation is of the
+  ``ceil(N / R)`` blocks of ``R`` consecutive records (records ``r * R .. r * R + R - 1``), each
+  block's records kept together in record order; with ``R = 1`` it is the record permutation
+  above, unchanged. Still a pure function of (seed, position) and still every record once per
+  epoch, but the records of one block always share a batch (when ``R`` divides the batch):
+  contiguous reads, ~2x the gather rate from memory for 2 KiB rows (benchmarks/README.md).
 * Processes: the global batch that starts at position ``s`` (``B = P * b`` rows) is cut into
   ``P`` contiguous slices of ``b``; process ``p`` takes the one from ``s + p * b``
   (:func:`process_start`). Within an epoch the processes' records are disjoint and together
@@ -34,10 +40,13 @@ class EpochOrder:
   not pickled (each worker rebuilds it).
   """
 
-  def __init__(self, num_records: int, seed: int, shuffle: bool = True):
+  def __init__(self, num_records: int, seed: int, shuffle: bool = True, block: int = 1):
     if num_records <= 0:
       raise ValueError(f"an order needs at least one record, got {num_records}")
+    if int(block) < 1:
+      raise ValueError(f"a shuffle block holds at least one record, got {block}")
     self.num_records, self.seed, self.shuffle = int(num_records), seed, shuffle
+    self.block = int(block)
     self._cache: tuple[tuple[int, np.ndarray], ...] = ()
 
   def __getstate__(self):
@@ -52,8 +61,12 @@ class EpochOrder:
       if cached_epoch == epoch:
         return order
     index_dtype = np.int32 if self.num_records < 2**31 else np.int64
-    if self.shuffle:
-      order = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+    if self.shuffle:  # blocks of `block` records; block = 1 is the plain record permutation
+      blocks = np.random.default_rng([self.seed, epoch]).permutation(
+          -(-self.num_records // self.block))
+      order = blocks if self.block == 1 else (
+          blocks[:, None] * self.block + np.arange(self.block)).reshape(-1)
+      order = order[order < self.num_records] if self.num_records % self.block else order
     else:
       order = np.arange(self.num_records)
     order = order.astype(index_dtype, copy=False)
