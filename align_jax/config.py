@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.name = ""  # tfds builder name, e.g. "coco_captions"
   c.data.data_dir = ""  # tfds data_dir
   c.data.urls = ""  # webdataset shards: paths, globs or brace lists
-  c.data.index_cache_dir = ""  # webdataset: folder of the tar indexes ("" = a local temp folder)
+  c.data.index_cache_dir = ""  # webdataset: folder of the tar indexes ("" = a private user cache)
   c.data.image_root = ""  # manifest: folder the image paths are relative to
   c.data.image_key = "image"
   c.data.caption_key = ""  # "" = the reader's default (tfds: captions/text; others: caption)
@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   # "size" (shapes and sizes only; align_jax.data.feature_files)
   c.data.verify_features = "once"
   c.data.feature_cache_dir = ""  # verified-digest cache and local copies of gs:// stores
+  # features source: the store's fingerprint, recorded by the trainer in WORKDIR/config.json; a
+  # resume on a store with another one is refused (align_jax.feature_store.check_training_store)
+  c.data.store_fingerprint = ml_collections.FieldReference(None, field_type=object)
   # features / synthetic sources: shuffle blocks of this many consecutive pairs (1 = every pair
   # independently). 16 reads pooled stores ~2x faster (contiguous rows); the pairs of one block
   # then always share a batch, so keep 1 for stores written in a correlated order
@@ -322,6 +325,9 @@ def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_proc
       config.loss.temperature_max):
     problems.append("need 0 < loss.temperature_min <= loss.temperature_init <= "
                     "loss.temperature_max")
+  if not config.optim.learning_rate > 0:
+    problems.append(f"optim.learning_rate must be > 0 (got {config.optim.learning_rate}): set "
+                    "--config.optim.learning_rate, e.g. 1e-3 (the default)")
   if config.optim.warmup_steps < 0:
     problems.append("optim.warmup_steps must be >= 0")
   dcn_shape, axes = tuple(config.mesh.dcn_shape), tuple(config.mesh.axes)

@@ -114,6 +114,90 @@ def fingerprint(config: ml_collections.ConfigDict, data, model, frozen: dict, dt
   }
 
 
+# Encoder settings a config trained on stored features restates from the config that extracted
+# them (a features config is the extraction config with both encoders set to "features", as
+# align_jax.demos.features_config makes it): each must equal the store's.
+_RESTATED_SETTINGS = ("image_pooling", "image_layer", "text_pooling", "text_layer", "text_prefix",
+                      "max_text_length", "encoder_dtype")
+DAMAGED_STORE_HINT = ("; or the feature store is damaged: rerun with verify_features=always "
+                      "(--config.data.verify_features=always hashes every shard file again)")
+
+
+def _restated(config: ml_collections.ConfigDict, key: str):
+  value = config.model[key]
+  if key.endswith("_layer"):
+    return _layer_id(value)
+  return int(value) if key == "max_text_length" else value
+
+
+def _recorded_in_run(workdir: str) -> tuple[dict | None, str]:
+  """(the store fingerprint ``WORKDIR/config.json`` records, the store path it records)."""
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
+    return None, ""
+  try:
+    data = json.loads(storage.read_text(path)).get("data") or {}
+  except (ValueError, AttributeError):
+    return None, ""  # unreadable: align_jax.run_dir reports it where it is needed
+  return data.get("store_fingerprint") or None, data.get("path") or ""
+
+
+def check_training_store(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The fingerprint of the store a run trains on, checked; None when there is none to check.
+
+  For ``data.source = "features"``: the encoders must be ``"features"``
+  (:func:`align_jax.data.features.check_feature_encoders`); the store's fingerprint must match
+  the config's encoder settings (pooling, layer, text prefix, max text length, encoder dtype), and
+  the fingerprint the run recorded in ``WORKDIR/config.json`` (``data.store_fingerprint``), or
+  that the config itself names. The trainer then records the returned fingerprint, so resuming
+  on a store made with other encoders, settings or data is refused in one line naming both.
+
+  Raises:
+    FeatureStoreError: one line naming the store, what differs, and what to set.
+  """
+  from align_jax.data import features
+  features.check_feature_encoders(config)
+  if config.data.source != "features" or not config.data.path:
+    return None  # the source names a missing path itself
+  path = storage.normalize(config.data.path)
+  current = feature_files.store_fingerprint(path) if storage.exists(path) else None
+  model = (current or {}).get("model") or {}
+  differ = [(key, model[key], _restated(config, key)) for key in _RESTATED_SETTINGS
+            if key in model and model[key] != _restated(config, key)]
+  if differ:
+    store = ", ".join(f"model.{key}={a!r}" for key, a, _ in differ)
+    now = ", ".join(f"model.{key}={b!r}" for key, _, b in differ)
+    flags = " ".join(f"--config.model.{key}={a}" for key, a, _ in differ)
+    raise FeatureStoreError(
+        f"feature store {path} was extracted with {store}, but the config says {now}: train with "
+        f"the store's settings ({flags}), or extract a store with the config's "
+        "(--mode=extract_features)")
+  run_record, run_path = _recorded_in_run(workdir)
+  named = config.data.store_fingerprint
+  records = [(run_record, f"{storage.join(workdir, 'config.json')} records that this run trains "
+              f"on {run_path}", f"train on the run's store (--config.data.path={run_path}) or "
+              "start a new run in another --workdir")]
+  if named is not None:
+    named = named.to_dict() if isinstance(named, ml_collections.ConfigDict) else named
+    records.append((named, "the config names (data.store_fingerprint) another store",
+                    "train on that store, or set config.data.store_fingerprint = None"))
+  for recorded, what, hint in records:
+    if recorded is None or recorded == current:
+      continue
+    if current is None:
+      raise FeatureStoreError(
+          f"feature store {path} has no fingerprint (a plain folder, or written by an older "
+          f"align_jax), but {what} (fingerprint {feature_files.fingerprint_digest(recorded)}); "
+          f"{hint}")
+    differences = feature_files.fingerprint_differences(
+        recorded, current, labels=("in the run's store", "in this one"))
+    raise FeatureStoreError(
+        f"feature store {path} (fingerprint {feature_files.fingerprint_digest(current)}) is not "
+        f"the one expected: {what} (fingerprint {feature_files.fingerprint_digest(recorded)}); "
+        f"they differ in {'; '.join(differences)}; {hint}")
+  return current
+
+
 def _prepare_folder(out_dir: str, current: dict, overwrite: bool) -> None:
   """Refuses a store with another fingerprint (or deletes it with ``overwrite``); every process
   reads the same answer, process 0 deletes and writes ``fingerprint.json``."""

@@ -253,25 +253,41 @@ def _file_mode() -> int:
   return 0o666 & ~umask
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _full_disk(path: str, error: OSError) -> StorageError:
+  """``[Errno 28] No space left on device`` names no file: this names the path and the fix."""
+  why = "no space left on device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  return StorageError(f"cannot write {path}: {why} ({errno.errorcode[error.errno]}); free space "
+                      f"on the disk that holds {folder} (df -h {folder} shows it), or write to "
+                      "another folder (e.g. another --workdir)")
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Replaces the file at ``path`` atomically: readers see the old content or the new, whole.
 
   Local files get the mode a plain ``open()`` would give (0644 under the usual umask), not the
-  0600 of the temporary file they are staged in.
+  0600 of the temporary file they are staged in. A full disk raises :class:`StorageError` naming
+  ``path``.
   """
   if not is_url(path):
     local = _local(path)
     folder = os.path.dirname(os.path.abspath(local))
-    os.makedirs(folder, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(local))
+    staging = None
     try:
+      os.makedirs(folder, exist_ok=True)
+      handle, staging = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(local))
       with os.fdopen(handle, "wb") as f:
         f.write(data)
       os.chmod(staging, _file_mode())
       os.replace(staging, local)
-    except BaseException:
-      if os.path.exists(staging):
+    except BaseException as error:
+      if staging is not None and os.path.exists(staging):
         os.remove(staging)
+      if isinstance(error, OSError) and error.errno in _FULL:
+        raise _full_disk(local, error) from None
       raise
     return
   _call(path, "write", "pipe_file", data)  # one upload: an object appears whole or not at all
@@ -370,7 +386,8 @@ def _endpoint(protocol: str) -> tuple[str, int] | None:
 def check_writable(path: str | os.PathLike, timeout: float = 30.0) -> None:
   """Fails within seconds, in one line naming ``path``, where a run could not write.
 
-  A local folder is created and checked for write permission. For a URL, the storage endpoint
+  A local folder is created and checked for write permission, and a small probe file is written
+  and removed (a full disk: one line naming the folder and the fix). For a URL, the storage endpoint
   must accept a connection (skipped behind an HTTP proxy), then a small probe object is written
   and deleted under ``path`` within ``timeout`` seconds: a missing bucket, missing credentials or
   no network show up here, before any training, rather than after gcsfs's ~30 s of retries on the
@@ -388,6 +405,16 @@ def check_writable(path: str | os.PathLike, timeout: float = 30.0) -> None:
       raise StorageError(f"cannot write {text}: {error.strerror or error}") from None
     if not os.access(local, os.W_OK | os.X_OK):
       raise StorageError(f"cannot write {text}: permission denied")
+    probe = os.path.join(local, f".align_jax-write-check-{uuid.uuid4().hex}")
+    try:
+      with open(probe, "wb") as f:  # a disk that is already full fails here, not after the build
+        f.write(b"\n")
+    except OSError as error:
+      if error.errno in _FULL:
+        raise _full_disk(text, error) from None
+      raise StorageError(f"cannot write {text}: {error.strerror or error}") from None
+    finally:
+      remove(probe)
     return
   endpoint = _endpoint(_protocol(text))
   proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))

@@ -26,10 +26,12 @@ from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
+from align_jax import feature_store
 from align_jax import interfaces
 from align_jax import loss_kinds, model as model_lib, optim, preemption, reporting, sharding
 from align_jax import run_dir, step_builder, storage, variants
 from align_jax.data import factory as data_factory
+from align_jax.data import features as data_features
 from align_jax.evaluate import evaluators as evaluators_lib
 
 logger = logging.getLogger("align_jax")
@@ -72,13 +74,14 @@ def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformatio
   return train_step
 
 
-def _check_finite(pending: list[tuple[int, dict]]) -> None:
+def _check_finite(pending: list[tuple[int, dict]], hint: str = "") -> None:
+  """Stops at a non-finite loss; ``hint`` adds a cause (a store whose digests were not rechecked)."""
   for step, metrics in pending:
     loss = float(metrics["train/loss"])
     if not math.isfinite(loss):
       raise FloatingPointError(
           f"non-finite loss ({loss}) at step {step}; stopping. Lower config.optim.learning_rate, "
-          "check the input features, or resume from the last checkpoint")
+          f"check the input features, or resume from the last checkpoint{hint}")
 
 
 @dataclasses.dataclass
@@ -104,6 +107,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
   batch_axes = tuple(config.mesh.batch_axes)
   config_lib.validate(config, sharding.num_batch_shards(mesh, batch_axes), jax.process_count())
+  data_features.check_feature_encoders(config)  # stored features: no encoder runs again
   model = model_lib.build_model(config, mesh)
   tx = optim.make_optimizer(config)
   source = data_factory.make_train_source(config, model)
@@ -120,6 +124,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   ``mesh`` defaults to the one ``config.mesh`` describes over all devices.
   """
   storage.check_writable(workdir)  # a bad bucket or path: one line now, not after the build
+  # data.source=features: the store must match the config and the run (one line), and is recorded
+  store_fingerprint = feature_store.check_training_store(config, workdir)
+  if store_fingerprint is not None:
+    config = config.copy_and_resolve_references()
+    config.data.store_fingerprint = store_fingerprint
+  unverified_store = (store_fingerprint is not None and config.data.verify_features != "always")
+  finite_hint = feature_store.DAMAGED_STORE_HINT if unverified_store else ""
   trainer = build_trainer(config, mesh)
   state, frozen, source = trainer.state, trainer.frozen, trainer.source
   if jax.process_index() == 0:  # the run's config, for evaluation, export and AlignedModel.load
@@ -164,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       window_steps += 1
       is_last = step == config.total_steps
       if step % config.log_every == 0 or is_last:
-        _check_finite(pending)
+        _check_finite(pending, finite_hint)
         elapsed = time.time() - window_start
         last = {k: float(v) for k, v in pending[-1][1].items()}
         last["train/examples_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
@@ -177,10 +188,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       # A preemption saves at once; evaluations due at this step run after the restart.
       if not (preempted and not regular_save) and any(
           evaluator.is_due(step, is_last) for evaluator in evaluators):
-        _check_finite(pending)
+        _check_finite(pending, finite_hint)
         last.update(evaluate(step))
       if regular_save or preempted:
-        _check_finite(pending)
+        _check_finite(pending, finite_hint)
         checkpointer.maybe_save(step, state, source.get_state(), force=is_last or preempted)
       if preempted:
         preempted_at = step

@@ -4,9 +4,10 @@
 
 A tiny random DINOv2 and a tiny random BERT (with a WordPiece tokenizer trained on the captions'
 words) are written as Flax checkpoints on first use, under ``$ALIGN_JAX_CACHE`` (default
-``~/.cache/align_jax``), then loaded through ``align_jax.encoders`` exactly as
-``facebook/dinov2-large`` would be. Images are rendered coloured shapes with captions ("a large red
-circle in the top left"; align_jax.data.synthetic_images), decoded, augmented, normalised and
+``$XDG_CACHE_HOME/align_jax`` or ``~/.cache/align_jax``; a private folder, align_jax.cache_dir),
+then loaded through ``align_jax.encoders`` exactly as ``facebook/dinov2-large`` would be. Images
+are rendered coloured shapes with captions ("a large red circle in the top left";
+align_jax.data.synthetic_images), decoded, augmented, normalised and
 tokenized by the same pipeline as real WebDataset/TFDS data, and both encoders run frozen inside
 the train step. Retrieval is scored on 256 held-out scenes (chance R@1 = 1/256 ~ 0.004).
 Nothing is downloaded.
@@ -30,19 +31,18 @@ def tiny_encoders(cache_dir: str | None = None) -> tuple[str, str]:
   """Paths of the demo's tiny image and text checkpoints, written once (atomically) if missing."""
   from align_jax.data import synthetic_images
   from align_jax.encoders import tiny
-  cache_dir = cache_dir or os.environ.get("ALIGN_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "align_jax")
+  from align_jax import cache_dir as cache_lib  # private per-user folders (mode 0700)
+  cache_dir = cache_lib.private_dir(cache_dir) if cache_dir else cache_lib.user_cache_dir()
   paths = {}
   for name, make in (
       ("tiny_dinov2", lambda p: tiny.make_tiny_dinov2(p, image_size=32, patch_size=4,
                                                       save_format="flax", seed=0)),
       ("tiny_bert", lambda p: tiny.make_tiny_bert(
           p, save_format="flax", seed=0, corpus=[" ".join(synthetic_images.vocabulary())] * 4))):
-    path = os.path.join(cache_dir, "demo_online", name)
+    path = os.path.join(cache_lib.private_dir(os.path.join(cache_dir, "demo_online")), name)
     if not os.path.exists(os.path.join(path, "config.json")):
       staging = f"{path}.tmp{os.getpid()}"
       make(staging)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
       try:
         os.rename(staging, path)
       except OSError:  # another process finished first

@@ -49,3 +49,16 @@ def test_config_json_round_trip(tmp_path):
   assert loaded.mesh.param_rules == ((r"kernel", ("data", None)),)
   assert loaded.evals.heldout.data.split == "heldout"
   assert loaded.to_dict() == run_dir.read_config(str(tmp_path)).to_dict()
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, -1e-3, float("nan")])
+def test_learning_rate_must_be_positive(learning_rate):
+  config = config_lib.default_config()
+  config.optim.learning_rate = learning_rate
+  with pytest.raises(ValueError) as error:
+    config_lib.validate(config, num_batch_devices=8)
+  assert str(error.value) == (
+      f"invalid config:\n  - optim.learning_rate must be > 0 (got {learning_rate}): set "
+      "--config.optim.learning_rate, e.g. 1e-3 (the default)")
+  config.optim.learning_rate = 1e-6
+  config_lib.validate(config, num_batch_devices=8)

@@ -21,9 +21,12 @@ sha256. :func:`open_store` checks all of them against the files and names the fi
 Local stores are memory-mapped. A store at a URL is copied, file by file, into the local cache
 ``CACHE/objects/<sha256>.npy`` (content-addressed: a re-extracted store never reuses stale files)
 and memory-mapped from there; each copy is hashed while it downloads, so its digest is always
-verified. ``CACHE`` is ``data.feature_cache_dir``, default ``$ALIGN_JAX_CACHE/feature_stores``
-(``~/.cache/align_jax/feature_stores``). A plain folder with ``image.npy`` / ``text.npy`` (no
-manifest) has nothing to check against; at a URL it is read into memory.
+verified. ``CACHE`` is ``data.feature_cache_dir``, default ``<cache root>/feature_stores``
+(``$ALIGN_JAX_CACHE``, else ``$XDG_CACHE_HOME/align_jax``, else ``~/.cache/align_jax``): a private
+folder, made with mode 0700, and refused if it is a symlink or another user could write it
+(:mod:`align_jax.cache_dir`), since the digests recorded there are trusted. A plain folder with
+``image.npy`` / ``text.npy`` (no manifest) has nothing to check against; at a URL it is read into
+memory.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from align_jax import cache_dir as cache_lib
 from align_jax import storage
 
 FORMAT = "align_jax.feature_store/2"
@@ -51,9 +55,8 @@ class FeatureStoreError(ValueError):
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get("ALIGN_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "align_jax")
-  return os.path.join(root, "feature_stores")
+  """``<cache root>/feature_stores``, made private (mode 0700; :mod:`align_jax.cache_dir`)."""
+  return cache_lib.user_cache_dir("feature_stores")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -94,16 +97,36 @@ def stored_split(manifest: dict) -> str | None:
   return (fingerprint.get("data") or {}).get("split") or manifest.get("split") or None
 
 
-def fingerprint_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+def fingerprint_differences(stored: dict, current: dict, prefix: str = "",
+                            labels: tuple[str, str] = ("in the store", "now")) -> list[str]:
   """``["model.image_pooling: 'cls' in the store, 'tokens' now", ...]`` for every differing key."""
   out = []
   for key in sorted(set(stored) | set(current)):
     a, b = stored.get(key), current.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
-      out.extend(fingerprint_differences(a, b, f"{prefix}{key}."))
+      out.extend(fingerprint_differences(a, b, f"{prefix}{key}.", labels))
     elif a != b:
-      out.append(f"{prefix}{key}: {_short(a)} in the store, {_short(b)} now")
+      out.append(f"{prefix}{key}: {_short(a)} {labels[0]}, {_short(b)} {labels[1]}")
   return out
+
+
+def store_fingerprint(path: str) -> dict | None:
+  """The fingerprint of the store at ``path`` (``fingerprint.json``, else the manifest's), or None
+  for a folder without one (a plain ``image.npy`` / ``text.npy`` folder, an older store, nothing)."""
+  fingerprint_path = storage.join(path, FINGERPRINT)
+  if storage.exists(fingerprint_path):
+    fingerprint = read_json(fingerprint_path)
+  else:
+    fingerprint = (read_manifest(path) or {}).get("fingerprint")
+  if fingerprint is not None and not isinstance(fingerprint, dict):
+    raise FeatureStoreError(f"{path}: the store's fingerprint is not a JSON object; the feature "
+                            "store is damaged: extract it again")
+  return fingerprint
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+  """A short id of a fingerprint (12 hex digits of the sha256 of its canonical JSON)."""
+  return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _short(value: Any) -> str:
@@ -167,7 +190,7 @@ def _download(url: str, entry: dict, cache_dir: str, where: str) -> str:
   target = os.path.join(cache_dir, "objects", f"{entry['sha256']}.npy")
   if os.path.exists(target) and os.path.getsize(target) == entry.get("bytes", -1):
     return target  # complete copies only ever appear after their digest matched
-  os.makedirs(os.path.dirname(target), exist_ok=True)
+  cache_lib.private_dir(os.path.dirname(target))
   digest = hashlib.sha256()
   handle, staging = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".download-")
   try:
@@ -244,8 +267,10 @@ def open_store(path: str, *, split: str = "", verify: str = "once",
   if not manifest["shards"]:
     raise FeatureStoreError(f"feature store {path} has no shards; extract it again")
   url = storage.is_url(path)
-  cache_dir = cache_dir or default_cache_dir()
-  verified = _VerifiedCache(cache_dir) if verify == "once" and not url else None
+  verified = None
+  if url or verify == "once":  # a cache is used: a private one (records in it are trusted)
+    cache_dir = cache_lib.private_dir(cache_dir) if cache_dir else default_cache_dir()
+    verified = _VerifiedCache(cache_dir) if not url else None
   row_shapes: dict[str, tuple] = {}  # tower -> (per-row shape, dtype) of the first shard
   images, texts, text_to_image, offset = [], [], [], 0
   for shard in manifest["shards"]:

@@ -326,6 +326,26 @@ def synthetic_pairs(data_config, split: str) -> tuple[dict, dict, np.ndarray | N
           text_to_image)
 
 
+def check_feature_encoders(config) -> None:
+  """``data.source = "features"`` serves encoder outputs: both encoders must be ``"features"``.
+
+  Another encoder would be run again on the stored features (a Hugging Face encoder looks for
+  ``pixel_values``, the demo's random MLP for ``values``) and fail deep inside the first step;
+  this says what to set instead, in one line.
+  """
+  if config.data.source != "features":
+    return
+  wrong = {tower: config.model[f"{tower}_encoder"] for tower in ("image", "text")
+           if config.model[f"{tower}_encoder"] != "features"}
+  if wrong:
+    now = " and ".join(f"model.{tower}_encoder is {name!r}" for tower, name in wrong.items())
+    flags = " ".join(f"--config.model.{tower}_encoder=features" for tower in wrong)
+    raise ValueError(
+        f"data.source='features' reads stored encoder outputs, but {now}: set {flags} (the "
+        "store's fingerprint.json records which encoders made it), or train on raw images and "
+        "captions with another data.source")
+
+
 def make_array_source(data_config, *, split: str, global_batch_size: int, seed: int,
                       shuffle: bool = True, path: str = "", **kwargs) -> ArrayPairSource:
   """The source ``config.data`` names: stored features (``path`` or ``data.path``) or synthetic."""

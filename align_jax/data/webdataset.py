@@ -23,11 +23,11 @@ import json
 import logging
 import re
 import tarfile
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from align_jax import cache_dir as cache_lib
 from align_jax import storage
 from align_jax.data import skip_log
 from align_jax.data.records import RawRecord, SkipRecord
@@ -116,10 +116,12 @@ class WebDatasetReader:
   """Samples of WebDataset shards (local or URLs), in shard order then member order.
 
   The index (a ``[n, 6]`` int64 table and the keys) is saved as ``.npy`` files under
-  ``index_cache_dir`` (default: a local temp folder, since data buckets are often read-only) and
-  memory-mapped, so grain workers share one copy in the page cache instead of each unpickling its
-  own (about 60 bytes per sample), and a restart reuses it. A URL ``index_cache_dir`` (shared by
-  the hosts of a pod) is read into memory instead.
+  ``index_cache_dir`` and memory-mapped, so grain workers share one copy in the page cache instead
+  of each unpickling its own (about 60 bytes per sample), and a restart reuses it. The default is
+  the private per-user folder ``<cache>/wds_index`` (:mod:`align_jax.cache_dir`; data buckets are
+  often read-only); a local ``index_cache_dir`` must be private too, since an index planted there
+  would be trusted. A URL ``index_cache_dir`` (shared by the hosts of a pod) is read into memory
+  instead.
   """
 
   def __init__(self, urls: str | Sequence[str], *, caption_key: str = "caption",
@@ -130,7 +132,12 @@ class WebDatasetReader:
       raise ValueError(f"{self.name}: no shard matched; check data.urls")
     self._caption_key = caption_key
     self.index_skips: dict[str, int] = {}
-    cache_dir = index_cache_dir or storage.join(tempfile.gettempdir(), "align_jax_wds_index")
+    if not index_cache_dir:
+      cache_dir = cache_lib.user_cache_dir("wds_index")
+    elif storage.local_path(index_cache_dir) is None:
+      cache_dir = index_cache_dir  # a bucket folder shared by a pod's hosts
+    else:
+      cache_dir = cache_lib.private_dir(storage.local_path(index_cache_dir))
     try:
       base = storage.join(cache_dir, _index_digest(self._shards, caption_key))
     except OSError:
