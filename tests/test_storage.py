@@ -186,3 +186,64 @@ def test_no_emulator_no_credentials_fails_in_one_line(tmp_path):
   assert len(lines) == 1 and lines[0].startswith(
       "error: cannot write gs://align-jax-no-such-bucket-7f3a/run: "), lines
   assert os.listdir(tmp_path) == []
+
+
+def _fill_disk(monkeypatch, folder):
+  """Every file written under ``folder`` goes to /dev/full: each write fails with ENOSPC, as on a
+  full disk (``open`` and ``tempfile.mkstemp``, the two ways files are created)."""
+  import builtins
+  import tempfile
+  real_open, real_mkstemp = builtins.open, tempfile.mkstemp
+  inside = lambda p: os.path.abspath(os.fspath(p)).startswith(str(folder))
+
+  def full_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, os.PathLike)) and inside(file) and set(mode) & set("wax"):
+      real_open(file, mode, *args, **kwargs).close()  # the inode is made; its data is not
+      return real_open("/dev/full", mode.replace("x", "w").replace("a", "w"), *args, **kwargs)
+    return real_open(file, mode, *args, **kwargs)
+
+  def full_mkstemp(*args, **kwargs):
+    handle, path = real_mkstemp(*args, **kwargs)
+    if inside(path):
+      os.close(handle)
+      handle = os.open("/dev/full", os.O_WRONLY)
+    return handle, path
+
+  monkeypatch.setattr(builtins, "open", full_open)
+  monkeypatch.setattr(tempfile, "mkstemp", full_mkstemp)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_names_the_path_and_the_fix(tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  run.mkdir()
+  _fill_disk(monkeypatch, run)
+  with pytest.raises(storage.StorageError) as error:
+    storage.write_text(str(run / "config.json"), "{}")
+  assert str(error.value) == (
+      f"cannot write {run / 'config.json'}: no space left on device (ENOSPC); free space on the "
+      f"disk that holds {run} (df -h {run} shows it), or write to another folder (e.g. another "
+      "--workdir)")
+  assert os.listdir(run) == []  # no staging file left behind
+  with pytest.raises(storage.StorageError) as error:  # the check every run makes first
+    storage.check_writable(str(run))
+  assert str(error.value) == (
+      f"cannot write {run}: no space left on device (ENOSPC); free space on the disk that holds "
+      f"{run} (df -h {run} shows it), or write to another folder (e.g. another --workdir)")
+  assert os.listdir(run) == []  # the probe is gone
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_run_on_a_full_disk_stops_before_the_build_naming_the_workdir(tmp_path, monkeypatch,
+                                                                        devices):
+  from align_jax import train
+  from train_utils import tiny_config
+  run = tmp_path / "run"
+  run.mkdir()
+  _fill_disk(monkeypatch, run)
+  built, build = [], train.build_trainer
+  monkeypatch.setattr(train, "build_trainer", lambda *a, **k: built.append(1) or build(*a, **k))
+  with pytest.raises(OSError, match=rf"^cannot write {run}: no space left on device \(ENOSPC\); "
+                                    rf"free space on the disk that holds {run} "):
+    train.train_and_evaluate(tiny_config(), str(run))
+  assert not built
