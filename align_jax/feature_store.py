@@ -28,7 +28,9 @@ folder rename is a copy, its files are written in place and only count once list
 shard the process saves the source position in ``progress-<process>.json``. Interrupted, the same
 command resumes after the last complete shard: no duplicates, no gaps. Training reads the folder
 with ``data.source = "features"`` (one caption sampled per image and step), and an evaluator that
-asks for another split of the same data reads ``OUT/<split>/``.
+asks for another split of the same data reads ``OUT/<split>/``. A training run records the store's
+fingerprint in its ``config.json`` and refuses, in one line, a store whose fingerprint differs
+from the run's or from the config's encoder settings (:func:`check_training_store`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from align_jax import checksums, model as model_lib, sharding, step_builder, storage
-from align_jax.data import factory, feature_files
+from align_jax.data import factory, feature_files, features
 
 logger = logging.getLogger("align_jax")
 MANIFEST = feature_files.MANIFEST
@@ -155,7 +157,6 @@ def check_training_store(config: ml_collections.ConfigDict, workdir: str) -> dic
   Raises:
     FeatureStoreError: one line naming the store, what differs, and what to set.
   """
-  from align_jax.data import features
   features.check_feature_encoders(config)
   if config.data.source != "features" or not config.data.path:
     return None  # the source names a missing path itself
