@@ -146,11 +146,12 @@ class ParquetTable:
 
   def _reset_cache(self) -> None:
     self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._footers: dict[str, Any] = {}  # parsed once per process: no footer request per read
     self._lock = threading.Lock()
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    for name in ("_cache", "_lock"):  # rebuilt in each worker
+    for name in ("_cache", "_footers", "_lock"):  # rebuilt in each worker
       state.pop(name)
     return state
 
@@ -180,9 +181,13 @@ class ParquetTable:
           raise table
         return table
     try:
+      import pyarrow.parquet as pq
+      footer = self._footers.get(file) or read_metadata(file)
+      self._footers[file] = footer
       with storage.open_file(file, "rb") as f:
-        import pyarrow.parquet as pq
-        table = pq.ParquetFile(f).read_row_group(group, columns=self.columns)
+        table = pq.ParquetFile(f, metadata=footer).read_row_group(group, columns=self.columns)
+    except records.SkipRecord as e:  # the file was replaced by one that is not Parquet
+      table = records.SkipRecord("unreadable_record", e.detail)
     except FileNotFoundError:
       table = records.SkipRecord("missing_file", f"{file}: the Parquet file disappeared")
     except Exception as e:  # a damaged column chunk must not stop the run
