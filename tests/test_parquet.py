@@ -1,4 +1,4 @@
-"""Parquet sources (data.source="parquet"): the same batches as the manifest source on the same data.
+"""Parquet sources (data.source="parquet"): the manifest source's batches on the same data.
 
 The Parquet files are written here with pyarrow, in the shapes Hugging Face publishes: an image
 column of bytes, of ``{"bytes", "path"}`` structs or of paths, and a caption column of one string

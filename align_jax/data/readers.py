@@ -77,5 +77,5 @@ def make_reader(data_config: Any) -> records.RecordReader:
     return synthetic_images.ShapesReader(split=data.split, num_records=int(data.num_pairs),
                                          seed=int(data.data_seed))
   raise ValueError(f"unknown data.source {source!r}; expected 'tfds', 'webdataset', 'manifest', "
-                   "'parquet' or 'synthetic_shapes' (stored features and the synthetic latent world are built "
-                   "by align_jax.data.features)")
+                   "'parquet' or 'synthetic_shapes' (stored features and the synthetic latent "
+                   "world are built by align_jax.data.features)")
