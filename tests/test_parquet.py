@@ -226,3 +226,33 @@ def test_parquet_on_gcs_reads_like_local(gcs_bucket, tmp_path, monkeypatch):
     assert (got.image, got.captions) == (want.image, want.captions) == (
         hd.image_bytes(i), [hd.caption(i)])
     assert got.key.startswith(f"{gcs_bucket}/pq/test-0000")
+
+
+@pytest.mark.slow
+def test_feature_extraction_from_parquet_equals_the_manifest(tmp_path, devices):
+  """``--mode=extract_features`` over the same 20 shapes as a manifest and as Parquet bytes."""
+  from align_jax.data import features, synthetic_images
+  from train_utils import extract_small_shards, tiny_online_config
+
+  config = tiny_online_config(tmp_path / "models")
+  shapes = synthetic_images.ShapesReader(split="train", num_records=20, seed=0)
+  rows = []
+  for i in range(20):
+    record = shapes.read(i)
+    png = records.decode_image(record.image, key="", max_pixels=10**6, min_size=1)
+    png.save(tmp_path / f"{i}.png")
+    rows.append({"image": f"{i}.png", "caption": list(record.captions)[:2]})
+  hd.write_manifest(str(tmp_path / "shapes.jsonl"), rows)
+  write_parquet(str(tmp_path / "pq"), [{"image": (tmp_path / r["image"]).read_bytes(),
+                                        "caption": r["caption"]} for r in rows])
+  stores = []
+  for name, data in (("manifest", {"source": "manifest", "path": str(tmp_path / "shapes.jsonl")}),
+                     ("parquet", {"source": "parquet", "path": str(tmp_path / "pq")})):
+    config.data.update(data)
+    stored = extract_small_shards(config, tmp_path / name)
+    assert (stored["num_images"], stored["num_texts"]) == (20, 40)
+    stores.append(features.load_stored_features(str(tmp_path / name)))
+  for a, b in zip(jax.tree.leaves(stores[0][:2]), jax.tree.leaves(stores[1][:2])):
+    assert len(a) in (20, 40)
+    np.testing.assert_array_equal(a[np.arange(len(a))], b[np.arange(len(b))])
+  np.testing.assert_array_equal(stores[0][2], stores[1][2])

@@ -103,6 +103,38 @@ def test_exact_accuracy_with_skips_on_eight_devices(tmp_path, mesh8):
   assert evaluator.embedder.batch_size == 8
 
 
+def test_parquet_set_gives_the_manifest_answer(tmp_path, mesh8):
+  """The colour set as a Hugging Face Parquet file (image bytes, ClassLabel indices and names in
+  the metadata, the two bad images as bad bytes / a missing path): the same numbers and skips."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  manifest = _colour_manifest(tmp_path)
+  want = _evaluator(ColourModel(), mesh8, dict(source="manifest", path=manifest),
+                    templates="simple", ks=(1, 2))
+  names = ["blue", "green", "red"]
+  rows = [{"image": {"bytes": (tmp_path / f"{i}.png").read_bytes(), "path": None},
+           "label": names.index(label)} for i, (_, label) in enumerate(ROWS)]
+  rows += [{"image": {"bytes": b"not an image", "path": None}, "label": 1},
+           {"image": {"bytes": None, "path": "gone.png"}, "label": 0}]
+  features = {"label": {"_type": "ClassLabel", "names": names}}
+  schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      ("label", pa.int64())],
+                     metadata={b"huggingface": json.dumps({"info": {"features": features}})})
+  pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "colours.parquet",
+                 row_group_size=3)
+  got = _evaluator(ColourModel(), mesh8,
+                   dict(source="parquet", path=str(tmp_path / "colours.parquet")),
+                   templates="simple", ks=(1, 2))
+  assert got.class_names == want.class_names == names
+  params = {"gain": jnp.float32(1.0)}
+  assert got.run(params, {}) == want.run(params, {}) == {
+      "eval/colours_top1": 7 / 8, "eval/colours_top2": 1.0,
+      "eval/colours_mean_per_class_recall": (4 / 5 + 1.0) / 2}
+  assert got.skipped == want.skipped == {"data/skipped_corrupt_image": 1,
+                                         "data/skipped_missing_file": 1}
+
+
 def test_descriptions_replace_templates(tmp_path, mesh8):
   manifest = _colour_manifest(tmp_path)
   swapped = tmp_path / "descriptions.json"
