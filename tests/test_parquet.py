@@ -7,6 +7,7 @@ or a list; several files and row groups, so records cross file and row-group bou
 
 import json
 import os
+import pickle
 
 import jax
 import ml_collections
@@ -154,7 +155,12 @@ def test_unreadable_files_missing_columns_and_no_files(tmp_path):
   (tmp_path / "pq" / "junk.parquet").write_bytes(b"PAR1" + b"x" * 100)
   reader = parquet.ParquetReader(folder)
   assert len(reader) == 6 and reader.index_skips == {"unreadable_file": 1}
+  fresh = len(pickle.dumps(reader))
   assert reader.read(5).captions == ["c"]
+  # as grain sends it to worker processes: without the row groups read so far
+  assert len(pickle.dumps(reader)) == fresh
+  clone = pickle.loads(pickle.dumps(reader))
+  assert clone.read(5) == reader.read(5) and clone.read(0).image == hd.image_bytes(0)
   with pytest.raises(IndexError):
     reader.read(6)
   with pytest.raises(ValueError, match=r"no column 'text'.*set data.caption_key"):
