@@ -149,12 +149,17 @@ def test_bad_rows_are_skipped_and_counted_like_the_manifest(tmp_path):
   assert results[0][2] == results[1][2] and sum(results[1][2].values()) > 0
 
 
-def test_unreadable_files_missing_columns_and_no_files(tmp_path):
+def test_unreadable_files_missing_columns_and_no_files(tmp_path, monkeypatch, caplog):
   folder = write_parquet(str(tmp_path / "pq"), [{"image": hd.image_bytes(i), "caption": "c"}
                                                 for i in range(6)])
   (tmp_path / "pq" / "junk.parquet").write_bytes(b"PAR1" + b"x" * 100)
-  reader = parquet.ParquetReader(folder)
+  monkeypatch.setattr(parquet, "LARGE_ROW_GROUP_BYTES", 2000)  # the 3-image groups are larger
+  with caplog.at_level("WARNING"):
+    reader = parquet.ParquetReader(folder)
   assert len(reader) == 6 and reader.index_skips == {"unreadable_file": 1}
+  assert "junk.parquet" in caplog.text and "skipped_unreadable_file" in caplog.text
+  large = [r.message for r in caplog.records if "smaller row groups" in r.message]
+  assert len(large) == 2 and "test-00000-of-00002.parquet has row groups of up to" in large[0]
   fresh = len(pickle.dumps(reader))
   assert reader.read(5).captions == ["c"]
   # as grain sends it to worker processes: without the row groups read so far

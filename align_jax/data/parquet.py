@@ -130,17 +130,18 @@ class ParquetTable:
         raise ValueError(f"{file} has no column {', '.join(map(repr, missing))} (columns: "
                          f"{schema.names}); set " + " / ".join(columns[c] for c in missing))
       self.schema = self.schema or schema
+      largest = 0
       for group in range(metadata.num_row_groups):
         rows = metadata.row_group(group).num_rows
         if rows:
           starts.append(total)
           groups.append((file_id, group))
           total += rows
-        size = metadata.row_group(group).total_byte_size
-        if size > LARGE_ROW_GROUP_BYTES:
-          _log.warning("%s: row group %d of %s holds %.0f MB; a shuffled pass reads a whole row "
-                       "group per record: rewrite it with smaller row groups (row_group_size=100)",
-                       self.name, group, file, size / 2**20)
+        largest = max(largest, metadata.row_group(group).total_byte_size)
+      if largest > LARGE_ROW_GROUP_BYTES:
+        _log.warning("%s: %s has row groups of up to %.0f MB; a shuffled pass reads a whole row "
+                     "group per record: rewrite it with smaller row groups (row_group_size=100)",
+                     self.name, file, largest / 2**20)
     self._starts, self._groups, self._num_rows = starts, groups, total
     self._reset_cache()
 
