@@ -178,8 +178,8 @@ class ParquetTable:
       if key in self._cache:
         self._cache.move_to_end(key)
         table = self._cache[key]
-        if isinstance(table, records.SkipRecord):
-          raise table
+        if isinstance(table, records.SkipRecord):  # a fresh exception: no growing traceback
+          raise records.SkipRecord(table.reason, table.detail)
         return table
     try:
       import pyarrow.parquet as pq
@@ -199,11 +199,11 @@ class ParquetTable:
       while len(self._cache) > CACHED_ROW_GROUPS:
         self._cache.popitem(last=False)
     if isinstance(table, records.SkipRecord):
-      raise table
+      raise records.SkipRecord(table.reason, table.detail)
     return table
 
   def row(self, index: int) -> tuple[str, dict[str, Any]]:
-    """(key ``file#row``, {column: Python value}) of global row ``index``."""
+    """(key ``<file>#<index>``, {column: Python value}) of global row ``index``."""
     file, group, offset = self.locate(index)
     table = self._row_group(file, group)
     return (f"{file}#{index}",
