@@ -149,6 +149,23 @@ def test_bad_rows_are_skipped_and_counted_like_the_manifest(tmp_path):
   assert results[0][2] == results[1][2] and sum(results[1][2].values()) > 0
 
 
+def test_a_damaged_row_group_skips_its_rows_only(tmp_path):
+  path = str(tmp_path / "a.parquet")
+  pq.write_table(pa.Table.from_pylist([{"image": hd.image_bytes(i), "caption": "c"}
+                                       for i in range(6)]), path, row_group_size=3)
+  image_chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)
+  data = bytearray(open(path, "rb").read())
+  start = image_chunk.dictionary_page_offset + 30  # inside the first group's compressed images
+  data[start:start + 300] = b"\xff" * 300
+  open(path, "wb").write(bytes(data))
+  reader = parquet.ParquetReader(path)
+  for i in range(3):
+    with pytest.raises(records.SkipRecord, match="row group 0: .*Corrupt") as error:
+      reader.read(i)
+    assert error.value.reason == "unreadable_record"
+  assert [reader.read(i).image for i in range(3, 6)] == [hd.image_bytes(i) for i in range(3, 6)]
+
+
 def test_unreadable_files_missing_columns_and_no_files(tmp_path, monkeypatch, caplog):
   folder = write_parquet(str(tmp_path / "pq"), [{"image": hd.image_bytes(i), "caption": "c"}
                                                 for i in range(6)])
