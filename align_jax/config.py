@@ -14,7 +14,8 @@ import ml_collections
 
 LOSSES = ("softmax", "sigmoid")
 # config.data.source: arrays (align_jax.data.features) or raw images + captions (data.pipeline)
-SOURCES = ("synthetic", "features", "tfds", "webdataset", "manifest", "synthetic_shapes")
+SOURCES = ("synthetic", "features", "tfds", "webdataset", "manifest", "parquet",
+           "synthetic_shapes")
 VERIFY_FEATURES = ("once", "always", "size")
 STORE_DTYPES = ("float16", "float32")
 
@@ -34,16 +35,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # synthetic | features (arrays: align_jax.data.features); tfds | webdataset | manifest |
-  # synthetic_shapes (raw images + captions: align_jax.data.pipeline)
+  # parquet | synthetic_shapes (raw images + captions: align_jax.data.pipeline)
   c.data.source = "synthetic"
   c.data.split = "train"  # evaluators override it (e.g. "heldout", "validation")
-  c.data.path = ""  # stored-features folder, or a .jsonl/.csv manifest
+  c.data.path = ""  # stored-features folder, a .jsonl/.csv manifest, or Parquet files/folder/glob
   c.data.name = ""  # tfds builder name, e.g. "coco_captions"
   c.data.data_dir = ""  # tfds data_dir
   c.data.urls = ""  # webdataset shards: paths, globs or brace lists
   c.data.index_cache_dir = ""  # webdataset: folder of the tar indexes ("" = a private user cache)
-  c.data.image_root = ""  # manifest: folder the image paths are relative to
-  c.data.image_key = "image"
+  c.data.image_root = ""  # manifest / parquet: folder the image paths are relative to
+  c.data.image_key = "image"  # parquet: a column of bytes, {"bytes", "path"} structs or paths
   c.data.caption_key = ""  # "" = the reader's default (tfds: captions/text; others: caption)
   c.data.crop_scale = (0.2, 1.0)  # RandomResizedCrop area range (training)
   c.data.flip = True  # random horizontal flips (training)

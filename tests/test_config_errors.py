@@ -79,7 +79,8 @@ def test_bogus_data_source_names_the_source_and_its_choices(tmp_path):
   line = _first_error_line(_main("--config=configs/demo.py", "--config.data.source=bogus",
                                  f"--workdir={tmp_path}/w"))
   assert line == ("error: unknown data source 'bogus': set --config.data.source to one of "
-                  "'synthetic', 'features', 'tfds', 'webdataset', 'manifest', 'synthetic_shapes'")
+                  "'synthetic', 'features', 'tfds', 'webdataset', 'manifest', 'parquet', "
+                  "'synthetic_shapes'")
 
 
 def test_suggestions():

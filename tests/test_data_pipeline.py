@@ -194,7 +194,7 @@ def test_config_errors(wds_cfg, tmp_path):
   with pytest.raises(ValueError, match="multiple of the process count"):
     make(wds_cfg, 5, p=0, n=2)
   with pytest.raises(ValueError, match="unknown data.source"):
-    make(ml_collections.ConfigDict({"source": "parquet"}), 4)
+    make(ml_collections.ConfigDict({"source": "bogus"}), 4)
   with pytest.raises(ValueError, match="no shard matched"):
     make(ml_collections.ConfigDict({"source": "webdataset", "urls": str(tmp_path / "*.tar")}), 4)
   with pytest.raises(ValueError, match="neither a local path nor a URL"):  # gs://: test_cloud_storage

@@ -34,6 +34,18 @@ def _argsort_topk(images, labels, classes, ks):
   return {f"top{k}": float(np.mean(position < k)) for k in ks}
 
 
+def _balanced_accuracy(images, labels, classes):
+  """Mean per-class recall of the argmax class, as scikit-learn's ``balanced_accuracy_score``
+  (clip_benchmark's ``mean_per_class_recall``): a confusion matrix over the classes seen in the
+  labels or predictions, its diagonal over its row sums, averaged over the rows with images."""
+  pred = np.argmax(images.astype(np.float64) @ classes.T.astype(np.float64), axis=1)
+  seen = np.union1d(labels, pred)
+  confusion = np.zeros((len(seen), len(seen)))
+  np.add.at(confusion, (np.searchsorted(seen, labels), np.searchsorted(seen, pred)), 1)
+  rows = confusion.sum(axis=1)
+  return float(np.mean(np.diag(confusion)[rows > 0] / rows[rows > 0]))
+
+
 def _argsort_recall(images, texts, text_to_image, ks):
   """Recall@k from descending argsorts: the first own caption / the true image's position."""
   scores = images.astype(np.float64) @ texts.T.astype(np.float64)
@@ -87,6 +99,42 @@ def test_zero_shot_known_answer():
   assert got == {"top1": 2 / 16, "top2": 7 / 16, "top3": 13 / 16, "top4": 1.0, "top10": 1.0}
   assert all(type(v) is float for v in got.values())
   assert zero_shot_accuracy(images, labels, classes) == {"top1": 0.125, "top5": 1.0}
+
+
+def test_mean_per_class_recall_known_answer():
+  """Unbalanced classes: class 0 has 1 image (right), class 1 three (one right, one a tie with
+  class 0, one wrong), class 2 none. Per-class top-1 recall (1 + 2/3) / 2; top-1 3/4."""
+  classes = np.eye(3)
+  images = np.array([[1., 0., 0.], [0., 1., 0.], [1., 1., 0.], [0., 0., 1.]])
+  labels = np.array([0, 1, 1, 1])
+  got = zero_shot_accuracy(images, labels, classes, k=1, mean_per_class=True)
+  assert got == {"top1": 0.75, "mean_per_class_recall": (1 + 2 / 3) / 2}
+  for mesh in _meshes()[:2]:
+    assert zero_shot_accuracy(images, labels, classes, k=1, mesh=mesh, block_size=3,
+                              mean_per_class=True) == got
+  images, labels, classes = _ranked_images()  # balanced classes: equal to top-1
+  got = zero_shot_accuracy(images, labels, classes, k=(1, 2), mean_per_class=True)
+  assert got == {"top1": 2 / 16, "top2": 7 / 16, "mean_per_class_recall": 2 / 16}
+
+
+def test_mean_per_class_recall_matches_numpy_reference():
+  rng = np.random.default_rng(3)
+  _, _, classes = _random_set(4, n=240, c=9)
+  labels = rng.choice(9, 240, p=np.array([30, 1, 2, 3, 4, 5, 6, 7, 0]) / 58)  # class 8: none
+  # noisy copies of their class, the large class 0 the noisiest: its recall is the lowest
+  noise = np.where(labels == 0, 1.2, 0.5)[:, None] * rng.normal(size=(240, 16))
+  images = _unit(classes[labels] + noise).astype(np.float32)
+  assert 8 not in labels and np.bincount(labels).max() > 10 * np.bincount(labels)[1:].min()
+  scores = images.astype(np.float64) @ classes.T.astype(np.float64)
+  assert _min_gap(scores, labels[:, None] == np.arange(9)) > 2e-6  # no near-ties
+  expected = _balanced_accuracy(images, labels, classes)
+  top1 = _argsort_topk(images, labels, classes, (1,))["top1"]
+  assert 0.0 < expected < 1.0 and abs(expected - top1) > 0.01  # the weighting matters here
+  for mesh, block_size in ((None, 7), (None, 4096), (_meshes()[0], 64), (_meshes()[1], 5)):
+    got = zero_shot_accuracy(images, labels, classes, k=(1, 5), mesh=mesh, block_size=block_size,
+                             mean_per_class=True)
+    assert got["top1"] == top1
+    np.testing.assert_allclose(got["mean_per_class_recall"], expected, rtol=1e-12)
 
 
 def test_zero_shot_ties_count_for_the_image():

@@ -83,8 +83,12 @@ def test_locate_prefers_manifests_and_names_what_it_looked_for(tmp_path):
   assert data == dict(source="tfds", name="eurosat", data_dir=str(data_dir), split="",
                       image_key="image", label_key="label")
   data, why = suite.locate(by["dtd"], str(data_dir), str(manifests))
-  assert data is None and why == (f"not found (dtd.jsonl / .csv in {manifests}; TFDS dtd in "
-                                  f"{data_dir})")
+  assert data is None and why == (f"not found (dtd.jsonl / .csv / .parquet in {manifests}; TFDS "
+                                  f"dtd in {data_dir})")
+  (manifests / "flickr30k.parquet").write_bytes(b"")
+  data, _ = suite.locate(by["flickr30k"], str(data_dir), str(manifests))
+  assert data == dict(source="parquet", path=str(manifests / "flickr30k.parquet"), image_root="",
+                      image_key="image", caption_key="caption")
   _, why = suite.locate(by["ucf101"], str(data_dir), "")
   assert why == "not found (no TFDS builder; give --manifests=DIR with ucf101.jsonl)"
   data, _ = suite.locate(by["coco"], str(data_dir), "")
@@ -98,6 +102,62 @@ def test_locate_prefers_manifests_and_names_what_it_looked_for(tmp_path):
                   "class_names": str(manifests / "dtd_classes.txt")}
   assert suite.prompt_keys(by["imagenet"], templates="simple") == {
       "templates": "simple", "class_names": suite.IMAGENET_CLASSES_FILE}
+
+
+def _clip_benchmark_build(paths):
+  """What `clip_benchmark build FILES` does with result files (its cli.main_build): one CSV row
+  per file, the metrics beside the other fields, and model_fullname = model + ' ' + pretrained."""
+  rows = []
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    row = {**data["metrics"], **{k: v for k, v in data.items() if k != "metrics"}}
+    row["model_fullname"] = row["model"] + " " + row["pretrained"]
+    rows.append(row)
+  return rows
+
+
+def test_clip_benchmark_results_in_its_format(tmp_path):
+  by = suite.BY_KEY
+  names = [b.clip_benchmark for b in suite.BENCHMARKS]
+  assert len(set(names)) == len(names) and all(names)
+  assert (by["imagenet"].clip_benchmark, by["coco"].clip_benchmark) == ("imagenet1k",
+                                                                        "mscoco_captions")
+  pets = suite.clip_benchmark_result(
+      by["pets"], {"top1": 0.5, "top5": 0.75, "mean_per_class_recall": 0.25}, model="m",
+      pretrained="p", num_classes=37)
+  assert pets == {"dataset": "pets", "model": "m", "pretrained": "p",
+                  "task": "zeroshot_classification", "language": "en",
+                  "metrics": {"acc1": 0.5, "acc5": 0.75, "mean_per_class_recall": 0.25}}
+  tiny = suite.clip_benchmark_result(by["pets"], {"top1": 1.0, "top5": 1.0,
+                                                  "mean_per_class_recall": 1.0},
+                                     model="m", pretrained="p", num_classes=4)
+  assert np.isnan(tiny["metrics"]["acc5"])  # clip_benchmark: no acc5 below 5 classes
+  recall = {"i2t@1": 0.1, "t2i@1": 0.2, "i2t@5": 0.3, "t2i@5": 0.4, "i2t@10": 0.5, "t2i@10": 0.6}
+  flickr = suite.clip_benchmark_result(by["flickr30k"], recall, model="m", pretrained="p")
+  # image retrieval = text -> image; text retrieval = image -> text
+  assert flickr["task"] == "zeroshot_retrieval" and flickr["metrics"] == {
+      "image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.1,
+      "image_retrieval_recall@5": 0.4, "text_retrieval_recall@5": 0.3,
+      "image_retrieval_recall@10": 0.6, "text_retrieval_recall@10": 0.5}
+  assert suite.clip_benchmark_path("run", by["caltech101"]) == (
+      "run/clip_benchmark/vtab_caltech101.json")
+  config = config_lib.default_config()
+  config.model.image_encoder, config.model.text_encoder = ("facebook/dinov2-large",
+                                                           "/models/all-roberta-large-v1")
+  assert suite.default_model_names(config, str(tmp_path / "runs" / "glu"), 600) == (
+      "align_jax:dinov2-large+all-roberta-large-v1", "glu@600")
+  # beside another model's file, as clip_benchmark eval writes it: the same columns
+  other = {"dataset": "pets", "model": "ViT-B-32-quickgelu", "pretrained": "laion400m_e32",
+           "task": "zeroshot_classification", "language": "en",
+           "metrics": {"acc1": 0.87, "acc5": 0.99, "mean_per_class_recall": 0.86}}
+  paths = [str(tmp_path / "other.json"), suite.clip_benchmark_path(str(tmp_path), by["pets"])]
+  for path, result in zip(paths, (other, pets)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f)
+  theirs, ours = _clip_benchmark_build(paths)
+  assert set(ours) == set(theirs) and ours["model_fullname"] == "m p" and ours["acc1"] == 0.5
 
 
 def test_help_runs_as_a_module():
@@ -218,12 +278,12 @@ def test_suite_prints_the_table_with_known_answers(world, capsys):
   expected, data_dir, manifests = world["expected"], world["data_dir"], world["manifests"]
   skipped = [line for line in out.splitlines() if line.startswith("skipped ")]
   assert len(skipped) == 11, out
-  assert (f"skipped Caltech-101 (caltech101): not found (caltech101.jsonl / .csv in {manifests}; "
-          f"TFDS caltech101 in {data_dir})") in skipped
-  assert f"skipped FGVC-Aircraft (aircraft): not found (aircraft.jsonl / .csv in {manifests})" in (
-      skipped)
-  assert f"skipped EuroSAT (eurosat): not found (eurosat.jsonl / .csv in {manifests}; TFDS " \
-         f"eurosat/rgb in {data_dir})" in skipped
+  assert (f"skipped Caltech-101 (caltech101): not found (caltech101.jsonl / .csv / .parquet in "
+          f"{manifests}; TFDS caltech101 in {data_dir})") in skipped
+  assert (f"skipped FGVC-Aircraft (aircraft): not found (aircraft.jsonl / .csv / .parquet in "
+          f"{manifests})") in skipped
+  assert f"skipped EuroSAT (eurosat): not found (eurosat.jsonl / .csv / .parquet in " \
+         f"{manifests}; TFDS eurosat/rgb in {data_dir})" in skipped
   assert "error in CUB-200 (cub): tfds caltech_birds2011[test] labels are bare numbers (0, 1, " \
          "...), not class names" in out
   assert "For the suite: a cub_classes.txt in --prompts or --manifests." in out
@@ -236,6 +296,25 @@ def test_suite_prints_the_table_with_known_answers(world, capsys):
   assert results["imagenet"]["top1"] == expected["imagenet"] == 0.5
   assert results["flickr30k"] == expected["flickr30k"]
   assert set(report["skipped"]) | set(report["errors"]) | set(results) == set(suite.BY_KEY)
+  # clip_benchmark's files, one per benchmark, as its `build` command reads them
+  _, labels = world["pets"]
+  hits = np.arange(len(labels)) % 2 == 0  # even images: labelled with their top class
+  per_class = [hits[np.asarray(labels) == c].mean() for c in sorted(set(labels))]
+  assert results["pets"]["mean_per_class_recall"] == pytest.approx(np.mean(per_class), abs=1e-12)
+  clip = report["clip_benchmark"]
+  assert sorted(clip) == ["flickr30k", "imagenet", "pets"]
+  assert clip["imagenet"] == os.path.join(world["workdir"], "clip_benchmark", "imagenet1k.json")
+  rows = {row["dataset"]: row for row in _clip_benchmark_build(sorted(clip.values()))}
+  assert rows["imagenet1k"]["acc1"] == expected["imagenet"] and rows["pets"]["acc5"] == (
+      results["pets"]["top5"])
+  assert rows["pets"]["mean_per_class_recall"] == results["pets"]["mean_per_class_recall"]
+  assert rows["pets"]["task"] == "zeroshot_classification" and rows["pets"]["language"] == "en"
+  assert rows["flickr30k"]["task"] == "zeroshot_retrieval"
+  for k in (1, 5, 10):
+    assert rows["flickr30k"][f"image_retrieval_recall@{k}"] == expected["flickr30k"][f"t2i@{k}"]
+    assert rows["flickr30k"][f"text_retrieval_recall@{k}"] == expected["flickr30k"][f"i2t@{k}"]
+  assert {row["model_fullname"] for row in rows.values()} == {"align_jax:dinov2+bert run@2"}
+  assert f"clip_benchmark results (3): {world['workdir']}/clip_benchmark/*.json" in out
 
   table_lines = [line for line in out.splitlines() if line.startswith("|")]
   assert table_lines[0] == "| benchmark | metric | freeze-align (paper) | this run | data |"

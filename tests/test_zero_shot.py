@@ -95,10 +95,44 @@ def test_exact_accuracy_with_skips_on_eight_devices(tmp_path, mesh8):
                          templates="simple", ks=(1, 2))
   assert evaluator.class_names == ["blue", "green", "red"]  # sorted label names
   result = evaluator.run({"gain": jnp.float32(1.0)}, {})
-  assert result == {"eval/colours_top1": 7 / 8, "eval/colours_top2": 1.0}
+  # per class: red 4 of 5 (the blue image is labelled red), green 3 of 3, blue has no image
+  assert result == {"eval/colours_top1": 7 / 8, "eval/colours_top2": 1.0,
+                    "eval/colours_mean_per_class_recall": (4 / 5 + 1.0) / 2}
   assert evaluator.skipped == {"data/skipped_corrupt_image": 1, "data/skipped_missing_file": 1}
   # 10 records, batch 4 rounded up to the 8 devices: two batches, the second padded.
   assert evaluator.embedder.batch_size == 8
+
+
+def test_parquet_set_gives_the_manifest_answer(tmp_path, mesh8):
+  """The colour set as a Hugging Face Parquet file (image bytes, ClassLabel indices and names in
+  the metadata, the two bad images as bad bytes / a missing path): the same numbers and skips."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  manifest = _colour_manifest(tmp_path)
+  want = _evaluator(ColourModel(), mesh8, dict(source="manifest", path=manifest),
+                    templates="simple", ks=(1, 2))
+  names = ["blue", "green", "red"]
+  rows = [{"image": {"bytes": (tmp_path / f"{i}.png").read_bytes(), "path": None},
+           "label": names.index(label)} for i, (_, label) in enumerate(ROWS)]
+  rows += [{"image": {"bytes": b"not an image", "path": None}, "label": 1},
+           {"image": {"bytes": None, "path": "gone.png"}, "label": 0}]
+  features = {"label": {"_type": "ClassLabel", "names": names}}
+  schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      ("label", pa.int64())],
+                     metadata={b"huggingface": json.dumps({"info": {"features": features}})})
+  pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "colours.parquet",
+                 row_group_size=3)
+  got = _evaluator(ColourModel(), mesh8,
+                   dict(source="parquet", path=str(tmp_path / "colours.parquet")),
+                   templates="simple", ks=(1, 2))
+  assert got.class_names == want.class_names == names
+  params = {"gain": jnp.float32(1.0)}
+  assert got.run(params, {}) == want.run(params, {}) == {
+      "eval/colours_top1": 7 / 8, "eval/colours_top2": 1.0,
+      "eval/colours_mean_per_class_recall": (4 / 5 + 1.0) / 2}
+  assert got.skipped == want.skipped == {"data/skipped_corrupt_image": 1,
+                                         "data/skipped_missing_file": 1}
 
 
 def test_descriptions_replace_templates(tmp_path, mesh8):
@@ -109,7 +143,8 @@ def test_descriptions_replace_templates(tmp_path, mesh8):
   evaluator = _evaluator(ColourModel(), mesh8, dict(source="manifest", path=manifest),
                          descriptions=str(swapped), ks=(1,))
   # Red images now match "green" and green images "red"; the blue image (labelled red) "blue".
-  assert evaluator.run({"gain": jnp.float32(1.0)}, {}) == {"eval/colours_top1": 0.0}
+  assert evaluator.run({"gain": jnp.float32(1.0)}, {}) == {
+      "eval/colours_top1": 0.0, "eval/colours_mean_per_class_recall": 0.0}
 
 
 def test_integer_labels_need_class_names(tmp_path, mesh8):
@@ -123,7 +158,8 @@ def test_integer_labels_need_class_names(tmp_path, mesh8):
   names.write_text("red\ngreen\nblue\n")
   evaluator = _evaluator(ColourModel(), mesh8, dict(source="manifest", path=manifest),
                          class_names=str(names), templates=["{} colour"], ks=(1,))
-  assert evaluator.run({"gain": jnp.float32(1.0)}, {}) == {"eval/colours_top1": 1.0}
+  assert evaluator.run({"gain": jnp.float32(1.0)}, {}) == {
+      "eval/colours_top1": 1.0, "eval/colours_mean_per_class_recall": 1.0}
 
 
 def test_readable_class_names():
@@ -167,8 +203,9 @@ def test_tfds_classes_and_missing_dataset_errors(tmp_path, mesh8):
                          dict(source="tfds", name="tiny_classes", data_dir=data_dir),
                          templates="simple", ks=(1, 2))
   assert evaluator.class_names == ["red thing", "Green Thing", "blue"]
-  assert evaluator.run({"gain": jnp.float32(1.0)}, {}) == {"eval/colours_top1": 7 / 8,
-                                                           "eval/colours_top2": 1.0}
+  assert evaluator.run({"gain": jnp.float32(1.0)}, {}) == {
+      "eval/colours_top1": 7 / 8, "eval/colours_top2": 1.0,
+      "eval/colours_mean_per_class_recall": (4 / 5 + 1.0) / 2}
   _write_tfds_classes(data_dir, "tiny_synsets", ["n01440764", "n01443537", "n01484850"],
                       images, labels)
   with pytest.raises(ValueError, match="WordNet ids.*pass class_names"):
@@ -188,7 +225,7 @@ def test_tfds_classes_and_missing_dataset_errors(tmp_path, mesh8):
   assert "tfds caltech101[test]" in message  # the suite's evaluation split
   with pytest.raises(FileNotFoundError, match=r"manifest .*nowhere\.jsonl.* not found.*label"):
     _evaluator(ColourModel(), mesh8, dict(source="manifest", path=str(tmp_path / "nowhere.jsonl")))
-  with pytest.raises(ValueError, match="use 'tfds'.*or 'manifest'"):
+  with pytest.raises(ValueError, match="use 'tfds'.*'manifest'.*or 'parquet'"):
     _evaluator(ColourModel(), mesh8, dict(source="webdataset"))
 
 
@@ -232,7 +269,7 @@ def _reference(config, model, params, frozen):
     return np.asarray(embed_texts(params, frozen, model.text_encoder.preprocess(texts)))
 
   class_emb = prompts.class_embeddings(SHAPE_CLASSES, encode, ["a {} square", "{} circle"])
-  return metrics.zero_shot_accuracy(image_emb, labels, class_emb, k=(1, 3))
+  return metrics.zero_shot_accuracy(image_emb, labels, class_emb, k=(1, 3), mean_per_class=True)
 
 
 def test_training_eval_standalone_eval_and_reference_agree(online, tmp_path):
@@ -244,7 +281,8 @@ def test_training_eval_standalone_eval_and_reference_agree(online, tmp_path):
   config.optim.learning_rate = 0.05  # move the projectors away from their init in 2 steps
   workdir = str(tmp_path / "run")
   last = train.train_and_evaluate(config, workdir)
-  in_training = {k: last[k] for k in ("eval/shapes_top1", "eval/shapes_top3")}
+  in_training = {k: last[k] for k in ("eval/shapes_top1", "eval/shapes_top3",
+                                      "eval/shapes_mean_per_class_recall")}
   report = standalone.evaluate_checkpoint(config, workdir)
   assert report["step"] == 2
   assert report["results"] == in_training
@@ -253,5 +291,5 @@ def test_training_eval_standalone_eval_and_reference_agree(online, tmp_path):
   params, _, _ = run_dir.restore_params(workdir)
   model = model_lib.build_model(config)
   expected = _reference(config, model, params, model.frozen_params())
-  assert in_training == {"eval/shapes_top1": expected["top1"], "eval/shapes_top3": expected["top3"]}
+  assert in_training == {f"eval/shapes_{k}": v for k, v in expected.items()}
   assert 0 < expected["top1"] < expected["top3"] < 1, expected  # a non-trivial answer

@@ -2,9 +2,10 @@
 
 * ``synthetic`` / ``features``: pairs held in arrays (:mod:`align_jax.data.features`), for the
   demo's random encoders or stored encoder outputs.
-* ``tfds`` / ``webdataset`` / ``manifest`` / ``synthetic_shapes``: raw images and captions
-  (:mod:`align_jax.data.pipeline`), decoded, augmented with the paper's transforms, normalised with
-  the image encoder's own mean/std and tokenized with the text encoder's tokenizer.
+* ``tfds`` / ``webdataset`` / ``manifest`` / ``parquet`` / ``synthetic_shapes``: raw images and
+  captions (:mod:`align_jax.data.pipeline`), decoded, augmented with the paper's transforms,
+  normalised with the image encoder's own mean/std and tokenized with the text encoder's
+  tokenizer.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def make_train_source(config: ml_collections.ConfigDict, model):
       tokenize=model.text_encoder.preprocess, train=True)
 
 
-_SPLIT_FILES = {"manifest": "path", "webdataset": "urls"}  # sources whose files are the split
+# sources whose files are the split
+_SPLIT_FILES = {"manifest": "path", "parquet": "path", "webdataset": "urls"}
 
 
 def resolve_split(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -76,8 +78,9 @@ def eval_data_config(config: ml_collections.ConfigDict, overrides,
 
   * ``synthetic`` / ``synthetic_shapes``: the split itself ("train", "heldout");
     ``tfds``: the TFDS split;
-  * ``manifest`` / ``webdataset``: ``{split}`` in ``data.path`` / ``data.urls`` (e.g.
-    ``captions_{split}.jsonl``), or the evaluator's own ``path`` / ``urls``;
+  * ``manifest`` / ``parquet`` / ``webdataset``: ``{split}`` in ``data.path`` / ``data.urls``
+    (e.g. ``captions_{split}.jsonl``, ``data/{split}-*.parquet``), or the evaluator's own
+    ``path`` / ``urls``;
   * ``features``: ``<data.path>/<split>`` (``--mode=extract_features`` writes every evaluator's
     split there), or the evaluator's own ``path`` (then the store's own split, unless it also
     names one, which must match the store's).

@@ -1,9 +1,10 @@
 """The record reader a data config names, built from the locked schema's values.
 
-One factory for the image-caption readers (``tfds``, ``webdataset``, ``manifest``,
+One factory for the image-caption readers (``tfds``, ``webdataset``, ``manifest``, ``parquet``,
 ``synthetic_shapes``), used by training, evaluation, feature extraction and encoder selection.
 It lives apart from the readers themselves (:mod:`align_jax.data.sources`,
-:mod:`align_jax.data.webdataset`, :mod:`align_jax.data.synthetic_images`), which all build on
+:mod:`align_jax.data.webdataset`, :mod:`align_jax.data.parquet`,
+:mod:`align_jax.data.synthetic_images`), which all build on
 :mod:`align_jax.data.records`, so the module graph has no cycle.
 
 Every key a reader takes comes from the schema (:func:`align_jax.config.default_config`): a data
@@ -18,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from align_jax import config as config_lib
+from align_jax.data import parquet
 from align_jax.data import records
 from align_jax.data import sources
 from align_jax.data import synthetic_images
@@ -51,7 +53,8 @@ def _require(data: ml_collections.ConfigDict, key: str) -> Any:
 
 
 def make_reader(data_config: Any) -> records.RecordReader:
-  """The reader named by ``data_config.source``: tfds, webdataset, manifest or synthetic_shapes."""
+  """The reader named by ``data_config.source``: tfds, webdataset, manifest, parquet or
+  synthetic_shapes."""
   data = with_schema(data_config)
   source = data.source
   if source == "tfds":
@@ -66,9 +69,13 @@ def make_reader(data_config: Any) -> records.RecordReader:
     return sources.ManifestReader(
         _require(data, "path"), image_root=data.image_root, image_key=data.image_key or "image",
         caption_key=data.caption_key or "caption")
+  if source == "parquet":
+    return parquet.ParquetReader(
+        _require(data, "path"), image_root=data.image_root, image_key=data.image_key or "image",
+        caption_key=data.caption_key or "caption")
   if source == "synthetic_shapes":
     return synthetic_images.ShapesReader(split=data.split, num_records=int(data.num_pairs),
                                          seed=int(data.data_seed))
-  raise ValueError(f"unknown data.source {source!r}; expected 'tfds', 'webdataset', 'manifest' or "
-                   "'synthetic_shapes' (stored features and the synthetic latent world are built "
-                   "by align_jax.data.features)")
+  raise ValueError(f"unknown data.source {source!r}; expected 'tfds', 'webdataset', 'manifest', "
+                   "'parquet' or 'synthetic_shapes' (stored features and the synthetic latent "
+                   "world are built by align_jax.data.features)")

@@ -24,6 +24,11 @@ Two kinds of source, chosen by ``data.source``:
   ``class_names``). Paths are relative to ``data.image_root`` (default: the manifest's folder).
   With name labels and no ``class_names``, the classes are the sorted distinct names. For sets
   TFDS does not have (FGVC-Aircraft, Country211, ...).
+* ``parquet``: Parquet files as the Hugging Face Hub publishes classification sets
+  (``data.path``: a file, folder or glob; :mod:`align_jax.data.parquet`), an image column
+  (``data.image_key``) and a label column (``label_key``, default ``label``) of class indices or
+  names. Class names: ``class_names`` if given, else the ``ClassLabel`` names that ``datasets``
+  stores in the file's metadata (made readable as TFDS's are), else the sorted distinct names.
 
 Retrieval sets (image <-> text, :class:`align_jax.evaluate.evaluators.RetrievalEvaluator`) need
 no code here: COCO 5k (Karpathy test split) is ``data=dict(source="tfds", name="coco_captions",
@@ -41,6 +46,7 @@ import numpy as np
 
 from align_jax import storage
 from align_jax.data import manifest
+from align_jax.data import parquet
 from align_jax.data import records
 from align_jax.data import sources
 
@@ -244,8 +250,61 @@ class ManifestClassificationReader:
     return LabeledRecord(file, records.read_file(file), int(self.labels[index]))
 
 
+class ParquetClassificationReader:
+  """Labelled images of Parquet files: an image column and a label column (index or name).
+
+  The label column is read whole when the reader opens (a few bytes per image) and checked as a
+  manifest's labels are: a row without a usable label stops with a ValueError naming it.
+  """
+
+  def __init__(self, path: str | Sequence[str], *, image_root: str = "", image_key: str = "image",
+               label_key: str = "label", class_names: Sequence[str] | None = None):
+    self._image_key = image_key
+    self._table = parquet.ParquetTable(path, {image_key: "data.image_key",
+                                              label_key: "data.label_key"}, image_root=image_root)
+    self.name = self._table.name
+    if len(self._table) == 0:
+      raise ValueError(f"{self.name} has no rows (unreadable files: {self._table.index_skips}).")
+    raw = parquet.read_column(self._table.files, label_key)
+    names = None if class_names is None else load_class_names(class_names)
+    if names is None:
+      feature = parquet.huggingface_features(self._table.schema).get(label_key) or {}
+      stored = feature.get("names") if isinstance(feature, dict) else None
+      if stored:
+        names = [readable_class_name(str(n)) for n in stored]
+      elif any(not isinstance(label, str) for label in raw if label is not None):
+        raise ValueError(f"{self.name} has integer labels and its metadata names no classes; "
+                         "pass class_names (a list or a file with one name per line).")
+      else:
+        names = sorted({label for label in raw if label is not None})
+    index = {name: i for i, name in enumerate(names)}
+    labels = []
+    for row, label in enumerate(raw):
+      if isinstance(label, str):
+        if label not in index:
+          raise ValueError(f"{self.name}: label {label!r} of row {row} is not in class_names "
+                           f"({len(names)} names, first {names[:5]}).")
+        label = index[label]
+      if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(names):
+        raise ValueError(f"{self.name}: label {label!r} of row {row} must be a class name or an "
+                         f"index in [0, {len(names)}).")
+      labels.append(label)
+    self.class_names = names
+    self.labels = np.asarray(labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self._table)
+
+  def read(self, index: int) -> LabeledRecord:
+    file, _, _ = self._table.locate(index)
+    key, row = self._table.row(index)
+    return LabeledRecord(key, self._table.image(row[self._image_key], key, file),
+                         int(self.labels[index]))
+
+
 def make_classification_reader(data_config: Any, class_names: Sequence[str] | str | None = None):
-  """The reader ``data_config.source`` names ("tfds" or "manifest"), with its class names."""
+  """The reader ``data_config.source`` names ("tfds", "manifest" or "parquet"), with its class
+  names."""
   source = data_config.get("source")
   label_key = data_config.get("label_key") or "label"
   if source == "tfds":
@@ -267,5 +326,15 @@ def make_classification_reader(data_config: Any, class_names: Sequence[str] | st
         path, image_root=data_config.get("image_root") or "",
         image_key=data_config.get("image_key") or "image", label_key=label_key,
         class_names=class_names)
+  if source == "parquet":
+    path = data_config.get("path")
+    if not path:
+      raise ValueError("data.path is required for a Parquet classification set (.parquet files "
+                       "with an image and a label column).")
+    return ParquetClassificationReader(
+        path, image_root=data_config.get("image_root") or "",
+        image_key=data_config.get("image_key") or "image", label_key=label_key,
+        class_names=class_names)
   raise ValueError(f"zero-shot data.source is {source!r}; use 'tfds' (data.name, data.split, "
-                   "data.data_dir) or 'manifest' (data.path: image + label per row).")
+                   "data.data_dir), 'manifest' (data.path: image + label per row) or 'parquet' "
+                   "(data.path: Parquet files with image and label columns).")

@@ -3,7 +3,9 @@
 Both metrics reduce to one question per query: how many keys score *strictly* higher than the
 query's best correct key? A query counts as a hit at ``k`` when fewer than ``k`` keys do.
 
-- zero-shot top-k: queries are images, keys are class embeddings, the correct key is the label.
+- zero-shot top-k: queries are images, keys are class embeddings, the correct key is the label;
+  the top-1 hits are also counted per class, for the mean per-class recall (clip_benchmark's
+  ``mean_per_class_recall``).
 - retrieval image->text: queries are images, keys are texts, the correct keys are the image's
   captions (a hit if ANY caption is in the top ``k``, the COCO-5k / Flickr30k-1k protocol).
 - retrieval text->image: queries are texts, keys are images, the correct key is the text's image.
@@ -39,7 +41,8 @@ _PAD_ID = -1  # query id of padding rows; never equals a key owner, and masks th
 
 
 def _count_hits(queries: jax.Array, query_ids: jax.Array, keys: jax.Array,
-                key_owner: jax.Array, ks: tuple[int, ...]) -> jax.Array:
+                key_owner: jax.Array, ks: tuple[int, ...],
+                per_key: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Counts the queries of one block that are hits at each ``k`` in ``ks``.
 
   Args:
@@ -48,10 +51,12 @@ def _count_hits(queries: jax.Array, query_ids: jax.Array, keys: jax.Array,
     keys: [K, D] key embeddings.
     key_owner: [K] int32; key j is correct for every query whose id equals ``key_owner[j]``.
     ks: the cut-offs.
+    per_key: also count, for each key, the real queries it is correct for that are top-1 hits
+      (zero-shot: key j is class j, so these are the correctly classified images per class).
 
   Returns:
     [len(ks)] int32: for each k, the number of real queries with fewer than k keys scoring
-    strictly higher than their best correct key.
+    strictly higher than their best correct key; with ``per_key``, also the [K] int32 counts.
   """
   # HIGHEST: on TPU/GPU the default matmul precision is bf16-like, which would create ties
   # and flips that a float32 evaluation does not have.
@@ -62,13 +67,17 @@ def _count_hits(queries: jax.Array, query_ids: jax.Array, keys: jax.Array,
   n_above = jnp.sum(scores > best_correct[:, None], axis=1, dtype=jnp.int32)
   real = query_ids != _PAD_ID
   hits = (n_above[:, None] < jnp.asarray(ks, jnp.int32)[None, :]) & real[:, None]
-  return jnp.sum(hits, axis=0, dtype=jnp.int32)
+  counts = jnp.sum(hits, axis=0, dtype=jnp.int32)
+  if not per_key:
+    return counts
+  top1 = (n_above == 0) & real
+  return counts, jnp.sum(correct & top1[:, None], axis=0, dtype=jnp.int32)
 
 
 @functools.lru_cache(maxsize=32)
-def _block_fn(mesh: Mesh | None, ks: tuple[int, ...]):
+def _block_fn(mesh: Mesh | None, ks: tuple[int, ...], per_key: bool = False):
   """Returns the jitted per-block counter; with a mesh, rows are split over all its devices."""
-  count = functools.partial(_count_hits, ks=ks)
+  count = functools.partial(_count_hits, ks=ks, per_key=per_key)
   if mesh is None:
     return jax.jit(count)
   axes = tuple(mesh.axis_names)
@@ -77,8 +86,9 @@ def _block_fn(mesh: Mesh | None, ks: tuple[int, ...]):
     # Each device counts its rows; the psum makes the result identical on every device.
     return jax.lax.psum(count(queries, query_ids, keys, key_owner), axes)
 
+  out_specs = (P(), P()) if per_key else P()
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()),
-                               out_specs=P()))
+                               out_specs=out_specs))
 
 
 def _put(array: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
@@ -94,8 +104,9 @@ def _put(array: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
 
 def _hit_counts(queries: np.ndarray, query_ids: np.ndarray, keys: np.ndarray,
                 key_owner: np.ndarray, ks: tuple[int, ...], mesh: Mesh | None,
-                block_size: int) -> np.ndarray:
-  """Runs ``_count_hits`` over all queries block by block; returns int64 [len(ks)] totals."""
+                block_size: int, per_key: bool = False):
+  """Runs ``_count_hits`` over all queries block by block; returns int64 [len(ks)] totals
+  (with ``per_key``, also the int64 [K] top-1 hits per key)."""
   n = queries.shape[0]
   n_shards = 1 if mesh is None else mesh.size
   rows = min(block_size, n)
@@ -105,7 +116,7 @@ def _hit_counts(queries: np.ndarray, query_ids: np.ndarray, keys: np.ndarray,
   else:
     row_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     replicated = NamedSharding(mesh, P())
-  fn = _block_fn(mesh, ks)
+  fn = _block_fn(mesh, ks, per_key)
   keys_dev = _put(keys, replicated)
   owner_dev = _put(key_owner, replicated)
   partials = []
@@ -118,7 +129,10 @@ def _hit_counts(queries: np.ndarray, query_ids: np.ndarray, keys: np.ndarray,
       ids = np.concatenate([ids, np.full((pad,), _PAD_ID, ids.dtype)])
     # Dispatch is asynchronous: blocks queue up on the devices while the host slices the next.
     partials.append(fn(_put(block, row_sharding), _put(ids, row_sharding), keys_dev, owner_dev))
-  return np.sum(np.stack(jax.device_get(partials)), axis=0, dtype=np.int64)
+  partials = jax.device_get(partials)
+  if not per_key:
+    return np.sum(np.stack(partials), axis=0, dtype=np.int64)
+  return tuple(np.sum(np.stack(part), axis=0, dtype=np.int64) for part in zip(*partials))
 
 
 def _host(x) -> np.ndarray:
@@ -184,12 +198,17 @@ def _check_widths(a: np.ndarray, a_name: str, b: np.ndarray, b_name: str) -> Non
 
 
 def zero_shot_accuracy(image_emb, labels, class_emb, k: int | Sequence[int] = (1, 5), *,
-                       mesh: Mesh | None = None, block_size: int = 4096) -> dict[str, float]:
-  """Zero-shot top-k classification accuracy.
+                       mesh: Mesh | None = None, block_size: int = 4096,
+                       mean_per_class: bool = False) -> dict[str, float]:
+  """Zero-shot top-k classification accuracy (and the mean per-class recall).
 
   An image is correct at ``k`` when fewer than ``k`` classes score strictly higher than its
   true class (so a tie with the true class counts as correct, and any ``k`` above the number
   of classes gives 1.0). Scores are plain dot products: pass L2-normalised embeddings.
+
+  ``mean_per_class``: also ``mean_per_class_recall``, the top-1 accuracy of each class that has
+  images, averaged over those classes (classes weigh the same whatever their size: what
+  clip_benchmark reports, as scikit-learn's ``balanced_accuracy_score`` of the top-1 class).
 
   Args:
     image_emb: [N, D] image embeddings.
@@ -200,7 +219,8 @@ def zero_shot_accuracy(image_emb, labels, class_emb, k: int | Sequence[int] = (1
     block_size: images per block (rounded up to a multiple of the mesh's device count).
 
   Returns:
-    ``{"top{k}": accuracy}`` for each ``k``, as Python floats in [0, 1].
+    ``{"top{k}": accuracy}`` for each ``k`` (and ``"mean_per_class_recall"``), as Python floats
+    in [0, 1].
   """
   ks = cutoffs(k)
   _check_run_args(mesh, block_size)
@@ -209,8 +229,15 @@ def zero_shot_accuracy(image_emb, labels, class_emb, k: int | Sequence[int] = (1
   _check_widths(images, "image_emb", classes, "class_emb")
   ids = _ids(labels, "labels", images.shape[0], classes.shape[0], "the number of classes")
   owner = np.arange(classes.shape[0], dtype=np.int32)
-  hits = _hit_counts(images, ids, classes, owner, ks, mesh, block_size)
-  return {f"top{kk}": float(h) / images.shape[0] for kk, h in zip(ks, hits)}
+  if not mean_per_class:
+    hits = _hit_counts(images, ids, classes, owner, ks, mesh, block_size)
+    return {f"top{kk}": float(h) / images.shape[0] for kk, h in zip(ks, hits)}
+  hits, per_class = _hit_counts(images, ids, classes, owner, ks, mesh, block_size, per_key=True)
+  result = {f"top{kk}": float(h) / images.shape[0] for kk, h in zip(ks, hits)}
+  sizes = np.bincount(ids, minlength=classes.shape[0])
+  present = sizes > 0
+  result["mean_per_class_recall"] = float(np.mean(per_class[present] / sizes[present]))
+  return result
 
 
 def retrieval_recall(image_emb, text_emb, text_to_image, k: int | Sequence[int] = (1, 5, 10), *,

@@ -12,14 +12,26 @@ test) and COCO (5k Karpathy test). It prints one table with the numbers freeze-a
 beside the run's, one line per benchmark it did not find, and writes the table to
 ``RUN/suite_results.md`` and ``RUN/suite_results.json``.
 
+It also writes one JSON per benchmark in clip_benchmark's result format,
+``RUN/clip_benchmark/<dataset>.json`` (:func:`clip_benchmark_result`), so that ``clip_benchmark
+build RUN/clip_benchmark/*.json other_models/*.json`` puts the run in one CSV beside other models:
+``{"dataset", "model", "pretrained", "task", "metrics", "language"}`` with clip_benchmark's dataset
+names (``imagenet1k``, ``vtab/caltech101``, ``flickr30k``, ``mscoco_captions``, ...), tasks
+(``zeroshot_classification`` / ``zeroshot_retrieval``) and metric names (``acc1``, ``acc5``,
+``mean_per_class_recall``; ``image_retrieval_recall@k`` = text->image, ``text_retrieval_recall@k``
+= image->text). ``model`` is ``align_jax:<image encoder>+<text encoder>`` and ``pretrained``
+``<run folder>@<step>``, unless ``--model_name`` / ``--pretrained_name`` say otherwise.
+
 Where a benchmark's data is looked for, first match wins:
 
-* ``--manifests=DIR``: ``DIR/<key>.jsonl`` or ``DIR/<key>.csv`` (``key`` as in :data:`BENCHMARKS`:
-  ``imagenet``, ``pets``, ``aircraft``, ``ucf101``, ``flickr30k``, ...). Classification rows are
-  ``{"image": path, "label": class name or index}``, retrieval rows ``{"image": path,
-  "caption": [captions]}``, paths relative to the manifest (the formats of
-  :mod:`align_jax.evaluate.datasets` and :mod:`align_jax.data.sources`). FGVC-Aircraft, UCF101
-  (mid-video frames) and Flickr30k have no TFDS image builder: they come only from here.
+* ``--manifests=DIR``: ``DIR/<key>.jsonl``, ``DIR/<key>.csv`` or ``DIR/<key>.parquet`` (``key`` as
+  in :data:`BENCHMARKS`: ``imagenet``, ``pets``, ``aircraft``, ``ucf101``, ``flickr30k``, ...).
+  Classification rows are ``{"image": path, "label": class name or index}``, retrieval rows
+  ``{"image": path, "caption": [captions]}``, paths relative to the manifest (the formats of
+  :mod:`align_jax.evaluate.datasets` and :mod:`align_jax.data.sources`); a Parquet file (as the
+  Hugging Face Hub publishes these sets) has the same columns, its images as bytes or paths
+  (:mod:`align_jax.data.parquet`). FGVC-Aircraft, UCF101 (mid-video frames) and Flickr30k have no
+  TFDS image builder: they come only from here.
 * ``--data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``): the TFDS builder of
   the benchmark (``imagenet2012``, ``oxford_iiit_pet``, ``eurosat/rgb``, ``coco_captions``, ...)
   prepared there as ``array_record`` (``tfds build NAME --data_dir=DIR
@@ -67,6 +79,8 @@ IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                      "imagenet_classes.txt")
 RESULTS_JSON = "suite_results.json"
 RESULTS_MD = "suite_results.md"
+CLIP_BENCHMARK_DIR = "clip_benchmark"  # RUN/clip_benchmark/<dataset>.json, one per benchmark
+CLIP_BENCHMARK_TASKS = {"zero_shot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 PAPER = "freeze-align"  # Maniparambil et al., CVPR 2025 (arXiv 2409.19425)
 
 ZERO_SHOT, RETRIEVAL = "zero_shot", "retrieval"
@@ -89,6 +103,8 @@ class Benchmark:
     class_names: a class-name file shipped with align_jax ("" = the dataset's own names).
     paper: (metric, value in %) that freeze-align reported; absent metrics print "n/a".
     split, image_key, caption_key: retrieval through TFDS: the split and feature paths.
+    clip_benchmark: the dataset's name in clip_benchmark (its ``--dataset``), which its ``build``
+      command and result tables group by.
   """
   key: str
   title: str
@@ -100,29 +116,38 @@ class Benchmark:
   split: str = ""
   image_key: str = "image"
   caption_key: str = ""
+  clip_benchmark: str = ""
 
 
 # freeze-align's numbers as /work/shared/RECIPES.md quotes them from the paper; the paper's other
 # per-dataset numbers are not quoted there, so they print as "n/a" rather than from memory.
+# clip_benchmark names: its torchvision sets where their test split is TFDS's (pets, cars,
+# flowers, food101, dtd, sun397, eurosat), its VTAB (TFDS) ones otherwise; it has no UCF101.
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("imagenet", "ImageNet-1k", tfds="imagenet2012", class_names=IMAGENET_CLASSES_FILE,
-              paper=(("top1", 76.3),)),
-    Benchmark("imagenet_v2", "ImageNet-V2", tfds="imagenet_v2", class_names=IMAGENET_CLASSES_FILE),
-    Benchmark("caltech101", "Caltech-101", tfds="caltech101", templates="caltech101"),
-    Benchmark("pets", "Oxford Pets", tfds="oxford_iiit_pet", templates="pets"),
-    Benchmark("cars", "Stanford Cars", tfds="cars196", templates="cars"),
-    Benchmark("flowers", "Flowers-102", tfds="oxford_flowers102", templates="flowers"),
-    Benchmark("food101", "Food-101", tfds="food101", templates="food"),
-    Benchmark("aircraft", "FGVC-Aircraft", templates="aircraft"),
-    Benchmark("sun397", "SUN397", tfds="sun397", templates="sun397"),
-    Benchmark("dtd", "DTD", tfds="dtd", templates="dtd"),
-    Benchmark("cub", "CUB-200", tfds="caltech_birds2011", templates="birds"),
-    Benchmark("eurosat", "EuroSAT", tfds="eurosat", templates="eurosat"),
-    Benchmark("ucf101", "UCF101", templates="ucf101"),
+              paper=(("top1", 76.3),), clip_benchmark="imagenet1k"),
+    Benchmark("imagenet_v2", "ImageNet-V2", tfds="imagenet_v2", class_names=IMAGENET_CLASSES_FILE,
+              clip_benchmark="imagenetv2"),
+    Benchmark("caltech101", "Caltech-101", tfds="caltech101", templates="caltech101",
+              clip_benchmark="vtab/caltech101"),
+    Benchmark("pets", "Oxford Pets", tfds="oxford_iiit_pet", templates="pets",
+              clip_benchmark="pets"),
+    Benchmark("cars", "Stanford Cars", tfds="cars196", templates="cars", clip_benchmark="cars"),
+    Benchmark("flowers", "Flowers-102", tfds="oxford_flowers102", templates="flowers",
+              clip_benchmark="flowers"),
+    Benchmark("food101", "Food-101", tfds="food101", templates="food", clip_benchmark="food101"),
+    Benchmark("aircraft", "FGVC-Aircraft", templates="aircraft", clip_benchmark="fgvc_aircraft"),
+    Benchmark("sun397", "SUN397", tfds="sun397", templates="sun397", clip_benchmark="sun397"),
+    Benchmark("dtd", "DTD", tfds="dtd", templates="dtd", clip_benchmark="dtd"),
+    Benchmark("cub", "CUB-200", tfds="caltech_birds2011", templates="birds",
+              clip_benchmark="vtab/cub"),
+    Benchmark("eurosat", "EuroSAT", tfds="eurosat", templates="eurosat", clip_benchmark="eurosat"),
+    Benchmark("ucf101", "UCF101", templates="ucf101", clip_benchmark="ucf101"),
     Benchmark("flickr30k", "Flickr30k (1k test)", task=RETRIEVAL,
-              paper=(("i2t@1", 87.5), ("t2i@1", 74.1))),
+              paper=(("i2t@1", 87.5), ("t2i@1", 74.1)), clip_benchmark="flickr30k"),
     Benchmark("coco", "COCO (5k test)", task=RETRIEVAL, tfds="coco_captions", split="test",
-              caption_key="captions/text", paper=(("i2t@1", 60.1), ("t2i@1", 45.1))),
+              caption_key="captions/text", paper=(("i2t@1", 60.1), ("t2i@1", 45.1)),
+              clip_benchmark="mscoco_captions"),
 )
 BY_KEY = {b.key: b for b in BENCHMARKS}
 
@@ -142,11 +167,13 @@ def _first_file(folders: Sequence[str], names: Sequence[str]) -> str:
 
 def locate(benchmark: Benchmark, data_dir: str, manifests: str) -> tuple[dict | None, str]:
   """(``data`` overrides for its evaluator, "") where the benchmark's data is; (None, why not)."""
-  manifest = _first_file([manifests], [benchmark.key + ".jsonl", benchmark.key + ".csv"])
+  manifest = _first_file([manifests], [benchmark.key + ext for ext in (".jsonl", ".csv",
+                                                                       ".parquet")])
   if manifest:
     keys = ({"label_key": "label"} if benchmark.task == ZERO_SHOT else {"caption_key": "caption"})
-    return dict(source="manifest", path=manifest, image_root="", image_key="image", **keys), ""
-  looked = [f"{benchmark.key}.jsonl / .csv in {manifests}"] if manifests else []
+    source = "parquet" if manifest.endswith(".parquet") else "manifest"
+    return dict(source=source, path=manifest, image_root="", image_key="image", **keys), ""
+  looked = [f"{benchmark.key}.jsonl / .csv / .parquet in {manifests}"] if manifests else []
   builder = benchmark.tfds
   if builder:
     entry = datasets.SUITE.get(builder) if benchmark.task == ZERO_SHOT else None
@@ -220,10 +247,54 @@ def _evaluate(benchmark: Benchmark, evaluator, run) -> tuple[dict[str, float], s
   image, text, text_to_image = evaluator.embeddings(run.params, run.frozen)
   values = metrics.retrieval_recall(image, text, text_to_image, k=evaluator.ks, mesh=run.mesh)
   data = evaluator.data
-  where = (f"manifest {data.path}" if data.source == "manifest"
+  where = (f"{data.source} {data.path}" if data.source in ("manifest", "parquet")
            else f"tfds {data.name}[{data.split}]")
   return {k: float(v) for k, v in values.items()}, (f"{where}: {len(image):,} images, "
                                                      f"{len(text):,} captions")
+
+
+def clip_benchmark_result(benchmark: Benchmark, values: dict[str, float], *, model: str,
+                          pretrained: str, num_classes: int = 0, language: str = "en") -> dict:
+  """One benchmark's result as clip_benchmark's ``eval`` writes it (its ``--output`` JSON).
+
+  Args:
+    benchmark: the benchmark (its clip_benchmark dataset name and task).
+    values: the evaluator's metrics: ``top1``, ``top5``, ``mean_per_class_recall`` (zero-shot)
+      or ``i2t@k`` / ``t2i@k`` (retrieval).
+    model, pretrained: what clip_benchmark's ``build`` joins into ``model_fullname``.
+    num_classes: zero-shot: below 5 classes ``acc5`` is NaN, as clip_benchmark writes it.
+    language: of the class names, prompts and captions.
+
+  Returns:
+    ``{"dataset", "model", "pretrained", "task", "metrics", "language"}``. Retrieval metrics are
+    named by what is retrieved: ``image_retrieval_recall@k`` is text->image (``t2i@k``),
+    ``text_retrieval_recall@k`` image->text (``i2t@k``).
+  """
+  if benchmark.task == ZERO_SHOT:
+    metrics = {"acc1": values["top1"],
+               "acc5": values["top5"] if num_classes >= 5 else float("nan"),
+               "mean_per_class_recall": values["mean_per_class_recall"]}
+  else:
+    ks = sorted(int(key.split("@")[1]) for key in values if key.startswith("t2i@"))
+    metrics = {}
+    for k in ks:
+      metrics[f"image_retrieval_recall@{k}"] = values[f"t2i@{k}"]
+      metrics[f"text_retrieval_recall@{k}"] = values[f"i2t@{k}"]
+  return {"dataset": benchmark.clip_benchmark, "model": model, "pretrained": pretrained,
+          "task": CLIP_BENCHMARK_TASKS[benchmark.task], "metrics": metrics, "language": language}
+
+
+def clip_benchmark_path(workdir: str, benchmark: Benchmark) -> str:
+  """``WORKDIR/clip_benchmark/<dataset>.json`` ('/' in the dataset name becomes '_')."""
+  return storage.join(workdir, CLIP_BENCHMARK_DIR,
+                      benchmark.clip_benchmark.replace("/", "_") + ".json")
+
+
+def default_model_names(config, workdir: str, step: int) -> tuple[str, str]:
+  """(``model``, ``pretrained``) for clip_benchmark: the encoders, and the run and step."""
+  towers = "+".join(storage.basename(str(config.model[tower]))
+                    for tower in ("image_encoder", "text_encoder"))
+  return f"align_jax:{towers}", f"{storage.basename(storage.normalize(workdir))}@{step}"
 
 
 # Exceptions that mean "this benchmark's data or prompts are unusable", reported per benchmark;
@@ -233,8 +304,8 @@ _DATA_ERRORS = (ValueError, OSError, ImportError, NotImplementedError)
 
 def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts: str = "",
               step: int | None = None, only: Sequence[str] = (), templates: str = "",
-              batch_size: int = 1024, mesh=None,
-              echo: Callable[[str], None] = print) -> dict:
+              batch_size: int = 1024, mesh=None, model_name: str = "",
+              pretrained_name: str = "", echo: Callable[[str], None] = print) -> dict:
   """Evaluates a run on every benchmark found; prints and writes the table (see module doc).
 
   Args:
@@ -247,11 +318,14 @@ def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts:
     templates: a :data:`TEMPLATES` name used for every classification set ("" = each its own).
     batch_size: global batch for embedding images and texts.
     mesh: defaults to the one the run's ``config.mesh`` describes over all devices.
+    model_name, pretrained_name: clip_benchmark's ``model`` / ``pretrained`` in the per-benchmark
+      JSON files ("" = :func:`default_model_names`).
     echo: where the skip lines and the table go (process 0 only).
 
   Returns:
     The report written to ``suite_results.json``: ``{"workdir", "step", "checkpoint", "rows",
-    "results" (key -> metric -> value, fractions), "skipped" / "errors" (key -> reason)}``.
+    "results" (key -> metric -> value, fractions), "skipped" / "errors" (key -> reason),
+    "clip_benchmark" (key -> path of its clip_benchmark JSON)}``.
 
   Raises:
     ValueError / FileNotFoundError: bad flags, no run, or no benchmark found at all.
@@ -316,7 +390,9 @@ def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts:
         message += f" For the suite: a {key}_classes.txt in --prompts or --manifests."
       errors[key] = message
       say(f"error in {benchmark.title} ({key}): {message}")
-  rows, results = [], {}
+  rows, results, clip_results = [], {}, {}
+  defaults = default_model_names(config, workdir, run.step)
+  model_name, pretrained_name = model_name or defaults[0], pretrained_name or defaults[1]
   for key, evaluator in built.items():
     benchmark, start = BY_KEY[key], time.time()
     try:
@@ -329,14 +405,24 @@ def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts:
                 " ".join(f"{k}={v:.4f}" for k, v in values.items()), time.time() - start)
     results[key] = values
     rows += _rows(benchmark, values, data)
+    clip_results[key] = clip_benchmark_result(
+        benchmark, values, model=model_name, pretrained=pretrained_name,
+        num_classes=len(getattr(evaluator, "class_names", ())))
+  paths = {key: clip_benchmark_path(workdir, BY_KEY[key]) for key in clip_results}
   report = {"workdir": workdir, "step": run.step, "checkpoint": run.checkpoint, "paper": PAPER,
-            "rows": rows, "results": results, "skipped": skipped, "errors": errors}
+            "rows": rows, "results": results, "skipped": skipped, "errors": errors,
+            "clip_benchmark": paths}
   text = table(rows)
   if jax.process_index() == 0:
+    for key, result in clip_results.items():
+      storage.write_text(paths[key], json.dumps(result) + "\n")
     storage.write_text(storage.join(workdir, RESULTS_JSON), json.dumps(report, indent=2) + "\n")
     storage.write_text(storage.join(workdir, RESULTS_MD),
                        f"# Evaluation suite: {workdir}, step {run.step}\n\n{text}\n")
   say(f"{workdir}: step {run.step} ({run.checkpoint})\n{text}")
+  if paths:
+    say(f"clip_benchmark results ({len(paths)}): {storage.join(workdir, CLIP_BENCHMARK_DIR)}/"
+        "*.json (combine with `clip_benchmark build FILES --output=benchmark.csv`)")
   return report
 
 
@@ -358,6 +444,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--templates", default="", help="one template set for every "
                       "classification set, e.g. simple (default: each dataset's CLIP set)")
   parser.add_argument("--batch_size", type=int, default=1024, help="global embedding batch")
+  parser.add_argument("--model_name", default="", help="'model' in the clip_benchmark JSON files "
+                      "(default: align_jax:<image encoder>+<text encoder>)")
+  parser.add_argument("--pretrained_name", default="", help="'pretrained' in the clip_benchmark "
+                      "JSON files (default: <run folder>@<step>)")
   distributed.add_arguments(parser)
   return parser.parse_args(argv)
 
@@ -371,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     report = run_suite(args.workdir, data_dir=args.data_dir, manifests=args.manifests,
                        prompts=args.prompts, step=args.step, only=only,
-                       templates=args.templates, batch_size=args.batch_size)
+                       templates=args.templates, batch_size=args.batch_size,
+                       model_name=args.model_name, pretrained_name=args.pretrained_name)
   except (ValueError, OSError) as error:
     sys.exit(f"error: {error}")
   return 1 if report["errors"] else 0

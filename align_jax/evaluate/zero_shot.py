@@ -13,7 +13,9 @@ Config (an entry of ``config.evals``)::
 
 writes ``{prefix}{name}_top{k}`` for each ``k`` (here ``eval/imagenet_top1``,
 ``eval/imagenet_top5``): the fraction of images whose label is among the ``k`` classes most
-similar to the image, ties counted in the image's favour (:func:`metrics.zero_shot_accuracy`).
+similar to the image, ties counted in the image's favour (:func:`metrics.zero_shot_accuracy`);
+and ``{prefix}{name}_mean_per_class_recall``: the top-1 accuracy of each class, averaged over the
+classes (which weighs small classes as much as large ones; clip_benchmark reports it).
 
 ``data`` overrides ``config.data`` (decode limits, threads, ``data_dir``); when it names no
 ``split``, a builder of :data:`datasets.SUITE` uses its evaluation split. Each image is decoded and
@@ -147,5 +149,6 @@ class ZeroShotEvaluator:
     images, labels = self.image_embeddings(params, frozen)
     classes = self.class_embeddings(params, frozen)
     self._skips.summary(f"zero-shot {self.name}")
-    accuracy = metrics.zero_shot_accuracy(images, labels, classes, k=self.ks, mesh=self.mesh)
+    accuracy = metrics.zero_shot_accuracy(images, labels, classes, k=self.ks, mesh=self.mesh,
+                                          mean_per_class=True)
     return {f"{self.prefix}{self.name}_{key}": value for key, value in accuracy.items()}
