@@ -269,9 +269,8 @@ def initialize(values: Any = None, identity: tuple | None = None) -> bool:
   try:
     if settings.coordinator_address is not None and settings.num_processes is not None:
       me = run_guard.Identity(workdir, config_hash, settings.num_processes, settings.process_id)
-      port = int(settings.coordinator_address.rpartition(":")[2])
-      run_id = (run_guard.accept_members(port, me, settings.timeout) if settings.process_id == 0
-                else run_guard.join(settings.coordinator_address, me, settings.timeout))
+      run_id = (run_guard.accept_members if settings.process_id == 0 else run_guard.join)(
+          settings.coordinator_address, me, settings.timeout)
     threading.Thread(target=watchdog, name="align_jax-distributed-watchdog", daemon=True).start()
     jax.distributed.initialize(
         coordinator_address=settings.coordinator_address, num_processes=settings.num_processes,

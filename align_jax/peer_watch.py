@@ -104,7 +104,8 @@ class PeerWatch:
         end = self._ended.get(peer)
         if end is not None and end != "ok":
           return f"process {peer} of {self.num_processes} stopped: {end}"
-        if end is None and now - since > self.timeout:
+        # judged on reads that succeeded: with the store unreachable, the store is what is lost
+        if end is None and self._store_ok - since > self.timeout:
           return (f"lost process {peer} of {self.num_processes} (no sign of life for "
                   f"{self.timeout:g} s)")
     return None

@@ -110,19 +110,20 @@ def _listen(port: int) -> socket.socket:
   raise OSError(f"cannot listen on port {port}")
 
 
-def accept_members(port: int, identity: Identity, timeout: float) -> str:
-  """Process 0: holds the coordinator port until every other process has shown its identity.
+def accept_members(address: str, identity: Identity, timeout: float) -> str:
+  """Process 0: holds the coordinator's port until every other process has shown its identity.
 
   Returns the run id sent to every process. Raises :class:`RunGuardError` when the port is taken,
   when a process of this launch disagrees (both sides stop), or at the deadline.
   """
+  port = int(address.rpartition(":")[2])
   try:
     server = _listen(port)
   except OSError as error:
     raise RunGuardError(
-        f"process 0 cannot listen on coordinator port {port} ({error.strerror or error}): another "
-        "run (or program) uses it; pick a free port for --coordinator_address, the same on every "
-        "process") from None
+        f"--coordinator_address={address}: process 0 cannot listen on port {port} "
+        f"({error.strerror or error}): another run (or program) uses it; pick a free port, the "
+        "same on every process") from None
   run_id = os.urandom(6).hex()
   waiting: dict[int, socket.socket] = {}  # accepted processes, answered once all have come
   deadline = time.time() + timeout
@@ -140,12 +141,11 @@ def accept_members(port: int, identity: Identity, timeout: float) -> str:
         try:
           conn, _ = server.accept()
         except socket.timeout:
-          missing = sorted(set(range(1, identity.num_processes)) - set(waiting))
+          num = identity.num_processes
           raise stop_all(
-              f"process(es) {', '.join(map(str, missing))} of --num_processes="
-              f"{identity.num_processes} did not connect to port {port} within "
-              f"{timeout:.0f} s; start every --process_id with the same --coordinator_address"
-          ) from None
+              f"not all --num_processes={num} processes connected to --coordinator_address="
+              f"{address} within --initialization_timeout={timeout:g} s; start every "
+              f"--process_id 0..{num - 1} with the same address") from None
         try:
           hello = json.loads(_read_line(conn, min(deadline, time.time() + 10)))
           theirs = hello["identity"]
@@ -199,8 +199,9 @@ def join(address: str, identity: Identity, timeout: float) -> str:
     except (ConnectionRefusedError, socket.timeout, ConnectionResetError):
       if time.time() > deadline:
         raise RunGuardError(
-            f"nothing answered at --coordinator_address={address} within {timeout:.0f} s; start "
-            "process 0 (--process_id=0) on that host with the same address and port") from None
+            f"--coordinator_address={address}: nothing answered there within "
+            f"--initialization_timeout={timeout:g} s; start process 0 (--process_id=0) on that "
+            "host, with the same address and port") from None
       time.sleep(_RETRY_SECONDS)
       continue
     except OSError as error:
