@@ -57,7 +57,14 @@ def run_absl(main: Callable, module_name: str, *, define_flags: Callable | None 
   list_flags_in_help(module_name)
   if log_messages:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-  app.run(main, **({"flags_parser": flags_parser} if flags_parser else {}))
+
+  def main_then_finish(argv):
+    result = main(argv)
+    from align_jax import peer_watch
+    peer_watch.finish()  # multi-process: the others stop watching this process, which ends well
+    return result
+
+  app.run(main_then_finish, **({"flags_parser": flags_parser} if flags_parser else {}))
 
 
 def usage() -> str:

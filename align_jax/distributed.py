@@ -19,11 +19,23 @@ the connection: jax aborts the process with a C++ stack trace when the coordinat
 answer or not every process joins in time, so a watchdog thread reports that in one line a
 moment earlier and exits instead. On a CPU backend, processes exchange collectives through gloo
 (selected here, as jax needs it set before the backend starts).
+
+The rules that keep a multi-process run from hanging or mixing with another run:
+
+* one coordinator port, one run: :mod:`align_jax.run_guard` holds the port before jax does, and
+  every process shows process 0 its workdir, config hash and process count;
+* collective programs are launched from the main thread only, in the same order on every
+  process: orbax's barriers go through the coordinator's key-value store
+  (:func:`_orbax_barriers_through_coordinator`), and on XLA:CPU one program runs at a time
+  (:func:`one_program_at_a_time`);
+* a lost peer is noticed within ``--peer_timeout`` seconds, in one line (:mod:`align_jax.peer_watch`).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -34,6 +46,8 @@ from typing import Any, Callable
 
 from absl import flags
 
+from align_jax import peer_watch, run_guard
+
 logger = logging.getLogger("align_jax")
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize itself
@@ -42,7 +56,7 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 DEFAULT_TIMEOUT = 300  # seconds; jax.distributed.initialize's own default
 _WATCHDOG_MARGIN = 5  # seconds jax's own timeout is set beyond ours, so ours fires first
 _FLAG_NAMES = ("distributed", "coordinator_address", "num_processes", "process_id",
-               "initialization_timeout")
+               "initialization_timeout", "peer_timeout")
 
 
 class DistributedError(ValueError):
@@ -72,10 +86,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("initialization_timeout", DEFAULT_TIMEOUT,
                        "Seconds to wait for the coordinator and every process to connect.",
                        flag_values=flag_values)
+  flags.DEFINE_integer("peer_timeout", peer_watch.DEFAULT_TIMEOUT,
+                       "Seconds without a sign of life before a lost process stops the others "
+                       "(one line naming it and the last checkpoint).", flag_values=flag_values)
 
 
 def add_arguments(parser) -> None:
-  """The same five options for an ``argparse`` entry point (``python -m align_jax.export``)."""
+  """The same six options for an ``argparse`` entry point (``python -m align_jax.export``)."""
   parser.add_argument("--distributed", action="store_true",
                       help="multi-process run: call jax.distributed.initialize() first")
   parser.add_argument("--coordinator_address", default=None,
@@ -86,6 +103,8 @@ def add_arguments(parser) -> None:
                       help=f"this process's index [{ENV_PROCESS_ID}]")
   parser.add_argument("--initialization_timeout", type=int, default=DEFAULT_TIMEOUT,
                       help="seconds to wait for every process to connect")
+  parser.add_argument("--peer_timeout", type=int, default=peer_watch.DEFAULT_TIMEOUT,
+                      help="seconds without a sign of life before a lost process stops the others")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +114,7 @@ class Settings:
   num_processes: int | None
   process_id: int | None
   timeout: int
+  peer_timeout: int = peer_watch.DEFAULT_TIMEOUT
 
 
 def _env_int(environ, name: str, flag: str) -> int | None:
@@ -122,6 +142,8 @@ def settings_from(values: Any, environ=None) -> Settings | None:
   pid = _env_int(environ, ENV_PROCESS_ID, "process_id") if pid is None else pid
   timeout = given["initialization_timeout"]
   timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+  peer_timeout = given["peer_timeout"]
+  peer_timeout = peer_watch.DEFAULT_TIMEOUT if peer_timeout is None else peer_timeout
 
   if address is not None:
     host, _, port = address.rpartition(":")
@@ -137,13 +159,15 @@ def settings_from(values: Any, environ=None) -> Settings | None:
                            f"got {pid}")
   if timeout < 1:
     raise DistributedError(f"--initialization_timeout must be at least 1 second, got {timeout}")
+  if peer_timeout < 2:
+    raise DistributedError(f"--peer_timeout must be at least 2 seconds, got {peer_timeout}")
   if given["coordinator_address"] is not None:  # given by hand: so must the other two be
     for name, value in (("num_processes", num), ("process_id", pid)):
       if value is None:
         raise DistributedError(
             f"--{name} is required with --coordinator_address (or set "
             f"{ENV_NUM_PROCESSES if name == 'num_processes' else ENV_PROCESS_ID})")
-  return Settings(address, num, pid, timeout)
+  return Settings(address, num, pid, timeout, peer_timeout)
 
 
 def _answers(address: str, timeout: float = 1.0) -> bool:
@@ -154,19 +178,6 @@ def _answers(address: str, timeout: float = 1.0) -> bool:
       return True
   except OSError:
     return False
-
-
-def _check_port_free(address: str) -> None:
-  """Process 0 binds the coordinator on every interface at the address's port."""
-  port = int(address.rpartition(":")[2])
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      probe.bind(("", port))
-    except OSError as error:
-      raise DistributedError(
-          f"--coordinator_address={address}: process 0 cannot listen on port {port} "
-          f"({error.strerror}); pick a free port, the same on every process") from None
 
 
 def _timeout_message(settings: Settings) -> str:
@@ -189,12 +200,53 @@ def _exit(message: str) -> None:
   os._exit(1)  # pylint: disable=protected-access  (jax's C++ client would abort with a trace)
 
 
-def initialize(values: Any = None) -> bool:
+def command_identity(workdir: str = "", config_text: str | None = None, mode: str = "") -> tuple:
+  """(workdir, config hash) of this command, for the check that every process runs the same.
+
+  Without ``config_text``, the hash covers the command line minus the per-process flags.
+  """
+  if config_text is None:
+    per_process = ("--process_id", "--coordinator_address")
+    config_text = " ".join(a for a in sys.argv[1:] if not a.startswith(per_process))
+  return workdir, run_guard.config_hash(config_text, mode)
+
+
+def one_program_at_a_time() -> bool:
+  """Whether programs with collectives must run one after another, not overlap.
+
+  XLA:CPU runs programs that do not depend on each other concurrently, and its gloo collectives
+  all use one tag (xla/backends/cpu/collectives/gloo_communicator.cc); with several processes,
+  two programs in flight at once can take each other's messages and deadlock. The train loop
+  waits for each step there (a few ms); TPU and GPU runtimes order programs per device.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
+def _orbax_barriers_through_coordinator() -> None:
+  """Orbax's barriers by default are jitted collectives, run from its background save thread
+  while the main thread runs the step: programs launched in different orders on different
+  processes, which hung 2-process runs (2026-12-06). Its distributed-client barrier (the
+  coordination service's key-value store) launches no device program."""
+  import orbax.checkpoint  # pylint: disable=import-outside-toplevel,unused-import  (defines it)
+  name = "experimental_orbax_use_distributed_barrier"
+  if name not in flags.FLAGS:
+    return
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  flags.FLAGS[name].value = True
+
+
+def initialize(values: Any = None, identity: tuple | None = None) -> bool:
   """Starts this process's part of a multi-process run from the flags; returns whether it did.
 
   ``values``: parsed flags with the attributes of :func:`define_flags` (default: absl's FLAGS; an
-  argparse namespace works too). Raises :class:`DistributedError` (one line, naming the flag) for
-  a bad value; exits the process with one line when the processes do not connect in time.
+  argparse namespace works too). ``identity``: :func:`command_identity` of this command (default:
+  its command line). Before jax connects, process 0 holds the coordinator port and every
+  process shows it its identity (:mod:`align_jax.run_guard`); after, a watch notices a lost
+  peer (:mod:`align_jax.peer_watch`). Raises :class:`DistributedError` (one line, naming the
+  flag) for a bad value or a mismatch; exits the process with one line when the processes do
+  not connect in time.
   """
   settings = settings_from(flags.FLAGS if values is None else values)
   if settings is None:
@@ -204,8 +256,7 @@ def initialize(values: Any = None) -> bool:
   # TPU chips use their own (NCCL, ICI). Must be set before the backend is created.
   if jax.config.jax_cpu_collectives_implementation in (None, "gloo"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if settings.coordinator_address is not None and settings.process_id == 0:
-    _check_port_free(settings.coordinator_address)
+  workdir, config_hash = identity or command_identity()
 
   done = threading.Event()
   start = time.time()
@@ -214,12 +265,21 @@ def initialize(values: Any = None) -> bool:
     if not done.wait(settings.timeout):
       _exit(_timeout_message(settings))
 
-  threading.Thread(target=watchdog, name="align_jax-distributed-watchdog", daemon=True).start()
+  run_id = None
   try:
+    if settings.coordinator_address is not None and settings.num_processes is not None:
+      me = run_guard.Identity(workdir, config_hash, settings.num_processes, settings.process_id)
+      run_id = (run_guard.accept_members if settings.process_id == 0 else run_guard.join)(
+          settings.coordinator_address, me, settings.timeout)
+    threading.Thread(target=watchdog, name="align_jax-distributed-watchdog", daemon=True).start()
     jax.distributed.initialize(
         coordinator_address=settings.coordinator_address, num_processes=settings.num_processes,
         process_id=settings.process_id,
-        initialization_timeout=settings.timeout + _WATCHDOG_MARGIN)
+        initialization_timeout=settings.timeout + _WATCHDOG_MARGIN,
+        heartbeat_timeout_seconds=settings.peer_timeout + _WATCHDOG_MARGIN)
+    run_id = _agree_on_identity(workdir, config_hash, settings.num_processes, run_id)
+  except run_guard.RunGuardError as error:
+    raise DistributedError(str(error)) from None
   except ValueError as error:  # jax found no cluster to fill in a missing value
     text = str(error)
     missing = next((flag for key, flag in (("coordinator_address should", "coordinator_address"),
@@ -235,16 +295,44 @@ def initialize(values: Any = None) -> bool:
     raise DistributedError(f"--distributed: {error}") from None
   finally:
     done.set()
-  logger.info("process %d of %d (connected in %.1f s), %d local / %d global devices",
-              jax.process_index(), jax.process_count(), time.time() - start,
+  _orbax_barriers_through_coordinator()
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    watch = peer_watch.start(jax_distributed.global_state.client, jax.process_index(),
+                             jax.process_count(), settings.peer_timeout, run_id)
+    atexit.register(watch.stop)  # runs before jax's own shutdown (registered earlier)
+  logger.info("process %d of %d (run %s, connected in %.1f s), %d local / %d global devices",
+              jax.process_index(), jax.process_count(), run_id, time.time() - start,
               jax.local_device_count(), jax.device_count())
   return True
 
 
-def initialize_or_exit(values: Any = None) -> bool:
+def _agree_on_identity(workdir: str, config_hash: str, num_processes: int | None,
+                       run_id: str | None) -> str:
+  """Every process compares its workdir, config hash and process count with process 0's (through
+  the coordinator's key-value store); a mismatch is a :class:`DistributedError`. Covers runs whose
+  cluster jax detected (no explicit address, so no :mod:`run_guard` step). Returns the run id."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  client = jax_distributed.global_state.client
+  mine = {"workdir": workdir, "config_hash": config_hash,
+          "num_processes": num_processes or jax.process_count(),
+          "run_id": run_id or ""}
+  if jax.process_index() == 0:
+    mine["run_id"] = mine["run_id"] or os.urandom(6).hex()
+    client.key_value_set("align_jax/identity", json.dumps(mine), allow_overwrite=True)
+    return mine["run_id"]
+  theirs = json.loads(client.blocking_key_value_get("align_jax/identity", 60_000))
+  problem = run_guard.mismatch({**mine, "process_id": jax.process_index()}, theirs, "process 0")
+  if problem is not None:
+    raise DistributedError(problem)
+  return theirs["run_id"]
+
+
+def initialize_or_exit(values: Any = None, identity: tuple | None = None) -> bool:
   """:func:`initialize`, with a bad setting as ``error: ...`` (exit status 1, no traceback)."""
   try:
-    return initialize(values)
+    return initialize(values, identity)
   except DistributedError as error:
     sys.exit(f"error: {error}")
 

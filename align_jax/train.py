@@ -28,7 +28,8 @@ from align_jax import checkpoint as checkpoint_lib
 from align_jax import config as config_lib
 from align_jax import feature_store
 from align_jax import interfaces
-from align_jax import loss_kinds, model as model_lib, optim, preemption, reporting, sharding
+from align_jax import distributed, loss_kinds, model as model_lib, optim, peer_watch, preemption
+from align_jax import reporting, sharding
 from align_jax import run_dir, step_builder, storage, variants
 from align_jax.data import factory as data_factory
 from align_jax.data import features as data_features
@@ -167,9 +168,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   pending: list[tuple[int, dict]] = []
   window_start, window_steps = time.time(), 0
   preempted_at = None
+
+  def last_checkpoint() -> str:  # for a lost peer's one line (align_jax.peer_watch)
+    saved = checkpointer.last_good if checkpointer.last_good is not None else start_step or None
+    return (f"the last checkpoint known complete is step {saved} ({checkpointer.step_path(saved)})"
+            if saved is not None else "no checkpoint was saved by this run yet")
+
+  peer_watch.set_progress(last_checkpoint)
+  one_at_a_time = distributed.one_program_at_a_time()
   with preemption.PreemptionWatch() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
       state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
+      if one_at_a_time:  # XLA:CPU, several processes: no second program while this one runs
+        jax.block_until_ready(metrics)
       checkpointer.check(collective=step % config.log_every == 0)  # a failed async save stops here
       pending.append((step, metrics))
       window_steps += 1

@@ -128,9 +128,12 @@ def main(argv):
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                       stream=sys.stdout, force=True)
   logging.getLogger("align_jax").setLevel(logging.INFO)  # orbax and absl stay at WARNING
-  distributed.initialize_or_exit()  # multi-process runs: before jax starts its backends
-  from align_jax import train
   config = load_config()
+  # Multi-process runs: before jax starts its backends; every process checks that the others run
+  # this same config, mode and workdir.
+  distributed.initialize_or_exit(identity=distributed.command_identity(
+      FLAGS.workdir, config.to_json_best_effort(sort_keys=True), FLAGS.mode))
+  from align_jax import peer_watch, train
   logging.getLogger("align_jax").info("config:\n%s", config)
   try:
     if FLAGS.mode == "extract_features":
@@ -142,7 +145,11 @@ def main(argv):
     else:
       train.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, OSError, FloatingPointError) as error:
+    peer_watch.fail(str(error))  # the other processes stop too, naming this error
     sys.exit(f"error: {error}")  # config, input and divergence errors: one line, no traceback
+  except Exception as error:  # pylint: disable=broad-except
+    peer_watch.explain(error)  # a lost peer broke a collective: one line, exit
+    raise
 
 
 def run() -> None:
