@@ -58,6 +58,7 @@ FeatureStoreError = feature_files.FeatureStoreError
 _DATA_KEYS = {"tfds": ("name", "data_dir", "image_key", "caption_key"),
               "webdataset": ("urls", "caption_key"),
               "manifest": ("path", "image_root", "image_key", "caption_key"),
+              "parquet": ("path", "image_root", "image_key", "caption_key"),
               "synthetic_shapes": ("num_pairs", "data_seed")}
 
 
