@@ -124,10 +124,14 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
   steps = run_dir.steps(workdir)
   if not steps or steps[-1] < config.total_steps:
     return None
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))  # no "restored checkpoint" line: only the verdict
   try:
     run_dir.restore_params(workdir, steps[-1])  # reads and verifies it (small: the projectors)
   except Exception:  # pylint: disable=broad-except  # damaged in any way: not known complete
     return None
+  finally:
+    logger.setLevel(level)
   return steps[-1]
 
 
