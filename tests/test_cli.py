@@ -45,7 +45,8 @@ def test_bad_variant_and_missing_config_file(tmp_path):
   assert result.returncode != 0 and "unknown config variant 'stepz'" in result.stderr
   assert "Traceback" not in result.stderr
   result = _main("--config=configs/no_such_config.py", f"--workdir={tmp_path}")
-  assert result.returncode != 0 and "could not load --config" in result.stderr
+  assert result.returncode != 0 and "error: no config file 'configs/no_such_config.py'; give a " \
+      "path to a config .py file, or a packaged config by name: demo," in result.stderr
   assert "Traceback" not in result.stderr
 
 
