@@ -5,6 +5,7 @@
     align-jax extract_features --config=... --workdir=FEATS
     align-jax export --workdir=RUN --out=MODEL
     align-jax select ... | curate ... | eval_suite ... | aot ...
+    align-jax plot RUN                                                    # RUN/curves.png
 
 Each subcommand runs the module's own command line (``python -m align_jax.export`` and so on) with
 the remaining arguments, so flags, help and errors are the module's. Installed by ``pip install``
@@ -30,6 +31,7 @@ COMMANDS = {
     "select": ("align_jax.analysis.select", (), "rank encoder pairs by CKA / mutual k-NN"),
     "curate": ("align_jax.analysis.curate", (), "concept-balanced selection from a pool"),
     "aot": ("align_jax.aot", (), "compile the train step ahead of time for a TPU/GPU topology"),
+    "plot": ("align_jax.plotting", (), "draw a run's curves from metrics.jsonl into a PNG"),
 }
 
 

@@ -158,14 +158,25 @@ class MetricsWriter:
       self._tb.add(record["step"], scalars(record))
       self._tb.flush()
 
+  def start_clock(self, step: int) -> None:
+    """Times steps/s and the ETA from now, as if ``step`` had just finished.
+
+    The trainer calls it once the first step of a start has finished, so the compile time of the
+    step (seconds to minutes) is left out of the rate and the ETA.
+    """
+    self._last_time, self._last_step = time.time(), step
+
   def progress(self, step: int, metrics: dict) -> None:
-    """Console line: step, loss, steps/s and ETA."""
+    """Console line: step, loss, steps/s and ETA (from the steps after the first, compiled one)."""
     now = time.time()
+    shown = " ".join(f"{k.split('/')[-1]}={_to_python(v):.4g}" for k, v in metrics.items()
+                     if k in ("train/loss", "train/temperature", "train/scale", "train/grad_norm"))
+    if step == self._last_step:  # only the first step so far: its time is mostly compiling
+      logger.info("step %d/%d  %s  (first step, compiled)", step, self.total_steps, shown)
+      return
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, step
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
-    shown = " ".join(f"{k.split('/')[-1]}={_to_python(v):.4g}" for k, v in metrics.items()
-                     if k in ("train/loss", "train/temperature", "train/scale", "train/grad_norm"))
     logger.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self.total_steps, shown,
                 steps_per_sec, _format_seconds(eta))
 
@@ -173,6 +184,55 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _data_summary(data) -> str:
+  where = data.get("name") or data.get("path") or data.get("urls") or ""
+  return f"{data.source}" + (f" {where}" if where else "") + f"[{data.split}]"
+
+
+def config_summary(config, config_file: str | None = None) -> str:
+  """One console line of a run's key settings (the full config is in ``config.json``).
+
+  ``config_file``: where the full config is, named at the end of the line.
+  """
+  m = config.model
+  parts = [f"{config.total_steps} steps", f"batch {config.batch_size}", f"seed {config.seed}",
+           f"data {_data_summary(config.data)}",
+           f"image {m.image_encoder} ({m.image_pooling}) -> {m.image_projector}",
+           f"text {m.text_encoder} ({m.text_pooling}) -> {m.text_projector}",
+           f"embed {m.embed_dim}", f"loss {config.loss.name}",
+           f"lr {config.optim.learning_rate:g}",
+           f"mesh {tuple(config.mesh.shape)} over {tuple(config.mesh.axes)}"]
+  if config.evals:
+    parts.append("evals " + ", ".join(config.evals.keys()))
+  line = "config: " + "; ".join(parts)
+  return line + (f". Full config: {config_file}" if config_file else "")
+
+
+def count_parameters(params) -> int:
+  """Number of scalars in a parameter tree."""
+  return int(sum(math.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(params)))
+
+
+def parameters_line(params) -> str:
+  """``trainable parameters: 1,234,567 (image: ..., text: ..., logit: ...)``, one console line."""
+  parts = [f"{name}: {count_parameters(sub):,}" for name, sub in params.items()] if isinstance(
+      params, dict) else []
+  return f"trainable parameters: {count_parameters(params):,}" + (
+      f" ({', '.join(parts)})" if parts else "")
+
+
+def last_metrics(workdir: str) -> dict:
+  """The latest value of every key in ``WORKDIR/metrics.jsonl`` ({} without the file): what a
+  completed run's ``train_and_evaluate`` returns when it is run again."""
+  path = storage.join(workdir, METRICS_FILE)
+  if not storage.exists(path):
+    return {}
+  latest: dict = {}
+  for row, _ in parse_metrics(storage.read_bytes(path))[0]:
+    latest.update({k: v for k, v in row.items() if k != "step"})
+  return latest
 
 
 def _format_seconds(seconds: float) -> str:

@@ -119,12 +119,42 @@ def build_trainer(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
                  batch_sharding=step.batch_sharding, train_step=step.train_step)
 
 
+def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """The step of the run's newest checkpoint if it is at or after ``config.total_steps`` and
+  restores with matching checksums (the run is complete), else None.
+
+  A damaged final checkpoint gives None: the resume then reports it, moves it aside and trains
+  from the one before (align_jax.checkpoint).
+  """
+  steps = run_dir.steps(workdir)
+  if not steps or steps[-1] < config.total_steps:
+    return None
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))  # no "restored checkpoint" line: only the verdict
+  try:
+    run_dir.restore_params(workdir, steps[-1])  # reads and verifies it (small: the projectors)
+  except Exception:  # pylint: disable=broad-except  # damaged in any way: not known complete
+    return None
+  finally:
+    logger.setLevel(level)
+  return steps[-1]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns the last train and eval metrics.
 
-  ``mesh`` defaults to the one ``config.mesh`` describes over all devices.
+  ``mesh`` defaults to the one ``config.mesh`` describes over all devices. A run that is already
+  complete (a checkpoint at ``total_steps``) says so in one line and returns the last value of
+  every metric in its ``metrics.jsonl``, building nothing.
   """
   storage.check_writable(workdir)  # a bad bucket or path: one line now, not after the build
+  done = finished_step(config, workdir)
+  if done is not None:
+    logger.info("run complete: checkpoint step %d of %d in %s; metrics in %s (`align-jax plot %s` "
+                "draws them); raise --config.total_steps to train further", done,
+                config.total_steps, run_dir.checkpoints_dir(workdir),
+                storage.join(workdir, reporting.METRICS_FILE), workdir)
+    return reporting.last_metrics(workdir)
   # data.source=features: the store must match the config and the run (one line), and is recorded
   store_fingerprint = feature_store.check_training_store(config, workdir)
   if store_fingerprint is not None:
@@ -136,8 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   state, frozen, source = trainer.state, trainer.frozen, trainer.source
   if jax.process_index() == 0:  # the run's config, for evaluation, export and AlignedModel.load
     run_dir.write_config(workdir, config)
-  logger.info("trainable parameters:\n%s",
-              parameter_overview.get_parameter_overview(state.params, include_stats=False))
+  logger.info("%s", reporting.parameters_line(state.params))
+  logger.debug("trainable parameters:\n%s",
+               parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, every=config.checkpoint_every, keep=config.keep_checkpoints,
@@ -179,8 +210,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   with preemption.PreemptionWatch() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
       state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
-      if one_at_a_time:  # XLA:CPU, several processes: no second program while this one runs
+      # XLA:CPU with several processes: no second program while this one runs. The first step
+      # is waited for anyway: compiled and run once, the ETA is timed from there.
+      if one_at_a_time or step == start_step + 1:
         jax.block_until_ready(metrics)
+      if step == start_step + 1:
+        writer.start_clock(step)
       checkpointer.check(collective=step % config.log_every == 0)  # a failed async save stops here
       pending.append((step, metrics))
       window_steps += 1

@@ -7,8 +7,10 @@
     python main.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I  # per host
     align-jax train --config=configs/demo.py --workdir=/tmp/align_demo   # the same, once installed
 
-``--config`` is a Python file with ``get_config(arg)`` (the text after ``:`` selects a variant);
-``--config.key=value`` overrides any key, and an unknown key is rejected. Running the same command
+``--config`` is a Python file with ``get_config(arg)`` (the text after ``:`` selects a variant), or
+the name of a packaged one (``--config=demo``, ``--config=dinov2_roberta:batch=32768``;
+:mod:`align_jax.config_files`); ``--config.key=value`` overrides any key, and an unknown key is
+rejected. The console shows one line of the config's key settings (``--print_config``: all of it). Running the same command
 again resumes from the workdir's latest checkpoint. This module parses flags and turns errors into
 one line; all training logic lives in :mod:`align_jax.train`.
 """
@@ -22,11 +24,12 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from align_jax import cli, distributed
+from align_jax import cli, config_files, distributed
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config: a .py file, or a packaged config's name (demo, demo_online, "
+    "dinov2_roberta, dinov2_llm), then optionally :variant.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and TensorBoard.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate", "extract_features"],
                   "train: train (or resume) in --workdir. evaluate: run config.evals on the "
@@ -34,6 +37,8 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "extract_features"],
                   "extract_features: run the frozen encoders over config.data once and write a "
                   "feature store to --workdir.")
 flags.DEFINE_integer("step", None, "--mode=evaluate: the checkpoint step (default: latest).")
+flags.DEFINE_bool("print_config", False, "Print the whole config (default: one line of its key "
+                  "settings; the whole config is in WORKDIR/config.json).")
 distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
 flags.adopt_module_key_flags(distributed)  # ... listed by --help with main.py's own
 flags.mark_flags_as_required(["config", "workdir"])
@@ -83,8 +88,24 @@ def _unknown_key_message(error: BaseException, argv) -> str:
       f"; did you mean {suggestion!r}?" if suggestion else "")
 
 
+def resolve_config_names(argv: list[str]) -> list[str]:
+  """``argv`` with a packaged config's name in ``--config=NAME[:variant]`` (or ``--config NAME``)
+  replaced by its file's path (:func:`align_jax.config_files.resolve`); ValueError if neither."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + config_files.resolve(arg[len("--config="):])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = config_files.resolve(out[i + 1])
+  return out
+
+
 def parse_flags(argv):
   """absl's flag parsing, with config errors (unknown key, bad file, bad variant) as one line."""
+  try:
+    argv = resolve_config_names(argv)
+  except ValueError as error:
+    sys.exit(f"error: {error}")
   try:
     return FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-except
@@ -133,15 +154,30 @@ def main(argv):
   # this same config, mode and workdir.
   distributed.initialize_or_exit(identity=distributed.command_identity(
       FLAGS.workdir, config.to_json_best_effort(sort_keys=True), FLAGS.mode))
-  from align_jax import peer_watch, train
-  logging.getLogger("align_jax").info("config:\n%s", config)
+  import jax
+  if jax.process_index() != 0:  # info lines once, from process 0; warnings and errors from all
+    logging.getLogger("align_jax").setLevel(logging.WARNING)
+  from align_jax import peer_watch, reporting, run_dir, storage, train
+  logger = logging.getLogger("align_jax")
   try:
+    complete = False
+    if FLAGS.mode == "train":  # a complete run says so in one line, before any config output
+      storage.check_writable(FLAGS.workdir)
+      complete = train.finished_step(config, FLAGS.workdir) is not None
+    if not complete:
+      full = (storage.join(FLAGS.workdir, run_dir.CONFIG_FILE) if FLAGS.mode == "train"
+              else None)  # written by training; evaluate and extract_features read or keep theirs
+      logger.info("%s", reporting.config_summary(config, full) + (
+          "" if FLAGS.print_config else " (--print_config prints it all)"))
+      if FLAGS.print_config:
+        logger.info("config:\n%s", config)
     if FLAGS.mode == "extract_features":
       from align_jax import feature_store
       feature_store.extract_features(config, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
       from align_jax.evaluate import standalone
       standalone.evaluate_checkpoint(config, FLAGS.workdir, step=FLAGS.step)
+      logger.info("wrote %s", storage.join(FLAGS.workdir, standalone.RESULTS_FILE))
     else:
       train.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, OSError, FloatingPointError) as error:

@@ -45,7 +45,8 @@ def test_bad_variant_and_missing_config_file(tmp_path):
   assert result.returncode != 0 and "unknown config variant 'stepz'" in result.stderr
   assert "Traceback" not in result.stderr
   result = _main("--config=configs/no_such_config.py", f"--workdir={tmp_path}")
-  assert result.returncode != 0 and "could not load --config" in result.stderr
+  assert result.returncode != 0 and "error: no config file 'configs/no_such_config.py'; give a " \
+      "path to a config .py file, or a packaged config by name: demo," in result.stderr
   assert "Traceback" not in result.stderr
 
 
@@ -67,3 +68,65 @@ def test_console_command_rejects_an_unknown_subcommand():
   result = subprocess.run([sys.executable, "-m", "align_jax.cli", "fly"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "unknown command 'fly'; one of: train," in result.stderr
+
+
+def _cli(*args, cwd):
+  """``align-jax ARGS`` started in ``cwd`` (another folder than the clone), as an installed user."""
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.run([sys.executable, "-m", "align_jax.cli", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _info_lines(result):
+  return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.slow  # four runs of the command (~100 s on a 2-core CPU)
+def test_packaged_config_by_name_console_and_a_complete_run(tmp_path):
+  """From another folder: --config=demo:steps=2 trains; the console shows the config as one line
+  (+ the path of config.json); run again, it says in one line that the run is complete and exits
+  0; evaluate prints where eval_results.json is."""
+  workdir = tmp_path / "run"
+  result = _cli("train", "--config=demo:steps=2", "--config.log_every=1", f"--workdir={workdir}",
+                cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _info_lines(result)
+  config_lines = [line for line in lines if " config: " in line]
+  assert len(config_lines) == 1 and "2 steps; batch 512; seed 0; data synthetic[train]" in (
+      config_lines[0]) and f"Full config: {workdir}/config.json" in config_lines[0], lines
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 2
+  assert not any("ml_collections" in line or line.startswith("  ") for line in lines), lines
+  assert any("trainable parameters: " in line for line in lines)
+  step1 = next(line for line in lines if "step 1/2" in line)
+  assert "(first step, compiled)" in step1 and "ETA" not in step1  # compile time not in the ETA
+  assert "steps/s  ETA" in next(line for line in lines if "step 2/2" in line)
+  assert len(lines) <= 8, lines  # config, parameters, step-0 eval, 2 steps, final eval
+
+  again = _cli("train", "--config=demo:steps=2", f"--workdir={workdir}", cwd=tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  lines = _info_lines(again)
+  assert len(lines) == 1 and "run complete: checkpoint step 2 of 2 in " in lines[0], lines
+  assert f"metrics in {workdir}/metrics.jsonl" in lines[0]
+
+  evaluated = _cli("evaluate", "--config=demo:steps=2", f"--workdir={workdir}", cwd=tmp_path)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert _info_lines(evaluated)[-1].endswith(f"wrote {workdir}/eval_results.json")
+  assert json.loads((workdir / "eval_results.json").read_text())["step"] == 2
+
+  printed = _cli("evaluate", "--config=demo:steps=2", f"--workdir={workdir}", "--print_config",
+                 cwd=tmp_path)
+  assert printed.returncode == 0 and "config:\nasync_checkpointing: true" in printed.stdout
+
+
+def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
+  result = _cli("train", "--config=demoo", f"--workdir={tmp_path}", cwd=tmp_path)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.stderr.strip() == (
+      "error: no config file 'demoo'; give a path to a config .py file, or a packaged config by "
+      "name: demo, demo_online, dinov2_llm, dinov2_roberta (e.g. --config=demo, or "
+      "--config=NAME:variant)")
+  from align_jax import config_files
+  monkeypatch.chdir(tmp_path)  # where configs/demo.py is not
+  assert config_files.resolve("dinov2_roberta:batch=32768") == os.path.join(
+      REPO, "configs", "dinov2_roberta.py") + ":batch=32768"
+  assert config_files.resolve("configs/demo.py") == os.path.join(REPO, "configs", "demo.py")

@@ -57,3 +57,26 @@ def test_text_prototypes_and_bad_features(tmp_path):
   with pytest.raises(ValueError, match=r"expected \[8, D\] caption features"):
     curate.curate_pool(pool, str(tmp_path / "short.npy"), prototypes[:, :3], ["a", "b"], top_k=2,
                        quota=1, out=str(tmp_path / "x.jsonl"))
+
+
+def test_command_with_a_text_encoder_uses_its_length_limit_and_shows_a_bar(tmp_path):
+  """The tiny BERT has 64 positions: no --max_text_length -> 64 (77 crashed before); too many ->
+  one line. The progress bar counts scored captions against the pool's total."""
+  pool = _pool(tmp_path)
+  bert = tiny.make_tiny_bert(str(tmp_path / "bert"), save_format="flax")
+  np.save(tmp_path / "feats32.npy", np.random.default_rng(0).normal(size=(8, 32)).astype("f4"))
+  base = [sys.executable, "-m", "align_jax.cli", "curate", f"--pool={pool}",
+          f"--features={tmp_path / 'feats32.npy'}", f"--concepts={tmp_path / 'concepts.txt'}",
+          f"--text_encoder={bert}", "--top_k=3", "--quota=2", "--chunk_size=3"]
+  result = subprocess.run(base + [f"--out={tmp_path / 'a.jsonl'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "scoring against 2 concepts: 100%" in result.stderr and "8.00/8.00" in result.stderr, (
+      result.stderr)
+  rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+  assert 2 <= len(rows) <= 4 and {r["concept"] for r in rows} == {"alpha", "beta"}  # quota 2 each
+  result = subprocess.run(base + ["--max_text_length=100", f"--out={tmp_path / 'b.jsonl'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "error: --max_text_length=100 does not fit text encoder")

@@ -311,8 +311,20 @@ def test_missing_model_raises_one_line_error_naming_the_fix(tmp_path):
   message = str(info.value)
   assert "\n" not in message and "align-jax-tests/no-such-encoder" in message
   assert "--config.model.image_encoder=" in message and "huggingface-cli download" in message
-  with pytest.raises(encoders.EncoderNotFoundError, match="--config.model.text_encoder="):
+  with pytest.raises(encoders.EncoderNotFoundError, match="--config.model.text_encoder") as info:
     encoders.TextEncoder.from_pretrained(str(tmp_path / "missing_folder"))
+  message = str(info.value)  # a path gets a hint for a path, not a hub download command
+  assert "\n" not in message and "huggingface-cli" not in message, message
+  assert message.startswith(f"Encoder '{tmp_path}/missing_folder' not found: no such folder "
+                            f"({tmp_path} holds nothing); check the path given to "
+                            "--config.model.text_encoder")
+  (tmp_path / "dinov2-large").mkdir()
+  with pytest.raises(encoders.EncoderNotFoundError,
+                     match=r"\(/.* does not exist\); check the path given to "
+                           r"--config.model.image_encoder"):
+    encoders.ImageEncoder.from_pretrained(str(tmp_path / "models" / "dinov2-large"))
+  with pytest.raises(encoders.EncoderNotFoundError, match=r"holds dinov2-large\); check the path"):
+    encoders.ImageEncoder.from_pretrained(str(tmp_path / "dinov2-larg"))
   assert issubclass(encoders.EncoderNotFoundError, OSError)
 
 

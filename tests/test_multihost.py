@@ -69,6 +69,8 @@ def test_demo_training_two_processes_equals_one(tmp_path):
   group = multihost.run_main([*DEMO, f"--workdir={two}"], processes=2, devices=4,
                              logs=tmp_path / "l2", timeout=TIMEOUT, audit=True)
   assert "process 1 of 2" in group[1].output
+  for line in (" config: ", "trainable parameters: ", " eval: ", "step 40/40"):  # info lines:
+    assert line in group[0].output and line not in group[1].output, line  # from process 0 only
 
   expected, got = multihost.losses(one), multihost.losses(two)
   assert sorted(got) == sorted(expected) == list(range(1, 41))

@@ -28,6 +28,7 @@ def _run(path, workdir, monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as on Colab
   monkeypatch.setenv("ALIGN_JAX_CACHE", str(workdir / "cache"))
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the offline path (align_jax.demos.use_hub)
+  monkeypatch.setenv("ALIGN_JAX_RUNS", str(workdir / "runs"))  # else a temporary folder
   notebook = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(workdir)}})
@@ -59,13 +60,13 @@ def _check_training(name, text, workdir):
 
 
 def _check_selection(name, text, workdir):
-  with open(workdir / "selection" / "ranking.json") as f:
+  with open(workdir / "runs" / "selection" / "ranking.json") as f:
     rows = json.load(f)
   assert len(rows) == 4, rows  # 2 image x 2 text candidates
   scores = [row["linear_cka"] for row in rows]
   assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores), scores
   assert f"best pair: {rows[0]['image_encoder']} + {rows[0]['text_encoder']}" in text, name
-  assert (workdir / "selection" / "cka_heatmap.png").stat().st_size > 0
+  assert (workdir / "runs" / "selection" / "cka_heatmap.png").stat().st_size > 0
 
 
 CHECKS = {"zero_shot_and_retrieval.ipynb": _check_training,
@@ -93,4 +94,29 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   name = os.path.basename(path)
   text = _run(path, tmp_path, monkeypatch)
   assert "no network: HF_HUB_OFFLINE=1 -> offline path" in text, text[:2000]
+  assert "TqdmWarning" not in text and "IProgress" not in text, text[:3000]
+  assert f"runs and exports go to {tmp_path / 'runs'}" in text
+  # Everything the notebook wrote is under ALIGN_JAX_RUNS (and the encoder cache): nothing is
+  # left in the folder it runs in.
+  assert sorted(os.listdir(tmp_path)) == ["cache", "runs"], os.listdir(tmp_path)
   CHECKS[name](name, text, tmp_path)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_setup_cell_installs_nothing_outside_colab(path):
+  """Opened in a clone where align_jax is not installed, the first code cell puts the clone on
+  sys.path and says so; it never runs pip (only on Colab)."""
+  import subprocess
+  import sys
+  setup = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+  guard = "import subprocess\nsubprocess.run = None  # any pip call fails the test\n"
+  check = "\nimport align_jax\nprint('imported from', align_jax.__file__)\n"
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ALIGN_JAX_SOURCE")}
+  result = subprocess.run([sys.executable, "-c", guard + setup.source + check],
+                          cwd=os.path.join(ROOT, "notebooks"), env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [
+      f"align_jax is not installed: using the clone at {ROOT} (added to sys.path, nothing "
+      "installed; `pip install .` there installs it)",
+      f"imported from {os.path.join(ROOT, 'align_jax', '__init__.py')}"]

@@ -73,7 +73,7 @@ def test_console_command_lists_and_runs_subcommands(installed, tmp_path):
                            text=True, timeout=120)
   assert listing.returncode == 0
   for name in ("train", "evaluate", "extract_features", "export", "eval_suite", "select",
-               "curate", "aot"):
+               "curate", "aot", "plot"):
     assert f"\n  {name} " in listing.stdout
   bad = subprocess.run([command, "fly"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -81,3 +81,29 @@ def test_console_command_lists_and_runs_subcommands(installed, tmp_path):
   export = subprocess.run([command, "export", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
   assert export.returncode == 0 and "--workdir" in export.stdout
+
+
+def test_installed_command_finds_the_packaged_configs_by_name(installed, tmp_path):
+  """From any folder, --config=NAME is the packaged config; a wrong name lists the packaged ones."""
+  env = {**os.environ, "PYTHONPATH": str(installed)}
+  command = str(installed / "bin" / "align-jax")
+  bad = subprocess.run([command, "train", "--config=configs/demoo.py", f"--workdir={tmp_path}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "packaged config by name: demo, demo_online, dinov2_llm, dinov2_roberta" in bad.stderr
+  found = _python("from align_jax import config_files; print(config_files.resolve('demo:steps=2'))"
+                  "; print(config_files.resolve('configs/dinov2_roberta.py'))", installed, tmp_path)
+  assert found.splitlines() == [f"{installed}/align_jax/configs/demo.py:steps=2",
+                                f"{installed}/align_jax/configs/dinov2_roberta.py"]
+
+
+def test_runtime_requirements_hold_no_test_tools():
+  """pytest and the test-only tools are in tests/requirements.txt (pip install ".[test]")."""
+  def names(path):
+    with open(os.path.join(REPO, path)) as f:
+      return {line.split("==")[0].strip().lower() for line in f
+              if line.strip() and not line.startswith("#")}
+  runtime, test = names("requirements.txt"), names("tests/requirements.txt")
+  assert "pytest" in test and not runtime & {"pytest", "nbclient", "torch", "tensorboard",
+                                             "gcp-storage-emulator"}
+  assert "matplotlib" in runtime  # the pictures (align_jax.plotting)

@@ -159,3 +159,37 @@ def test_no_file_yet(tmp_path, resume_step):
   writer.write(8, _train(8))
   writer.close()
   assert _rows(str(tmp_path / "new")) == [{"step": 8, **_train(8)}]
+
+
+def test_eta_leaves_out_the_first_steps_compile_time(tmp_path, caplog, monkeypatch):
+  """Step 1 took 60 s (compiling), then 10 steps took 1 s: 10 steps/s, ETA of 89 steps = 0:08."""
+  now = [0.0]
+  monkeypatch.setattr(reporting.time, "time", lambda: now[0])
+  writer = reporting.MetricsWriter(str(tmp_path), 100, tensorboard=False)  # t = 0
+  caplog.set_level(logging.INFO, logger="align_jax")
+  now[0] = 60.0
+  writer.start_clock(1)  # the first step finished
+  writer.progress(1, {"train/loss": 2.0})
+  now[0] = 61.0
+  writer.progress(11, {"train/loss": 1.0})
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines == ["step 1/100  loss=2  (first step, compiled)",
+                   "step 11/100  loss=1  10.00 steps/s  ETA 0:08"]
+
+
+def test_config_line_parameters_line_and_last_metrics(tmp_path):
+  import numpy as np
+  from configs import demo
+  line = reporting.config_summary(demo.get_config("steps=7"), "/runs/a/config.json")
+  assert "\n" not in line and line.startswith("config: 7 steps; batch 512; seed 0; data "
+                                              "synthetic[train]; image random_mlp (cls) -> mlp;")
+  assert line.endswith("; evals heldout. Full config: /runs/a/config.json")
+  params = {"image": {"w": np.zeros((3, 4))}, "text": {"w": np.zeros(5)}, "logit": np.zeros(())}
+  assert reporting.parameters_line(params) == (
+      "trainable parameters: 18 (image: 12, text: 5, logit: 1)")
+  assert reporting.last_metrics(str(tmp_path)) == {}
+  writer = reporting.MetricsWriter(str(tmp_path), 10, tensorboard=False)
+  writer.write(5, {"train/loss": 2.0})
+  writer.write(10, {"train/loss": 1.0})
+  writer.write(10, EVAL)
+  assert reporting.last_metrics(str(tmp_path)) == {"train/loss": 1.0, **EVAL}

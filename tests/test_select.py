@@ -53,8 +53,17 @@ def test_ranking_matches_direct_cka_with_layers(encoders, tmp_path):
   assert row["layer_cka"][-1][-1] == pytest.approx(row["linear_cka"], abs=1e-5)
   assert json.loads((tmp_path / "ranking.json").read_text()) == rows
   assert (tmp_path / "ranking.md").read_text().count("\n") == 2 + 4
-  with Image.open(tmp_path / "cka_heatmap.png") as heatmap:
-    assert heatmap.size == (260 + 2 * 90, 40 + 2 * 90)
+  with Image.open(tmp_path / "cka_heatmap.png") as heatmap:  # matplotlib's, sized to its labels
+    width, height = heatmap.size
+    assert width > 600 and height > 300, heatmap.size
+    assert len({tuple(p) for p in np.asarray(heatmap.convert("RGB")).reshape(-1, 3)[::97]}) > 20
+
+  # The table's best layers are the numbers the overrides file gives (-1 = final output).
+  md = (tmp_path / "ranking.md").read_text().splitlines()
+  for rank, r in enumerate(rows, 1):
+    layers = select.best_layers(r)
+    assert f"| {rank} | {r['image_encoder']} | {r['text_encoder']} |" in md[1 + rank]
+    assert f" {layers[0]}, {layers[1]} | {r['best_layer_cka']:.4f} |" in md[1 + rank]
 
   # The override file names the pair and layers of the highest CKA over all layer pairs, and
   # encoders built from it (through the config, as training builds them) reproduce that CKA.
@@ -64,6 +73,7 @@ def test_ranking_matches_direct_cka_with_layers(encoders, tmp_path):
   assert (m.image_encoder, m.text_encoder) == (best["image_encoder"], best["text_encoder"])
   assert m.image_layer == (-1 if best["best_image_layer"] == 2 else best["best_image_layer"])
   assert m.text_layer == (-1 if best["best_text_layer"] == 2 else best["best_text_layer"])
+  assert (m.image_layer, m.text_layer) == select.best_layers(best)
   x = ImageEncoder.from_pretrained(m.image_encoder, pooling="mean", layer=m.image_layer).encode(pil)
   text_encoder = TextEncoder.from_pretrained(m.text_encoder, pooling="mean", max_length=32,
                                              layer=m.text_layer)
@@ -97,3 +107,36 @@ def test_command_line(encoders, tmp_path):
   assert (config.model.image_encoder, config.model.text_encoder) == (
       rows[0]["image_encoder"], rows[0]["text_encoder"])  # the top-ranked pair, final layers
   assert (config.model.image_layer, config.model.text_layer) == (-1, -1)
+
+
+def test_best_layers_count_the_final_output_as_minus_one():
+  row = {"best_image_layer": 2, "best_text_layer": 1, "layer_cka": [[0.0] * 3] * 3}
+  assert select.best_layers(row) == (-1, 1)
+  assert select.config_layer(0, 25) == 0 and select.config_layer(24, 25) == -1
+
+
+def test_text_length_defaults_to_the_encoders_limit(encoders, tmp_path):
+  """The tiny BERT has 64 positions: no flag -> 64 (77 would not fit); too many -> one line."""
+  from align_jax.analysis import text_length
+  _, texts = encoders
+  assert text_length.encoder_limit(texts[0]) == 64
+  assert text_length.choose(texts[0], None) == 64 and text_length.choose(texts[0], 32) == 32
+  with pytest.raises(ValueError, match=r"--max_text_length=100 does not fit text encoder .* 1 "
+                                       r"to 64 tokens .* use --max_text_length=64 or less"):
+    text_length.choose(texts[0], 100)
+
+
+def test_command_line_without_max_text_length_and_with_too_many(encoders, tmp_path):
+  images, texts = encoders
+  base = [sys.executable, "-m", "align_jax.cli", "select", "--source=synthetic_shapes",
+          "--num_images=8", f"--image_encoders={images[0]}", f"--text_encoders={texts[0]}",
+          "--batch_size=8"]
+  result = subprocess.run(base + [f"--out={tmp_path / 'a'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  # the bar: 1 batch of 8 images + 2 of their 16 captions
+  assert "encoding 8 pairs with 2 encoders: 100%" in result.stderr and "3/3" in result.stderr
+  result = subprocess.run(base + ["--max_text_length=100", f"--out={tmp_path / 'b'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --max_text_length=100 does not")

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags as absl_flags
 
 from align_jax import cli, distributed
-from align_jax.analysis import curation
+from align_jax.analysis import curation, text_length
 
 logger = logging.getLogger("align_jax")
 
@@ -44,9 +44,13 @@ def load_concepts(path: str) -> list[str]:
 
 
 def concept_prototypes(names: Sequence[str], text_encoder: str, templates: Sequence[str],
-                       max_length: int = 77) -> np.ndarray:
-  """[C, D] prototypes: each name in every template, mean-pooled by the text encoder."""
+                       max_length: int | None = None) -> np.ndarray:
+  """[C, D] prototypes: each name in every template, mean-pooled by the text encoder.
+
+  ``max_length``: tokens per prompt; None: 77, or the encoder's limit when smaller.
+  """
   from align_jax.encoders import TextEncoder
+  max_length = text_length.choose(text_encoder, max_length)
   encoder = TextEncoder.from_pretrained(text_encoder, pooling="mean", max_length=max_length)
   return curation.text_prototypes(names, encoder.encode, templates)
 
@@ -69,8 +73,15 @@ def curate_pool(pool: str, features: str, prototypes: np.ndarray, names: Sequenc
     raise ValueError(f"{features}: expected [{count}, D] caption features (one row per line of "
                      f"{pool}), got shape {feats.shape}")
   selection_path = out + ".selection.jsonl"
-  stats = curation.curate(curation.iter_feature_chunks(features, chunk_size), prototypes, names,
-                          top_k=top_k, quota=quota, out_path=selection_path)
+  from tqdm import tqdm  # the console bar (tqdm.auto needs ipywidgets in notebooks)
+  with tqdm(total=count, desc=f"scoring against {len(names):,} concepts", unit="caption",
+            unit_scale=True) as bar:
+    def chunks():
+      for chunk_features, ids in curation.iter_feature_chunks(features, chunk_size):
+        yield chunk_features, ids
+        bar.update(len(ids))
+    stats = curation.curate(chunks(), prototypes, names, top_k=top_k, quota=quota,
+                            out_path=selection_path, progress=False)
   chosen = {row["id"]: row for row in curation.read_manifest(selection_path)}
   os.remove(selection_path)
   tmp = out + ".tmp"
@@ -91,7 +102,10 @@ FLAGS = absl_flags.FLAGS
 def main(argv):
   del argv
   distributed.initialize_or_exit()
-  distributed.on_first_process(_curate, FLAGS)  # one process writes --out; the others wait
+  try:
+    distributed.on_first_process(_curate, FLAGS)  # one process writes --out; the others wait
+  except (ValueError, OSError) as error:  # bad input: one line, no traceback
+    raise SystemExit(f"error: {error}") from None
 
 
 def _curate(flags):
@@ -119,7 +133,8 @@ def define_flags() -> None:
                            "the same one that made --features.")
   absl_flags.DEFINE_string("prototypes", "", "Or: precomputed [C, D] prototypes (.npy).")
   absl_flags.DEFINE_list("templates", ["a photo of a {}."], "Prompt templates for prototypes.")
-  absl_flags.DEFINE_integer("max_text_length", 77, "Tokens per prompt.")
+  absl_flags.DEFINE_integer("max_text_length", None, "Tokens per prompt (default: 77, or the "
+                            "text encoder's limit when smaller).")
   absl_flags.DEFINE_integer("top_k", 50000, "Candidates kept per concept (paper: 50,000).")
   absl_flags.DEFINE_integer("quota", 2000, "Most samples per concept (paper: 2,000).")
   absl_flags.DEFINE_integer("chunk_size", 65536, "Captions scored per chunk (bounds memory).")

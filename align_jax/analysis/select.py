@@ -33,17 +33,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from absl import flags as absl_flags
 
-from align_jax import cli, distributed
-from align_jax.analysis import cka
+from align_jax import cli, distributed, plotting
+from align_jax.analysis import cka, text_length
 from align_jax.data import readers
 from align_jax.data import records
 
@@ -76,8 +77,12 @@ def read_pairs(data_config, num_images: int) -> tuple[list[Image.Image], list[li
   return images, captions, dict(skips.counts)
 
 
-def _batched(fn, inputs: dict, batch_size: int) -> np.ndarray:
-  """``fn`` over ``inputs`` in fixed-size batches (the last one padded), concatenated on axis -2."""
+def _batched(fn, inputs: dict, batch_size: int, progress: Callable[[int], object] | None = None
+             ) -> np.ndarray:
+  """``fn`` over ``inputs`` in fixed-size batches (the last one padded), concatenated on axis -2.
+
+  ``progress(1)`` is called after each batch (a progress bar's ``update``).
+  """
   n = len(next(iter(inputs.values())))
   outs = []
   for start in range(0, n, batch_size):
@@ -87,35 +92,44 @@ def _batched(fn, inputs: dict, batch_size: int) -> np.ndarray:
              for k, v in chunk.items()}
     out = np.asarray(fn(chunk))
     outs.append(out[..., :batch_size - pad, :])
+    if progress is not None:
+      progress(1)
   return np.concatenate(outs, axis=-2)
 
 
-def image_features(name: str, images: list, *, layers: bool, batch_size: int) -> np.ndarray:
+def image_features(name: str, images: list, *, layers: bool, batch_size: int,
+                   progress: Callable[[int], object] | None = None) -> np.ndarray:
   """[layers, N, D] (or [1, N, D]): mean-patch features of every (or the last) layer."""
   from align_jax.encoders import ImageEncoder
   encoder = ImageEncoder.from_pretrained(name, pooling="mean")
   pixels = encoder.preprocess(images)
   if layers:
     return _batched(jax.jit(lambda x: encoder.apply_all_layers(encoder.params, x)), pixels,
-                    batch_size)
+                    batch_size, progress)
   return _batched(jax.jit(lambda x: encoder.apply(encoder.params, x)["pooled"]), pixels,
-                  batch_size)[None]
+                  batch_size, progress)[None]
 
 
 def text_features(name: str, captions: list[list[str]], *, layers: bool, batch_size: int,
-                  max_length: int = 77) -> np.ndarray:
-  """[layers, N, D]: mean-pooled caption features, averaged over each image's captions."""
+                  max_length: int | None = None,
+                  progress: Callable[[int], object] | None = None) -> np.ndarray:
+  """[layers, N, D]: mean-pooled caption features, averaged over each image's captions.
+
+  ``max_length``: tokens per caption; None: 77, or the encoder's limit when smaller
+  (:mod:`align_jax.analysis.text_length`).
+  """
   from align_jax.encoders import TextEncoder
+  max_length = text_length.choose(name, max_length)
   encoder = TextEncoder.from_pretrained(name, pooling="mean", max_length=max_length)
   flat = [c for texts in captions for c in texts]
   owner = np.repeat(np.arange(len(captions)), [len(texts) for texts in captions])
   tokens = encoder.preprocess(flat)
   if layers:
     feats = _batched(jax.jit(lambda x: encoder.apply_all_layers(encoder.params, x)), tokens,
-                     batch_size)
+                     batch_size, progress)
   else:
     feats = _batched(jax.jit(lambda x: encoder.apply(encoder.params, x)["pooled"]), tokens,
-                     batch_size)[None]
+                     batch_size, progress)[None]
   sums = np.zeros((feats.shape[0], len(captions), feats.shape[-1]), np.float64)
   for layer in range(feats.shape[0]):
     np.add.at(sums[layer], owner, feats[layer])
@@ -141,18 +155,32 @@ def score_pairs(image_feats: dict[str, np.ndarray], text_feats: dict[str, np.nda
   return sorted(rows, key=lambda r: -r["linear_cka"])
 
 
+def config_layer(index: int, num_layers: int) -> int:
+  """A layer as ``model.image_layer`` / ``model.text_layer`` takes it: the final output (the last of
+  the ``num_layers`` scored, index ``num_layers - 1``) is -1, any other layer its index."""
+  return -1 if index == num_layers - 1 else int(index)
+
+
+def best_layers(row: dict) -> tuple[int, int]:
+  """(image, text) best layers of a ``--layers`` row, as the config and the overrides file take
+  them (:func:`config_layer`)."""
+  return (config_layer(row["best_image_layer"], len(row["layer_cka"])),
+          config_layer(row["best_text_layer"], len(row["layer_cka"][0])))
+
+
 def write_ranking(rows: list[dict], out_dir: str) -> None:
   with open(os.path.join(out_dir, "ranking.json"), "w") as f:
     json.dump(rows, f, indent=1)
   layered = "best_layer_cka" in rows[0]
   lines = ["| rank | image encoder | text encoder | linear CKA | mutual k-NN |"
-           + (" best layers (image, text) | CKA there |" if layered else ""),
+           + (" best layers (image, text; -1 = final) | CKA there |" if layered else ""),
            "|---|---|---|---|---|" + ("---|---|" if layered else "")]
   for rank, r in enumerate(rows, 1):
     line = (f"| {rank} | {r['image_encoder']} | {r['text_encoder']} | {r['linear_cka']:.4f} | "
             f"{r['mutual_knn']:.4f} |")
     if layered:
-      line += f" {r['best_image_layer']}, {r['best_text_layer']} | {r['best_layer_cka']:.4f} |"
+      image_layer, text_layer = best_layers(r)
+      line += f" {image_layer}, {text_layer} | {r['best_layer_cka']:.4f} |"
     lines.append(line)
   with open(os.path.join(out_dir, "ranking.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -168,9 +196,7 @@ def best_overrides(rows: list[dict]) -> tuple[dict, list[str]]:
     how = f"best pair by final-layer linear CKA ({best['linear_cka']:.4f})"
   else:
     best = max(rows, key=lambda r: r["best_layer_cka"])
-    image_last, text_last = len(best["layer_cka"]) - 1, len(best["layer_cka"][0]) - 1
-    image_layer = -1 if best["best_image_layer"] == image_last else best["best_image_layer"]
-    text_layer = -1 if best["best_text_layer"] == text_last else best["best_text_layer"]
+    image_layer, text_layer = best_layers(best)
     how = (f"best pair and layers by linear CKA over every layer pair "
            f"({best['best_layer_cka']:.4f}; final layers: {best['linear_cka']:.4f})")
   return best, [
@@ -190,49 +216,47 @@ def write_overrides(rows: list[dict], out_dir: str) -> str:
   return path
 
 
-def _colour(value: float) -> tuple[int, int, int]:
-  """A dark-blue -> yellow ramp for values in [0, 1]."""
-  v = float(np.clip(value, 0.0, 1.0))
-  return int(40 + 215 * v), int(30 + 200 * v ** 0.8), int(120 * (1 - v) + 40)
-
-
 def write_heatmap(rows: list[dict], image_names: Sequence[str], text_names: Sequence[str],
-                  path: str, cell: int = 90) -> None:
-  """PNG of linear CKA: one row per image encoder, one column per text encoder, values printed."""
+                  path: str) -> str:
+  """PNG of final-layer linear CKA (:func:`align_jax.plotting.cka_heatmap`): one row per image
+  encoder, one column per text encoder, full names, values in the cells, a colour bar."""
   value = {(r["image_encoder"], r["text_encoder"]): r["linear_cka"] for r in rows}
-  label_w, label_h = 260, 40
-  canvas = Image.new("RGB", (label_w + cell * len(text_names), label_h + cell * len(image_names)),
-                     "white")
-  draw = ImageDraw.Draw(canvas)
-  for j, name in enumerate(text_names):
-    draw.text((label_w + j * cell + 4, 4), name[-14:], fill="black")
-  for i, image_name in enumerate(image_names):
-    draw.text((4, label_h + i * cell + cell // 2 - 6), image_name[-40:], fill="black")
-    for j, text_name in enumerate(text_names):
-      v = value[(image_name, text_name)]
-      box = (label_w + j * cell, label_h + i * cell, label_w + (j + 1) * cell - 2,
-             label_h + (i + 1) * cell - 2)
-      draw.rectangle(box, fill=_colour(v))
-      draw.text((box[0] + cell // 2 - 16, box[1] + cell // 2 - 6), f"{v:.3f}",
-                fill="black" if v > 0.5 else "white")
-  canvas.save(path)
+  grid = [[value[(i, t)] for t in text_names] for i in image_names]
+  return plotting.cka_heatmap(grid, image_names, text_names, path,
+                              title=f"Linear CKA of frozen encoder features (final layers, "
+                                    f"{rows[0].get('num_pairs', 'N')} image-caption pairs)")
 
 
 def select_encoders(data_config, image_encoders: Sequence[str], text_encoders: Sequence[str],
                     out_dir: str, *, num_images: int = 5000, layers: bool = False,
-                    batch_size: int = 64, max_text_length: int = 77) -> list[dict]:
+                    batch_size: int = 64, max_text_length: int | None = None) -> list[dict]:
   """Scores every pair and writes ranking.md / ranking.json / cka_heatmap.png and the best pair's
-  config overrides (best_config_overrides.txt); returns the rows."""
+  config overrides (best_config_overrides.txt); returns the rows.
+
+  ``max_text_length``: tokens per caption; None: 77, or each text encoder's limit when smaller.
+  A progress bar counts the encoded batches of every candidate.
+  """
   if not image_encoders or not text_encoders:
     raise ValueError("give at least one image encoder and one text encoder")
   os.makedirs(out_dir, exist_ok=True)
   images, captions, skipped = read_pairs(data_config, num_images)
   logger.info("scoring on %d image-caption pairs (skipped: %s)", len(images), skipped)
-  image_feats = {name: image_features(name, images, layers=layers, batch_size=batch_size)
-                 for name in image_encoders}
-  text_feats = {name: text_features(name, captions, layers=layers, batch_size=batch_size,
-                                   max_length=max_text_length) for name in text_encoders}
+  for name in text_encoders:  # a --max_text_length too long for one of them: now, in one line
+    text_length.choose(name, max_text_length)
+  from tqdm import tqdm  # the console bar (tqdm.auto needs ipywidgets in notebooks)
+  num_texts = sum(len(texts) for texts in captions)
+  total = (len(image_encoders) * math.ceil(len(images) / batch_size)
+           + len(text_encoders) * math.ceil(num_texts / batch_size))
+  with tqdm(total=total, desc=f"encoding {len(images)} pairs with "
+            f"{len(image_encoders) + len(text_encoders)} encoders", unit="batch") as bar:
+    image_feats = {name: image_features(name, images, layers=layers, batch_size=batch_size,
+                                        progress=bar.update) for name in image_encoders}
+    text_feats = {name: text_features(name, captions, layers=layers, batch_size=batch_size,
+                                      max_length=max_text_length, progress=bar.update)
+                  for name in text_encoders}
   rows = score_pairs(image_feats, text_feats)
+  for row in rows:
+    row["num_pairs"] = len(images)
   write_ranking(rows, out_dir)
   write_overrides(rows, out_dir)
   write_heatmap(rows, image_encoders, text_encoders, os.path.join(out_dir, "cka_heatmap.png"))
@@ -252,10 +276,13 @@ def main(argv):
       "source": flags.source, "path": flags.path, "name": flags.name, "split": split,
       "data_dir": flags.data_dir, "urls": flags.urls, "image_root": flags.image_root,
       "caption_key": flags.caption_key, "num_pairs": flags.num_images})
-  rows = distributed.on_first_process(  # one process writes --out; the others wait for it
-      select_encoders, data, flags.image_encoders, flags.text_encoders, flags.out,
-      num_images=flags.num_images, layers=flags.layers, batch_size=flags.batch_size,
-      max_text_length=flags.max_text_length)
+  try:
+    rows = distributed.on_first_process(  # one process writes --out; the others wait for it
+        select_encoders, data, flags.image_encoders, flags.text_encoders, flags.out,
+        num_images=flags.num_images, layers=flags.layers, batch_size=flags.batch_size,
+        max_text_length=flags.max_text_length)
+  except (ValueError, OSError) as error:  # bad input: one line, no traceback
+    raise SystemExit(f"error: {error}") from None
   if rows is None:
     return
   with open(os.path.join(flags.out, "ranking.md")) as f:
@@ -281,7 +308,8 @@ def define_flags() -> None:
   absl_flags.DEFINE_list("text_encoders", [], "Text encoders: hub ids or folders.")
   absl_flags.DEFINE_integer("num_images", 5000, "Pairs to score on (the paper: 5,000 COCO val).")
   absl_flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
-  absl_flags.DEFINE_integer("max_text_length", 77, "Tokens per caption.")
+  absl_flags.DEFINE_integer("max_text_length", None, "Tokens per caption (default: 77, or the "
+                            "text encoder's limit when smaller).")
   absl_flags.DEFINE_bool("layers", False, "Also score every layer pair.")
   absl_flags.DEFINE_string("out", None, "Output folder.")
   absl_flags.mark_flag_as_required("out")

@@ -20,6 +20,7 @@ import numpy as np
 from align_jax import storage
 from align_jax.data import manifest
 from align_jax.data import records
+from align_jax.data import tfds_names
 
 
 def _as_caption_list(value: Any) -> list[Any]:
@@ -110,6 +111,9 @@ class TfdsReader:
       self._source = tfds.data_source(
           name, split=split, data_dir=data_dir, download=False, decoders=decoders)
     except Exception as e:
+      unknown = tfds_names.unknown_builder_message(name, e)
+      if unknown:
+        raise ValueError(unknown) from None
       raise ValueError(
           f"cannot open {self.name} under data_dir={data_dir!r}: {type(e).__name__}: {e}. Prepare "
           "it first with file_format='array_record' (e.g. `tfds build NAME --data_dir=DIR "

@@ -53,7 +53,14 @@ def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.ima
   fix = (f"point the config at a local copy ({config_flag}=/path/to/folder), made on a machine with "
          f"internet by `huggingface-cli download {name_or_path} --local-dir /path/to/folder`")
   if path.startswith((os.sep, ".", "~")) or os.path.exists(path):
-    raise EncoderNotFoundError(f"Encoder {name_or_path!r} not found: no such folder; {fix}.")
+    # A path, not a hub id: the fix is the path itself (a hub download command would make no sense).
+    parent = os.path.dirname(os.path.abspath(path))
+    near = (f"{parent} does not exist" if not os.path.isdir(parent) else
+            f"{parent} holds {', '.join(sorted(os.listdir(parent))[:8]) or 'nothing'}")
+    raise EncoderNotFoundError(
+        f"Encoder {name_or_path!r} not found: no such folder ({near}); check the path given to "
+        f"{config_flag}, or pass a folder holding the checkpoint's config.json and weights (or a "
+        "Hugging Face hub id such as facebook/dinov2-large).")
   try:
     import huggingface_hub  # Imported here: local folders never need it.
     for patterns in _WEIGHT_PATTERNS if weights else ([],):

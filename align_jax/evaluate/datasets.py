@@ -49,6 +49,7 @@ from align_jax.data import manifest
 from align_jax.data import parquet
 from align_jax.data import records
 from align_jax.data import sources
+from align_jax.data import tfds_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,9 @@ class TfdsClassificationReader:
       self._source = tfds.data_source(entry.name, split=split, data_dir=data_dir, download=False,
                                       decoders={self._image_key: tfds.decode.SkipDecoding()})
     except Exception as e:  # TFDS raises several types for "not prepared" / "no such split".
+      unknown = tfds_names.unknown_builder_message(entry.name, e)
+      if unknown:
+        raise FileNotFoundError(unknown) from None
       raise FileNotFoundError(f"cannot open {self.name}: {type(e).__name__}: {e}. "
                               + _tfds_setup_hint(entry.name, data_dir)) from None
     features = self._source.dataset_info.features
