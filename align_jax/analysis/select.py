@@ -295,10 +295,12 @@ def main(argv):
 
 def define_flags() -> None:
   """The command line's flags (absl), defined once, by :func:`run`."""
-  absl_flags.DEFINE_enum("source", "manifest", ["manifest", "tfds", "webdataset", "synthetic_shapes"],
+  absl_flags.DEFINE_enum("source", "manifest",
+                         ["manifest", "parquet", "tfds", "webdataset", "synthetic_shapes"],
                          "Where the image-caption pairs come from.")
-  absl_flags.DEFINE_string("path", "", "manifest: .jsonl/.csv path.")
-  absl_flags.DEFINE_string("image_root", "", "manifest: folder of the image paths.")
+  absl_flags.DEFINE_string("path", "", "manifest: .jsonl/.csv path; parquet: files, a folder or a "
+                           "glob.")
+  absl_flags.DEFINE_string("image_root", "", "manifest / parquet: folder of the image paths.")
   absl_flags.DEFINE_string("name", "", "tfds: builder name, e.g. coco_captions.")
   absl_flags.DEFINE_string("split", "", "Split ('' = tfds: validation, synthetic_shapes: heldout).")
   absl_flags.DEFINE_string("data_dir", "", "tfds data_dir.")
