@@ -305,6 +305,7 @@ class Checkpointer:
               create=True, cleanup_tmp_directories=True))
     self._pending: int | None = None  # step of a save not yet known to have finished
     self.last_good: int | None = None  # newest checkpoint known to be complete
+    self._abandoned = False  # an orbax call failed: its abandoned operations may still report
     self._open = True
     _noise_filter.acquire()
 
@@ -369,6 +370,7 @@ class Checkpointer:
         cause = f"{name}: {describe_error(error)}"
         logger.debug("restoring %s of checkpoint step %d failed", name, step, exc_info=True)
       # Raised outside the except block, so nothing keeps orbax's abandoned reads alive.
+      self._abandoned = True
       _collect_abandoned_operations()
       raise CheckpointError(cause)
 
@@ -500,6 +502,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except
+      self._abandoned = True
       self._close_quietly()
       raise self._save_error(step, error) from None
     self.last_good = step
@@ -564,6 +567,8 @@ class Checkpointer:
       self.manager.close()
     finally:
       self._open = False
+      if self._abandoned:
+        _collect_abandoned_operations()  # still filtered
       _noise_filter.release()
 
 
