@@ -12,9 +12,12 @@ moment leaves the last finished checkpoint intact, and the same command resumes 
 
 The run directory heals itself (:meth:`Checkpointer.restore_latest`):
 
-* The newest checkpoint is restored and checked: every item must read back, and the state's
+* The newest checkpoint is restored and checked: every item must read back, the state's
   checksums must equal those computed before it was saved (catching silently corrupted chunks
-  that tensorstore would decode without an error). A checkpoint that fails is reported in one line
+  that tensorstore would decode without an error), and the step the state holds must be the
+  folder's. A checkpoint without its checksums (``integrity/``) cannot be verified, so it is
+  damaged too (a ``state/`` copied in from another step looks the same). A checkpoint that fails
+  is reported in one line
   (step, path, cause), moved to ``WORKDIR/checkpoints_corrupt/<step>-<UTC time>`` (a sibling
   folder: orbax lists and garbage-collects everything inside ``checkpoints/``) and the previous one
   is tried. Nothing is deleted. Only when no checkpoint restores does the run stop, with one line,
@@ -23,8 +26,19 @@ The run directory heals itself (:meth:`Checkpointer.restore_latest`):
   marker) are never listed by orbax as checkpoints; they are reported and orbax removes them.
 
 A reader (``Checkpointer(workdir, read_only=True)``, what :mod:`align_jax.run_dir` uses for
-evaluation, export and inference) lists and restores with the same verification, and never
-creates, cleans up or moves anything: the run it reads may still be training.
+evaluation, export and inference) lists and restores with the same verification and the same
+fallback to the newest checkpoint that restores, and never creates, cleans up or moves anything:
+the run it reads may still be training. Its one line per damaged checkpoint names the step used
+and the steps left to pick with ``--step``.
+
+Retention (:class:`KeepNewest`) keeps the ``keep`` highest steps and can never remove the newest
+one: ``keep`` < 1 is refused.
+
+When one read or write of an orbax call fails, orbax abandons the others; they then report from
+the garbage collector or tensorstore's callbacks, ~60 lines each, through ``sys.unraisablehook``.
+While a :class:`Checkpointer` is open those reports, and only those, are dropped
+(:func:`is_orbax_noise`); failed calls are followed by a collection so that none is left to print
+after the checkpointer closes.
 
 A save that fails in the background (disk full, permission, quota) raises
 :class:`CheckpointError` at the next :meth:`Checkpointer.check` (the training loop calls it every
