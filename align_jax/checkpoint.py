@@ -17,11 +17,11 @@ The run directory heals itself (:meth:`Checkpointer.restore_latest`):
   that tensorstore would decode without an error), and the step the state holds must be the
   folder's. A checkpoint without its checksums (``integrity/``) cannot be verified, so it is
   damaged too (a ``state/`` copied in from another step looks the same). A checkpoint that fails
-  is reported in one line
-  (step, path, cause), moved to ``WORKDIR/checkpoints_corrupt/<step>-<UTC time>`` (a sibling
-  folder: orbax lists and garbage-collects everything inside ``checkpoints/``) and the previous one
-  is tried. Nothing is deleted. Only when no checkpoint restores does the run stop, with one line,
-  leaving the folder untouched.
+  is reported in one line (step, path, cause), moved to
+  ``WORKDIR/checkpoints_corrupt/<step>-<UTC time>`` (a sibling folder: orbax lists and
+  garbage-collects everything inside ``checkpoints/``) and the previous one is tried. Nothing is
+  deleted. Only when no checkpoint restores does the run stop, with one line, leaving the folder
+  untouched.
 * Unfinished saves (orbax's temporary folders, or on ``gs://`` a step folder without its commit
   marker) are never listed by orbax as checkpoints; they are reported and orbax removes them.
 
