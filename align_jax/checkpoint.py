@@ -272,8 +272,10 @@ class KeepNewest:
                        "newest checkpoint; set --config.keep_checkpoints=N with N >= 1")
     self.keep = keep
 
-  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:  # pylint: disable=unused-argument
-    """One bool per checkpoint (objects with a ``step``), in the order given."""
+  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+    """One bool per checkpoint (objects with a ``step``), in the order given; ``context`` (orbax's
+    PreservationContext) is not needed."""
+    del context
     newest = sorted({c.step for c in checkpoints}, reverse=True)
     kept = set(newest if self.keep is None else newest[:self.keep])
     return [c.step in kept for c in checkpoints]

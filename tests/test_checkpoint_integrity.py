@@ -285,7 +285,7 @@ def test_readers_use_the_previous_checkpoint_and_leave_the_damaged_one(reference
     assert report["results"]["eval/i2t@1"] > 0.1  # a trained model (chance: 0.001)
   else:
     from safetensors.numpy import load_file
-    assert f"exported step 30 " in output
+    assert "exported step 30 " in output
     weights = load_file(os.path.join(out, "projectors.safetensors"))
     np.testing.assert_array_equal(weights["image/hidden/kernel"],
                                   expected["image"]["hidden"]["kernel"])
