@@ -58,6 +58,7 @@ import shutil
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -185,26 +186,35 @@ def is_orbax_noise(unraisable: Any) -> bool:
 class _NoiseFilter:
   """Drops :func:`is_orbax_noise` reports while at least one :class:`Checkpointer` is open.
 
-  ``sys.unraisablehook`` is process-wide, so the filter is contained: it is installed when the
-  first checkpointer opens and the previous hook is put back when the last one closes (unless
-  someone replaced the hook meanwhile: theirs is left alone); every other report goes to the
-  previous hook unchanged.
+  ``sys.unraisablehook`` is process-wide, so the filter is contained: a checkpointer that opens
+  installs it in front of the hook in place then (again, if someone replaced it meanwhile), and
+  when the last one closes (or is garbage-collected unclosed) that hook is put back, unless
+  someone replaced ours meanwhile: theirs is left alone. Every other report goes to that hook
+  unchanged.
   """
 
   def __init__(self):
     self._lock = threading.Lock()
     self._users = 0
     self._previous = None
+    self._inside = threading.local()  # a hook that hands reports back to ours: no loop
 
   def _hook(self, unraisable) -> None:
     if is_orbax_noise(unraisable):
       logger.debug("dropped orbax's report of an abandoned operation: %s", unraisable.exc_value)
       return
-    (self._previous or sys.__unraisablehook__)(unraisable)
+    if getattr(self._inside, "active", False):
+      sys.__unraisablehook__(unraisable)
+      return
+    self._inside.active = True
+    try:
+      (self._previous or sys.__unraisablehook__)(unraisable)
+    finally:
+      self._inside.active = False
 
   def acquire(self) -> None:
     with self._lock:
-      if self._users == 0:
+      if sys.unraisablehook != self._hook:  # pylint: disable=comparison-with-callable
         self._previous, sys.unraisablehook = sys.unraisablehook, self._hook
       self._users += 1
 
@@ -322,8 +332,10 @@ class Checkpointer:
     self._pending: int | None = None  # step of a save not yet known to have finished
     self.last_good: int | None = None  # newest checkpoint known to be complete
     self._abandoned = False  # an orbax call failed: its abandoned operations may still report
-    self._open = True
     _noise_filter.acquire()
+    # Released by close(), or when an unclosed checkpointer (a run stopped by an error) is
+    # garbage-collected, so a long-lived process (notebook, tests) is not left filtered.
+    self._release_filter = weakref.finalize(self, _noise_filter.release)
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -576,16 +588,15 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for the pending save (raises :class:`CheckpointError` if it failed) and closes."""
-    if not self._open:
+    if not self._release_filter.alive:
       return
     try:
       self._finish_pending()
       self.manager.close()
     finally:
-      self._open = False
       if self._abandoned:
         _collect_abandoned_operations()  # still filtered
-      _noise_filter.release()
+      self._release_filter()
 
 
 def _stored_step(state: Any) -> int | None:
