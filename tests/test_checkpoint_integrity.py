@@ -197,7 +197,7 @@ RESUME_KINDS = [*_FAST_RESUME, *[pytest.param(k, marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("kind", RESUME_KINDS)
-def test_run_with_damaged_checkpoint_continues_exactly(reference, tmp_path, caplog, kind):
+def test_run_with_damaged_checkpoint_continues_exactly(reference, tmp_path, caplog, capfd, kind):
   """The whole loop: resumed from step 30, the same losses and final params as the reference."""
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
@@ -205,6 +205,7 @@ def test_run_with_damaged_checkpoint_continues_exactly(reference, tmp_path, capl
   caplog.set_level(logging.INFO)
   train.train_and_evaluate(_config(), workdir)
   assert len(_align_jax_warnings(caplog)) == 1
+  _assert_no_noise(capfd.readouterr().err)
   assert any("restored checkpoint at step 30" in r.getMessage() for r in caplog.records)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30", "40"]
   assert len(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == 1
