@@ -12,19 +12,33 @@ moment leaves the last finished checkpoint intact, and the same command resumes 
 
 The run directory heals itself (:meth:`Checkpointer.restore_latest`):
 
-* The newest checkpoint is restored and checked: every item must read back, and the state's
+* The newest checkpoint is restored and checked: every item must read back, the state's
   checksums must equal those computed before it was saved (catching silently corrupted chunks
-  that tensorstore would decode without an error). A checkpoint that fails is reported in one line
-  (step, path, cause), moved to ``WORKDIR/checkpoints_corrupt/<step>-<UTC time>`` (a sibling
-  folder: orbax lists and garbage-collects everything inside ``checkpoints/``) and the previous one
-  is tried. Nothing is deleted. Only when no checkpoint restores does the run stop, with one line,
-  leaving the folder untouched.
+  that tensorstore would decode without an error), and the step the state holds must be the
+  folder's. A checkpoint without its checksums (``integrity/``) cannot be verified, so it is
+  damaged too (a ``state/`` copied in from another step looks the same). A checkpoint that fails
+  is reported in one line (step, path, cause), moved to
+  ``WORKDIR/checkpoints_corrupt/<step>-<UTC time>`` (a sibling folder: orbax lists and
+  garbage-collects everything inside ``checkpoints/``) and the previous one is tried. Nothing is
+  deleted. Only when no checkpoint restores does the run stop, with one line, leaving the folder
+  untouched.
 * Unfinished saves (orbax's temporary folders, or on ``gs://`` a step folder without its commit
   marker) are never listed by orbax as checkpoints; they are reported and orbax removes them.
 
 A reader (``Checkpointer(workdir, read_only=True)``, what :mod:`align_jax.run_dir` uses for
-evaluation, export and inference) lists and restores with the same verification, and never
-creates, cleans up or moves anything: the run it reads may still be training.
+evaluation, export and inference) lists and restores with the same verification and the same
+fallback to the newest checkpoint that restores, and never creates, cleans up or moves anything:
+the run it reads may still be training. Its one line per damaged checkpoint names the step used
+and the steps left to pick with ``--step``.
+
+Retention (:class:`KeepNewest`) keeps the ``keep`` highest steps and can never remove the newest
+one: ``keep`` < 1 is refused.
+
+When one read or write of an orbax call fails, orbax abandons the others; they then report from
+the garbage collector or tensorstore's callbacks, ~60 lines each, through ``sys.unraisablehook``.
+While a :class:`Checkpointer` is open those reports, and only those, are dropped
+(:func:`is_orbax_noise`); failed calls are followed by a collection so that none is left to print
+after the checkpointer closes.
 
 A save that fails in the background (disk full, permission, quota) raises
 :class:`CheckpointError` at the next :meth:`Checkpointer.check` (the training loop calls it every
@@ -36,12 +50,15 @@ demoted to DEBUG, so the one line is the last thing printed.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import re
 import shutil
 import sys
+import threading
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -133,26 +150,94 @@ def _install_log_filter() -> None:
     target = logging.getLogger(name)
     if not any(isinstance(f, _DemoteOrbaxErrors) for f in target.filters):
       target.addFilter(_DemoteOrbaxErrors())
-  if not getattr(sys.unraisablehook, "_align_jax", False):
-    sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
 
 
-def _quiet_closed_loop_hook(previous):
-  """When one tensorstore read or write of an orbax call fails, orbax closes that call's event
-  loop while sibling operations are still in flight; each of them then reports "Event loop is
-  closed" from its completion callback as an unraisable exception (a traceback on stderr, often
-  after our one-line error). Those, and only those, are dropped."""
-  def hook(unraisable):
-    error = unraisable.exc_value
-    trace = unraisable.exc_traceback
-    while trace is not None and trace.tb_next is not None:
-      trace = trace.tb_next
-    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        and trace is not None and "asyncio" in trace.tb_frame.f_code.co_filename):
+def is_orbax_noise(unraisable: Any) -> bool:
+  """Whether a ``sys.unraisablehook`` report is the aftermath of a failed orbax call, only that.
+
+  When one tensorstore read or write of an orbax call fails, orbax abandons the call's sibling
+  operations and closes its event loop while they are still in flight. Two kinds of reports
+  follow, each with a multi-kilobyte traceback, after the failure already reached us as an
+  exception (and was reported in one line):
+
+  * "Event loop is closed", raised in asyncio by a sibling's completion callback;
+  * an abandoned orbax coroutine (e.g. ``_read_array_index_and_device_put``) finalised by the
+    garbage collector: closing it throws ``GeneratorExit`` into it, which orbax's
+    ``except BaseException`` turns into a new exception ("Encountered error while reading array
+    index ...").
+
+  Anything else (any other object, or an orbax coroutine that failed for another reason) is not
+  noise.
+  """
+  error = unraisable.exc_value
+  trace = unraisable.exc_traceback
+  while trace is not None and trace.tb_next is not None:
+    trace = trace.tb_next
+  if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+      and trace is not None and "asyncio" in trace.tb_frame.f_code.co_filename):
+    return True
+  code = getattr(unraisable.object, "cr_code", None)  # a coroutine object
+  return (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+          and (isinstance(error, GeneratorExit) or isinstance(
+              getattr(error, "__cause__", None) or getattr(error, "__context__", None),
+              GeneratorExit)))
+
+
+class _NoiseFilter:
+  """Drops :func:`is_orbax_noise` reports while at least one :class:`Checkpointer` is open.
+
+  ``sys.unraisablehook`` is process-wide, so the filter is contained: a checkpointer that opens
+  installs it in front of the hook in place then (again, if someone replaced it meanwhile), and
+  when the last one closes (or is garbage-collected unclosed) that hook is put back, unless
+  someone replaced ours meanwhile: theirs is left alone. Every other report goes to that hook
+  unchanged.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._users = 0
+    self._previous = None
+    self._inside = threading.local()  # a hook that hands reports back to ours: no loop
+
+  def _hook(self, unraisable) -> None:
+    if is_orbax_noise(unraisable):
+      logger.debug("dropped orbax's report of an abandoned operation: %s", unraisable.exc_value)
       return
-    previous(unraisable)
-  hook._align_jax = True  # pylint: disable=protected-access
-  return hook
+    if getattr(self._inside, "active", False):
+      sys.__unraisablehook__(unraisable)
+      return
+    self._inside.active = True
+    try:
+      (self._previous or sys.__unraisablehook__)(unraisable)
+    finally:
+      self._inside.active = False
+
+  def acquire(self) -> None:
+    with self._lock:
+      if sys.unraisablehook != self._hook:  # pylint: disable=comparison-with-callable
+        self._previous, sys.unraisablehook = sys.unraisablehook, self._hook
+      self._users += 1
+
+  def release(self) -> None:
+    with self._lock:
+      self._users -= 1
+      if self._users == 0:
+        if sys.unraisablehook == self._hook:  # pylint: disable=comparison-with-callable
+          sys.unraisablehook = self._previous
+        self._previous = None
+
+
+_noise_filter = _NoiseFilter()
+
+
+def _collect_abandoned_operations() -> None:
+  """Finalises the operations a failed orbax call abandoned, now, while the filter is on.
+
+  Called once the exception that held them is gone; otherwise they would be finalised at some
+  later collection, possibly at interpreter exit after every checkpointer closed (their reports
+  then printed after our error line).
+  """
+  gc.collect()
 
 
 def _forget_cached_listings(path: str) -> None:
@@ -183,13 +268,46 @@ def _by_path_name(sums: dict[str, int]) -> dict[str, int]:
   return {name(k): v for k, v in sums.items()}
 
 
+class KeepNewest:
+  """Orbax retention (a ``preservation_policy``): keeps the ``keep`` highest steps, all if None.
+
+  The highest step is kept whatever happens: ``keep`` < 1 is refused here, and the choice is made
+  by step number, not by the order orbax lists its checkpoints in. So retention can never remove
+  the newest checkpoint, the one a resume starts from.
+  """
+
+  def __init__(self, keep: int | None):
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep_checkpoints must be >= 1 (got {keep}): retention always keeps the "
+                       "newest checkpoint; set --config.keep_checkpoints=N with N >= 1")
+    self.keep = keep
+
+  def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+    """One bool per checkpoint (objects with a ``step``), in the order given; ``context`` (orbax's
+    PreservationContext) is not needed."""
+    del context
+    newest = sorted({c.step for c in checkpoints}, reverse=True)
+    kept = set(newest if self.keep is None else newest[:self.keep])
+    return [c.step in kept for c in checkpoints]
+
+
 class Checkpointer:
-  """Saves every ``every`` steps into ``WORKDIR/checkpoints``, keeps the last ``keep``."""
+  """Saves every ``every`` steps into ``WORKDIR/checkpoints``, keeps the last ``keep`` (>= 1).
+
+  Close it (:meth:`close`, or use it in a ``with`` block): while one is open, orbax's reports of
+  abandoned operations after a failure are dropped (:func:`is_orbax_noise`).
+  """
 
   def __init__(self, workdir: str, *, every: int = 1, keep: int | None = None,
                async_save: bool = True, read_only: bool = False):
     """``read_only``: a reader of an existing (possibly still training) run, for evaluation and
-    export: it creates no folder, removes no unfinished save and never saves."""
+    export: it creates no folder, removes no unfinished save, never saves and never moves a
+    damaged checkpoint aside.
+
+    Raises:
+      ValueError: ``keep`` < 1 (retention would remove the checkpoint just saved).
+    """
+    retention = KeepNewest(keep)  # checked before anything is opened
     _install_log_filter()
     self.every = every
     self.read_only = read_only
@@ -209,10 +327,21 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-              cleanup_tmp_directories=True))
+              preservation_policy=retention, enable_async_checkpointing=async_save,
+              create=True, cleanup_tmp_directories=True))
     self._pending: int | None = None  # step of a save not yet known to have finished
     self.last_good: int | None = None  # newest checkpoint known to be complete
+    self._abandoned = False  # an orbax call failed: its abandoned operations may still report
+    _noise_filter.acquire()
+    # Released by close(), or when an unclosed checkpointer (a run stopped by an error) is
+    # garbage-collected, so a long-lived process (notebook, tests) is not left filtered.
+    self._release_filter = weakref.finalize(self, _noise_filter.release)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
   def step_path(self, step: int) -> str:
     return storage.join(self.directory, str(step))
@@ -226,8 +355,17 @@ class Checkpointer:
 
   def saved_state(self, step: int) -> Any:
     """The saved train state's tree at ``step`` (nested dicts and lists; a leaf per array, with
-    ``shape`` and ``dtype``), read from the checkpoint's metadata without reading any array."""
-    return self.manager.item_metadata(step)["state"].tree
+    ``shape`` and ``dtype``), read from the checkpoint's metadata without reading any array.
+
+    Raises:
+      CheckpointError: the metadata cannot be read ("state: metadata: <cause>").
+    """
+    cause = None
+    try:
+      return self.manager.item_metadata(step)["state"].tree
+    except Exception as error:  # pylint: disable=broad-except
+      cause = describe_error(error)
+    raise CheckpointError(f"state: metadata: {cause}")
 
   # --- resume ----------------------------------------------------------------------------------
 
@@ -247,25 +385,45 @@ class Checkpointer:
                        step.group(0) if step else "?", path)
 
   def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
-    """Restores and verifies one step; raises with "<item>: <cause>" if it is not usable."""
+    """Restores and verifies one step; raises with "<item>: <cause>" if it is not usable.
+
+    ``abstract_state`` is the restore target, or a function of the step that gives it (read
+    from that checkpoint's own metadata, whose failure then counts as damage).
+    """
     def item(name: str, arg):
+      cause = None
       try:
         return self.manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
       except Exception as error:  # pylint: disable=broad-except
-        raise CheckpointError(f"{name}: {describe_error(error)}") from error
+        cause = f"{name}: {describe_error(error)}"
+        logger.debug("restoring %s of checkpoint step %d failed", name, step, exc_info=True)
+      # Raised outside the except block, so nothing keeps orbax's abandoned reads alive.
+      self._abandoned = True
+      _collect_abandoned_operations()
+      raise CheckpointError(cause)
 
+    if not storage.exists(storage.join(self.step_path(step), "integrity")):
+      raise CheckpointError("integrity: the state's checksums are missing, so the state cannot "
+                            "be verified (a state/ copied in from elsewhere looks the same)")
     data = item("data", ocp.args.JsonRestore())
+    if callable(abstract_state):
+      abstract_state = abstract_state(step)
     state = item("state", ocp.args.StandardRestore(abstract_state))
-    if storage.exists(storage.join(self.step_path(step), "integrity")):  # absent before 2026-12
-      saved = item("integrity", ocp.args.JsonRestore())
-      # Compared by path names, so a state restored as the saved tree (dicts and lists, see
-      # saved_state) is checked as well as one restored into a TrainState.
-      got = _by_path_name(state_checksums(state))
-      expected = _by_path_name(saved.get("checksums", {}) if isinstance(saved, dict) else {})
-      bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-      if bad:
-        raise CheckpointError(f"state: checksum mismatch in {len(bad)} of {len(got)} arrays "
-                              f"(e.g. {bad[0]}): the files were damaged after the save")
+    saved = item("integrity", ocp.args.JsonRestore())
+    if not isinstance(saved, dict) or saved.get("format") != _CHECKSUM_FORMAT:
+      raise CheckpointError(f"integrity: not a {_CHECKSUM_FORMAT} record")
+    # Compared by path names, so a state restored as the saved tree (dicts and lists, see
+    # saved_state) is checked as well as one restored into a TrainState.
+    got = _by_path_name(state_checksums(state))
+    expected = _by_path_name(saved.get("checksums") or {})
+    bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+    if bad:
+      raise CheckpointError(f"state: checksum mismatch in {len(bad)} of {len(got)} arrays "
+                            f"(e.g. {bad[0]}): the files were damaged after the save")
+    stored = _stored_step(state)
+    if stored is not None and stored != step:
+      raise CheckpointError(f"state: holds step {stored}, not {step} (state/ and integrity/ "
+                            f"were copied in from checkpoint {stored})")
     if not isinstance(data, dict):
       raise CheckpointError(f"data: expected a JSON object, got {type(data).__name__}")
     return state, data
@@ -289,8 +447,11 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
     """(state, data_state, step) of the newest checkpoint that restores, or None if there is none.
 
-    Damaged newer checkpoints are reported (one line each) and moved aside; if none restores,
-    nothing is moved and :class:`CheckpointError` says so in one line.
+    ``abstract_state``: the restore target (see :meth:`restore`), or a function of the step that
+    gives it. Damaged newer checkpoints are reported (one line each) and, unless this is a
+    reader, moved aside; a reader (evaluation, export) leaves them in place and its one line names
+    the step used and the steps left to pick with ``--step``. If none restores, nothing is moved
+    and :class:`CheckpointError` says so in one line.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     failures: list[tuple[int, str]] = []
@@ -303,14 +464,22 @@ class Checkpointer:
       if _any_process(cause is not None):
         failures.append((step, cause or "failed on another process"))
         continue
-      for bad_step, bad_cause in failures:
-        target = self._move_aside(bad_step)
-        logger.warning("checkpoint step %d at %s cannot be restored (%s); moved it to %s and "
-                       "resumed from step %d", bad_step, self.step_path(bad_step), bad_cause,
-                       target, step)
-      if failures:
-        _forget_cached_listings(self.directory)
-        self.manager.reload()
+      if self.read_only:
+        others = [s for s in sorted(steps) if s not in dict(failures)]
+        for bad_step, bad_cause in failures:
+          logger.warning("checkpoint step %d at %s cannot be restored (%s); left it in place and "
+                         "used step %d instead (steps available with --step: %s)", bad_step,
+                         self.step_path(bad_step), bad_cause, step,
+                         ", ".join(map(str, others)))
+      else:
+        for bad_step, bad_cause in failures:
+          target = self._move_aside(bad_step)
+          logger.warning("checkpoint step %d at %s cannot be restored (%s); moved it to %s and "
+                         "resumed from step %d", bad_step, self.step_path(bad_step), bad_cause,
+                         target, step)
+        if failures:
+          _forget_cached_listings(self.directory)
+          self.manager.reload()
       logger.info("restored checkpoint at step %d from %s", step, self.directory)
       self.last_good = step
       return state, data, step
@@ -319,25 +488,29 @@ class Checkpointer:
       others = ", ".join(str(s) for s, _ in failures[1:])
       raise CheckpointError(
           f"no checkpoint in {self.directory} can be restored: step {first_step}: {first_cause}"
-          + (f" (steps {others} fail too)" if others else "")
-          + f"; nothing was changed. To start over, move {self.directory} aside or use "
-          "another --workdir")
+          + (f" (steps {others} fail too)" if others else "") + "; nothing was changed"
+          + ("" if self.read_only else f". To start over, move {self.directory} aside or use "
+             "another --workdir"))
     return None
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
     """Restores (state, data_state, step) of one step (default: the latest) onto the shardings
     in ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set, so each
-    process reads only its own shards); raises :class:`CheckpointError` if it is damaged."""
+    process reads only its own shards, or a function of the step that gives it); raises
+    :class:`CheckpointError` naming the other steps if it is damaged."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     try:
       state, data = self._restore_step(abstract_state, step)
     except CheckpointError as error:
-      raise CheckpointError(f"checkpoint step {step} at {self.step_path(step)} cannot be "
-                            f"restored ({error})") from None
-    logger.info("restored checkpoint at step %d from %s", step, self.directory)
-    return state, data, step
+      cause = str(error)
+    else:
+      logger.info("restored checkpoint at step %d from %s", step, self.directory)
+      return state, data, step
+    others = ", ".join(str(s) for s in self.all_steps() if s != step) or "none"
+    raise CheckpointError(f"checkpoint step {step} at {self.step_path(step)} cannot be restored "
+                          f"({cause}); other steps available with --step: {others}")
 
   # --- save ------------------------------------------------------------------------------------
 
@@ -357,6 +530,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except
+      self._abandoned = True
       self._close_quietly()
       raise self._save_error(step, error) from None
     self.last_good = step
@@ -413,8 +587,27 @@ class Checkpointer:
     self._finish_pending()
 
   def close(self) -> None:
-    self._finish_pending()
-    self.manager.close()
+    """Waits for the pending save (raises :class:`CheckpointError` if it failed) and closes."""
+    if not self._release_filter.alive:
+      return
+    try:
+      self._finish_pending()
+      self.manager.close()
+    finally:
+      if self._abandoned:
+        _collect_abandoned_operations()  # still filtered
+      self._release_filter()
+
+
+def _stored_step(state: Any) -> int | None:
+  """The step a restored train state holds (a TrainState's ``step``, or a saved tree's "step"
+  entry), or None if it holds none."""
+  value = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+  if value is None or np.ndim(value) != 0:
+    return None
+  if isinstance(value, jax.Array):  # replicated: every process holds the value
+    value = value.addressable_data(0)
+  return int(np.asarray(value))
 
 
 def abstract_like(tree: Any) -> Any:

@@ -313,6 +313,9 @@ def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_proc
   for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
     if config[key] <= 0:
       problems.append(f"{key} must be positive (got {config[key]}): set --config.{key}=N")
+  if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
+    problems.append(f"keep_checkpoints must be >= 1 (got {config.keep_checkpoints}): retention "
+                    "always keeps the newest checkpoint; set --config.keep_checkpoints=N")
   if config.batch_size % num_batch_devices:
     nearest = max(num_batch_devices, config.batch_size // num_batch_devices * num_batch_devices)
     problems.append(

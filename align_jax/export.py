@@ -66,7 +66,8 @@ def export(workdir: str, out: str, *, step: int | None = None,
   Args:
     workdir: the training workdir (``checkpoints/`` and ``config.json``).
     out: the folder to write (created; files of an earlier export there are replaced).
-    step: the checkpoint step (default: the latest).
+    step: the checkpoint step (default: the latest; if that one is damaged, the newest that
+      restores, named in one warning line and nothing moved).
     config: the training config, instead of ``WORKDIR/config.json``.
   """
   from safetensors.numpy import save
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workdir", required=True, help="the training workdir")
   parser.add_argument("--out", required=True, help="the folder to write")
   parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step (default: the latest)")
+                      help="checkpoint step (default: the latest that restores)")
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
   distributed.initialize_or_exit(args)

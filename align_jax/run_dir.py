@@ -60,7 +60,10 @@ def restore_params(workdir: str, step: int | None = None, *,
   """The trainable params (projectors and logit params) of a run's checkpoint.
 
   The checkpoint's tree is read from its own metadata, so no model, optimiser or mesh of the run
-  that saved it is needed; its checksums are verified. Only the params are returned.
+  that saved it is needed; its checksums are verified. Only the params are returned. Without
+  ``step``, a damaged latest checkpoint falls back to the newest one that restores, as a resumed
+  training run does, but read-only: one warning line names the damaged step, the step used and
+  the steps available with ``--step``; nothing is moved (the run may still be training).
 
   Args:
     workdir: the run's folder.
@@ -72,7 +75,8 @@ def restore_params(workdir: str, step: int | None = None, *,
 
   Raises:
     FileNotFoundError: no checkpoint in the run, or none at ``step`` (lists the ones there).
-    align_jax.checkpoint.CheckpointError: the checkpoint is damaged (one line naming it).
+    align_jax.checkpoint.CheckpointError: the checkpoint at ``step`` is damaged, or without
+      ``step`` none restores (one line naming it and the other steps).
   """
   directory = checkpoints_dir(workdir)
   missing = FileNotFoundError(
@@ -81,27 +85,32 @@ def restore_params(workdir: str, step: int | None = None, *,
   if not storage.isdir(directory):
     raise missing
   reader = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  try:
-    available = reader.all_steps()
-    if not available:
-      raise missing
-    if step is None:
-      step = available[-1]
-    elif step not in available:
-      raise FileNotFoundError(f"no checkpoint at step {step} in {directory}; available steps: "
-                              f"{available}")
-    saved = reader.saved_state(step)
+
+  def target(at_step: int) -> Any:
+    """Restore target of one checkpoint, from its own metadata: host arrays, or ``shardings``."""
+    saved = reader.saved_state(at_step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             saved)
     if shardings is not None:
-      params = abstract["params"]
-      if callable(shardings):
-        shardings = shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                           params))
+      params, placed = abstract["params"], shardings
+      if callable(placed):
+        placed = placed(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
       abstract["params"] = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-    state, _, step = reader.restore(abstract, step)
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, placed)
+    return abstract
+
+  try:
+    available = reader.all_steps()
+    if not available:
+      raise missing
+    if step is None:  # the newest that restores; damaged newer ones are reported, left in place
+      state, _, step = reader.restore_latest(target)
+    elif step not in available:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {directory}; available steps: "
+                              f"{available}")
+    else:
+      state, _, step = reader.restore(target, step)
   finally:
     reader.close()
   params = state["params"]

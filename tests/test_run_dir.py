@@ -98,11 +98,40 @@ def test_missing_and_damaged_checkpoints_are_one_line_errors(trained, tmp_path):
   key = ".params['image']['hidden']['kernel']"
   saved["checksums"][key] = (saved["checksums"][key] + 1) % 2**32
   integrity.write_text(json.dumps(saved))
-  with pytest.raises(checkpoint_lib.CheckpointError, match="step 6 .*checksum mismatch in 1 "):
-    run_dir.restore_params(str(damaged))
+  with pytest.raises(checkpoint_lib.CheckpointError) as error:
+    run_dir.restore_params(str(damaged), 6)  # asked for: no fallback
+  assert str(error.value).startswith(f"checkpoint step 6 at {damaged}/checkpoints/6 cannot be "
+                                     "restored (state: checksum mismatch in 1 ")
+  assert str(error.value).endswith("; other steps available with --step: 3")
+  assert run_dir.restore_params(str(damaged), 3).step == 3
   assert run_dir.steps(str(damaged)) == [3, 6]  # reading moved nothing aside
   assert not (damaged / "checkpoints_corrupt").exists()
-  assert run_dir.restore_params(str(damaged), 3).step == 3
+
+
+def test_damaged_latest_falls_back_read_only_in_one_line(trained, tmp_path, caplog):
+  """Issue 21, item 5: like a resume (the newest checkpoint that restores), but nothing moves."""
+  _, workdir, reference = trained
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  shutil.rmtree(damaged / "checkpoints" / "6" / "integrity")  # without checksums: damaged
+  caplog.set_level("INFO")
+  params, step, path = run_dir.restore_params(str(damaged))
+  assert step == 3 and path == f"{damaged}/checkpoints/3"
+  jax.tree.map(np.testing.assert_array_equal, params, reference[3])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert warnings == [
+      f"checkpoint step 6 at {damaged}/checkpoints/6 cannot be restored (integrity: the state's "
+      "checksums are missing, so the state cannot be verified (a state/ copied in from elsewhere "
+      "looks the same)); left it in place and used step 3 instead (steps available with --step: "
+      "3)"]
+  assert sorted(os.listdir(damaged / "checkpoints")) == ["3", "6"]
+  assert not (damaged / "checkpoints_corrupt").exists()
+  for step_dir in ("3", "6"):
+    (damaged / "checkpoints" / step_dir / "data" / "metadata").write_text("{garbage")
+  with pytest.raises(checkpoint_lib.CheckpointError, match=(
+      r"^no checkpoint in .*damaged/checkpoints can be restored: step 6: integrity: .*\(steps 3 "
+      r"fail too\); nothing was changed$")):
+    run_dir.restore_params(str(damaged))
 
 
 def test_config_round_trip_keeps_tuples(tmp_path):

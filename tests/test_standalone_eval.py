@@ -79,3 +79,26 @@ def test_missing_checkpoints_name_the_folder(trained, tmp_path):
     standalone.evaluate_checkpoint(config, str(tmp_path / "no_steps"))
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 4 .*steps: \[15, 30\]"):
     standalone.evaluate_checkpoint(config, workdir, step=4)
+
+
+def test_damaged_latest_checkpoint_evaluates_the_previous_one(trained, tmp_path, caplog):
+  """Issue 21, item 5: the newest checkpoint that restores is evaluated, the damaged one is
+  named in one line (with the steps to pick with --step) and left in place."""
+  import shutil
+  config, workdir = trained
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  (damaged / "checkpoints" / "30" / "state" / "_METADATA").write_text("{garbage")
+  caplog.set_level("INFO")
+  report = standalone.evaluate_checkpoint(config, str(damaged))
+  assert report["step"] == 15 and report["checkpoint"] == f"{damaged}/checkpoints/15"
+  for key, value in _eval_lines(workdir)[15].items():
+    np.testing.assert_allclose(report["results"][key], value, rtol=0, atol=1e-7)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  assert warnings[0].startswith(f"checkpoint step 30 at {damaged}/checkpoints/30 cannot be "
+                                "restored (state: metadata: "), warnings[0]
+  assert warnings[0].endswith("left it in place and used step 15 instead (steps available with "
+                              "--step: 15)")
+  assert sorted(os.listdir(damaged / "checkpoints")) == ["15", "30"]
+  assert not (damaged / "checkpoints_corrupt").exists()

@@ -3,7 +3,9 @@
     python main.py --mode=evaluate --config=configs/X.py --workdir=DIR [--step=N]
 
 is ``evaluate_checkpoint(config, workdir, step)``: it restores the trainable params (projectors and
-logit params) of ``DIR/checkpoints/<step>`` (the latest by default) onto the mesh, rebuilds the
+logit params) of ``DIR/checkpoints/<step>`` onto the mesh (by default the latest; if that one is
+damaged, the newest that restores, named in one warning line and nothing moved: see
+:func:`align_jax.run_dir.restore_params`), rebuilds the
 frozen encoders from the config (they are never checkpointed), runs every evaluator of
 ``config.evals`` exactly as training does, and writes ``DIR/eval_results.json``::
 
@@ -52,11 +54,12 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str,
   Args:
     config: the run's config (the encoders and projectors must match the checkpoint's).
     workdir: the training run's folder.
-    step: checkpoint step; None for the latest.
+    step: checkpoint step; None for the latest that restores.
     mesh: defaults to the one ``config.mesh`` describes over all devices.
 
   Raises:
     FileNotFoundError: no checkpoint (at ``step``) in ``workdir/checkpoints``.
+    align_jax.checkpoint.CheckpointError: the checkpoint at ``step`` is damaged, or none restores.
     ValueError: the config is invalid.
   """
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
