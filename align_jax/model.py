@@ -124,7 +124,11 @@ class AlignModel:
     Micro-batched, the backward pass recomputes each chunk's activations (``jax.checkpoint``)
     instead of keeping them for the whole batch — GradCache's point (RECIPES §4) without its
     second pass, since the frozen encoders need no gradient: activation memory is one chunk's.
-    Each chunk's dropout key is folded from the index of its first row.
+    The loop runs per device (:func:`align_jax.sharding.map_micro_batches_per_device`), so no
+    chunk value, dropout masks included, is ever made for all devices' rows (issue 24: XLA does
+    not partition rbg's RngBitGenerator). Each chunk's dropout key is folded from the global
+    index of its first row: masks depend on the mesh and the micro-batch, not on the step's
+    other inputs, and a resume on the same mesh draws the same ones.
     """
     def apply(params, feats, key):
       rngs = {"dropout": key} if key is not None else None

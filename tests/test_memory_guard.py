@@ -181,7 +181,8 @@ def test_paper_recipe_fits_a_v5e_256_at_32k(tmp_path):
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "aot_pod.py"), "--entries",
        "v5e-256:32768", "--out", str(out), "--timeout", "2400"],
-      cwd=REPO, capture_output=True, text=True, timeout=2700)
+      cwd=REPO, capture_output=True, text=True, timeout=2700,
+      env=dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))  # compile-only: beside other users
   assert result.returncode == 0 and out.exists(), result.stdout[-2000:] + result.stderr[-2000:]
   row = json.loads(out.read_text().splitlines()[-1])
   assert not row.get("error"), row["error"]
