@@ -124,23 +124,27 @@ class AlignModel:
     Micro-batched, the backward pass recomputes each chunk's activations (``jax.checkpoint``)
     instead of keeping them for the whole batch — GradCache's point (RECIPES §4) without its
     second pass, since the frozen encoders need no gradient: activation memory is one chunk's.
-    Each chunk's dropout key is folded from the index of its first row.
+    The loop runs per device (:func:`align_jax.sharding.map_micro_batches_per_device`), so no
+    chunk value, dropout masks included, is ever made for all devices' rows (issue 24: XLA does
+    not partition rbg's RngBitGenerator). Each chunk's dropout key is folded from the global
+    index of its first row: masks depend on the mesh and the micro-batch, not on the step's
+    other inputs, and a resume on the same mesh draws the same ones.
     """
-    def apply(feats, key):
+    def apply(params, feats, key):
       rngs = {"dropout": key} if key is not None else None
       return module.apply({"params": params}, feats, train=train, rngs=rngs)
 
     if not self.projector_micro_batch or self.mesh is None:
-      return l2_normalize(apply(features, rng))
+      return l2_normalize(apply(params, features, rng))
 
-    def chunk(inputs):
-      feats, rows = inputs
-      return apply(feats, None if rng is None else jax.random.fold_in(rng, rows[0]))
+    def chunk(shared, inputs):
+      (params, key), (feats, rows) = shared, inputs
+      return apply(params, feats, None if key is None else jax.random.fold_in(key, rows[0]))
 
     rows = jnp.arange(jax.tree.leaves(features)[0].shape[0])
-    z = sharding.map_micro_batches(jax.checkpoint(chunk), (features, rows),
-                                   micro_batch=self.projector_micro_batch, mesh=self.mesh,
-                                   batch_axes=self.batch_axes)
+    z = sharding.map_micro_batches_per_device(
+        jax.checkpoint(chunk), (params, rng), (features, rows),
+        micro_batch=self.projector_micro_batch, mesh=self.mesh, batch_axes=self.batch_axes)
     return l2_normalize(z)
 
   def embed_images(self, params: dict, frozen: dict, inputs: dict) -> jnp.ndarray:

@@ -235,3 +235,55 @@ def map_micro_batches(fn: Callable, inputs: Any, *, micro_batch: int, mesh: Mesh
     return y.reshape(rows, *y.shape[3:])
 
   return jax.tree.map(merge, jax.lax.map(fn, jax.tree.map(split, inputs)))
+
+
+def _device_varying(x: Any, axes: tuple[str, ...]) -> Any:
+  """``x`` (inside ``shard_map``) typed as varying over ``axes``; non-float leaves as they are."""
+  if not jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+    return x
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older: aval.vma
+  varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+  missing = tuple(a for a in axes if a not in varying)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def map_micro_batches_per_device(fn: Callable, shared: Any, inputs: Any, *, micro_batch: int,
+                                 mesh: Mesh, batch_axes: Sequence[str]) -> Any:
+  """``fn(shared, inputs)`` computed on each device's own rows, ``micro_batch`` at a time.
+
+  ``fn`` must be row-wise (row i of the result depends on row i of ``inputs`` only); ``shared``
+  (parameters, keys) is the same on every device. Under ``jax.shard_map`` each device loops
+  (``lax.map``) over micro-batches of its rows, so every value ``fn`` computes is one device's
+  micro-batch by construction. :func:`map_micro_batches` instead partitions one global loop
+  with GSPMD, which keeps that promise only for ops XLA can partition: XLA's RngBitGenerator
+  (the rbg dropout PRNG) it computes whole on every device, so a dropout mask of all devices'
+  micro-batches ([devices x micro_batch, T, D] uint32) sat on each chip (issue 24). The
+  trainable projectors run here for that reason.
+
+  ``shared``'s float leaves are marked device-varying once, before the loop: the gradient of
+  replicated parameters is then summed across devices once after the loop, not once per
+  micro-batch. ``micro_batch <= 0`` or >= the rows per device: one call per device.
+  """
+  axes = tuple(batch_axes)
+  shards = num_batch_shards(mesh, axes)
+  rows = jax.tree.leaves(inputs)[0].shape[0]
+  if rows % shards:
+    raise ValueError(f"batch of {rows} rows does not split over the {shards} devices of "
+                     f"mesh.batch_axes {axes}: use a batch size that is a multiple of {shards}")
+  per_shard = rows // shards
+  steps = per_shard // micro_batch if 0 < micro_batch < per_shard else 1
+  if steps > 1 and per_shard % micro_batch:
+    raise ValueError(f"{per_shard} rows per device are not divisible by micro-batch "
+                     f"{micro_batch}: set config.model.projector_micro_batch to a divisor")
+
+  def per_device(shared, local):
+    shared = jax.tree.map(lambda x: _device_varying(x, axes), shared)
+    if steps == 1:
+      return fn(shared, local)
+    chunks = jax.tree.map(lambda x: x.reshape(steps, micro_batch, *x.shape[1:]), local)
+    out = jax.lax.map(lambda chunk: fn(shared, chunk), chunks)
+    return jax.tree.map(lambda y: y.reshape(per_shard, *y.shape[2:]), out)
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axes)),
+                       out_specs=P(axes))(shared, inputs)

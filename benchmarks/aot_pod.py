@@ -10,6 +10,10 @@ and records XLA's per-device memory, the compile time and analytic FLOPs. The en
 written here: DINOv2-L's and RoBERTa-L's ``config.json`` (the published hub configs' shapes) and a
 small RoBERTa tokenizer (only the ids' shapes matter); no weights exist, and none are needed.
 
+Every row records the commit it was measured on (``commit``: the short hash, ``+dirty`` when
+tracked files differ from it), printed and shown in the table, so a row older than the code is
+visible as such.
+
 Each (topology, batch) compiles in its own subprocess, one at a time, and its result is appended to
 ``--out`` as one JSON line as soon as it finishes, so a long run keeps what it has done and a
 second run with the same ``--out`` skips what is already there. Compiling for TPU needs libtpu
@@ -36,7 +40,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 TOPOLOGIES = ("v5e-64", "v5e-256", "v5p-128", "2xv5e-256")
 BATCHES = (16384, 32768, 65536)
@@ -54,6 +59,20 @@ ROBERTA_LARGE = dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
                      num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
                      type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                      layer_norm_eps=1e-5)
+
+
+def source_commit(repo: str = REPO) -> str:
+  """The short commit hash of ``repo``, with ``+dirty`` when tracked files differ from it.
+
+  "unknown" outside a git checkout (e.g. an exported copy of the tree).
+  """
+  def git(*args):
+    return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=60)
+  head = git("rev-parse", "--short", "HEAD")
+  if head.returncode:
+    return "unknown"
+  dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+  return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def write_config_folders(root: str) -> tuple[str, str]:
@@ -121,7 +140,7 @@ def run_one(topology: str, batch: int, image: str, text: str) -> dict:
   from align_jax import aot
   aot.prepare_process(topology)
   config = recipe_config(batch, image, text)
-  row = {**analytic_row(topology, batch, config),
+  row = {**analytic_row(topology, batch, config), "commit": source_commit(),
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   start = time.perf_counter()
   try:
@@ -150,14 +169,14 @@ def table(rows: list[dict], entries: list[tuple[str, int]] = ()) -> str:
   rows = sorted(rows, key=lambda r: (order.get(r["topology"], len(order)), r["batch"]))
   lines = ["| topology | chips | global batch | rows/chip | compile s | args GiB | temp GiB | "
            "peak GiB | HBM GiB | fits | PFLOP/step (analytic) | XLA TFLOP/chip (1 loop body) | "
-           "roofline step s | roofline samples/s | 255M samples at 40 % MFU |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "roofline step s | roofline samples/s | 255M samples at 40 % MFU | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     chips = r["num_devices"]
     head = f"| {r['topology']} | {chips} | {r['batch']:,} | {r['batch'] // chips} | "
     tail = (f"{r['analytic_flops_per_step'] / 1e15:.2f} | {{xla}} | "
             f"{r['roofline_step_seconds']:.3f} | {r['roofline_samples_per_second']:,.0f} | "
-            f"{r['paper_hours_at_mfu']:.2f} h |")
+            f"{r['paper_hours_at_mfu']:.2f} h | {r.get('commit', '—')} |")
     if "compile_seconds" not in r:  # not compiled (yet)
       lines.append(head + f"not compiled | — | — | — | {r['hbm_gib']} | — | "
                    + tail.format(xla="—"))
@@ -208,6 +227,7 @@ def main() -> None:
     print("RESULT " + json.dumps(run_one(topology, int(batch), image, text)), flush=True)
     return
   entries = _entries(args)
+  print(f"measuring commit {source_commit()}", flush=True)
   done = {(r["topology"], r["batch"]) for r in _read(args.out)}
   with tempfile.TemporaryDirectory() as root:
     image, text = write_config_folders(root)
@@ -231,7 +251,8 @@ def main() -> None:
       with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
       print(f"  {row.get('error') or 'compiled'} in {row['compile_seconds']:.0f} s; peak "
-            f"{_gib(row.get('peak_bytes'))} GiB", flush=True)
+            f"{_gib(row.get('peak_bytes'))} GiB, temporaries {_gib(row.get('temp_bytes'))} GiB "
+            f"(commit {row['commit']})", flush=True)
   print(table(_read(args.out), entries))
 
 
