@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax import interfaces, loss_kinds, projectors, sharding, toy_encoders
+from align_jax import interfaces, loss_kinds, ops, projectors, sharding, toy_encoders
 
 
 # config.model.dropout_rng_impl: jax PRNG implementations for the dropout masks
@@ -44,12 +44,6 @@ def _check_rng_impl(impl: str) -> str:
     raise ValueError(f"unknown dropout PRNG {impl!r}: set --config.model.dropout_rng_impl to one "
                      f"of {DROPOUT_RNG_IMPLS}")
   return impl
-
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-  """Unit-norm rows, computed in float32."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +129,7 @@ class AlignModel:
       return module.apply({"params": params}, feats, train=train, rngs=rngs)
 
     if not self.projector_micro_batch or self.mesh is None:
-      return l2_normalize(apply(params, features, rng))
+      return ops.l2_normalize(apply(params, features, rng))
 
     def chunk(shared, inputs):
       (params, key), (feats, rows) = shared, inputs
@@ -145,7 +139,7 @@ class AlignModel:
     z = sharding.map_micro_batches_per_device(
         jax.checkpoint(chunk), (params, rng), (features, rows),
         micro_batch=self.projector_micro_batch, mesh=self.mesh, batch_axes=self.batch_axes)
-    return l2_normalize(z)
+    return ops.l2_normalize(z)
 
   def embed_images(self, params: dict, frozen: dict, inputs: dict) -> jnp.ndarray:
     """Image-tower inputs -> normalised embeddings (evaluation, inference)."""

@@ -24,6 +24,22 @@ def masked_mean(tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   return (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
 
+def pooled(features: dict, dtype=None) -> jnp.ndarray:
+  """One vector per example of encoder features: ``pooled`` as is, or the masked mean of
+  ``tokens`` (the features convention of :mod:`align_jax.projectors`); ``dtype``: cast first."""
+  if "pooled" in features:
+    x = features["pooled"]
+    return x if dtype is None else x.astype(dtype)
+  tokens = features["tokens"]
+  return masked_mean(tokens if dtype is None else tokens.astype(dtype), features["mask"])
+
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+  """Unit-norm rows, computed in float32 (a zero row stays zero)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 # XLA:CPU's matmul contracting the left operand's first axis (``x^T @ g``) runs at 0.5-0.8x the
 # speed of the same product with ``x^T`` copied first, once ``g`` has >= this many columns; below
 # it the copy costs more than it saves (benchmarks/glu_projector_grad.py, "x^T @ g" table).

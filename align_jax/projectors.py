@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax.ops import dense_dot_general, masked_mean, matmul
+from align_jax.ops import dense_dot_general, masked_mean, matmul, pooled
 
 Features = dict
 
@@ -47,13 +47,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # flax.linen.Dense (same parameters, same function) whose kernel gradient is ops.matmul's
 _Dense = functools.partial(nn.Dense, dot_general=dense_dot_general)
-
-
-def pooled(features: Features) -> jnp.ndarray:
-  """One vector per example: ``pooled`` as is, or the masked mean of ``tokens``."""
-  if "pooled" in features:
-    return features["pooled"]
-  return masked_mean(features["tokens"], features["mask"])
 
 
 def _tokens(features: Features, projector: str) -> tuple[jnp.ndarray, jnp.ndarray]:

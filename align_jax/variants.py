@@ -46,17 +46,6 @@ _EPS = 1e-12
 # --------------------------------------------------------------------------- helpers
 
 
-def pooled(features: dict) -> jnp.ndarray:
-  """One float32 vector per row of an encoder's features: ``pooled``, or the masked token mean."""
-  if "pooled" in features:
-    return features["pooled"].astype(jnp.float32)
-  return ops.masked_mean(features["tokens"].astype(jnp.float32), features["mask"])
-
-
-def _normalize(x: jnp.ndarray) -> jnp.ndarray:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-
-
 def _positive_mask(num_images: int, k: int) -> jnp.ndarray:
   """[B, B*k] bool: text j is a caption of image i iff j // k == i."""
   return jnp.arange(num_images)[:, None] == (jnp.arange(num_images * k) // k)[None, :]
@@ -181,7 +170,7 @@ def multi_positive_sigmoid_loss(img: jnp.ndarray, txt: jnp.ndarray, scale, bias,
 
 def cwcl_weights(features: jnp.ndarray) -> jnp.ndarray:
   """CWCL's continuous weights, row-normalised: w_ij = (1 + cos(f_i, f_j)) / 2, then w_ij / Σ_j w_ij."""
-  f = _normalize(features.astype(jnp.float32))
+  f = ops.l2_normalize(features)
   w = 0.5 * (1.0 + f @ f.T)
   return w / jnp.sum(w, axis=1, keepdims=True)
 
@@ -217,7 +206,7 @@ def cwcl_softmax_loss(img: jnp.ndarray, txt: jnp.ndarray, image_features: jnp.nd
 
 def _structure_matrix(x: jnp.ndarray, temperature: float) -> jnp.ndarray:
   """softmax_rows(X̂ X̂ᵀ / τ) with X̂ the L2-normalised rows, mean-centred over the batch."""
-  x = _normalize(x.astype(jnp.float32))
+  x = ops.l2_normalize(x)
   x = x - jnp.mean(x, axis=0, keepdims=True)
   return jax.nn.softmax(x @ x.T / temperature, axis=1)
 
@@ -270,7 +259,7 @@ def make_objective(config: ml_collections.ConfigDict, mesh, kind) -> Callable:
 
   def contrastive(zi, zt, values, image, text):
     if loss_config.cwcl_weight > 0:  # softmax only (config.validate)
-      return cwcl_softmax_loss(zi, zt, pooled(image), pooled(text), values["temperature"],
+      return cwcl_softmax_loss(zi, zt, ops.pooled(image, jnp.float32), ops.pooled(text, jnp.float32), values["temperature"],
                                loss_config.cwcl_weight, **kw)
     if k > 1:
       return kind.multi_positive_loss(zi, zt, values, k, **kw)
@@ -281,8 +270,8 @@ def make_objective(config: ml_collections.ConfigDict, mesh, kind) -> Callable:
     if loss_config.structure_weight <= 0:
       return loss, {}
     levels, tau = int(loss_config.structure_levels), float(loss_config.structure_temperature)
-    reg = 0.5 * (structure_regularizer(pooled(image), zi, levels, tau)
-                 + structure_regularizer(pooled(text), zt, levels, tau))
+    reg = 0.5 * (structure_regularizer(ops.pooled(image, jnp.float32), zi, levels, tau)
+                 + structure_regularizer(ops.pooled(text, jnp.float32), zt, levels, tau))
     return loss + loss_config.structure_weight * reg, {"structure": reg}
 
   return objective

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from align_jax import config as config_lib
-from align_jax import model as model_lib, optim, sharding, step_builder, train
+from align_jax import model as model_lib, ops, optim, sharding, step_builder, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
@@ -154,7 +154,7 @@ def test_per_device_micro_batches_are_each_rows_projector_with_its_key(devices):
       chunks = [module.apply({"params": p}, jax.tree.map(lambda x: x[i:i + micro], features),
                              train=True, rngs={"dropout": jax.random.fold_in(k, i)})
                 for i in range(0, rows, micro)]  # device i // per_device, its chunk
-      z.append(model_lib.l2_normalize(jax.numpy.concatenate(chunks)))
+      z.append(ops.l2_normalize(jax.numpy.concatenate(chunks)))
     return sum((zi * w).sum() for zi, w in zip(z, weights)), z
 
   assert per_device == rows // sharding.num_batch_shards(mesh, ("data",))

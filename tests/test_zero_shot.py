@@ -13,7 +13,7 @@ from PIL import Image
 
 import helpers_data as hd
 from align_jax import config as config_lib
-from align_jax import interfaces
+from align_jax import interfaces, ops
 from align_jax import model as model_lib
 from align_jax import run_dir, sharding, train
 from align_jax.data import factory, synthetic_images
@@ -51,7 +51,7 @@ class ColourModel:
   text_encoder: _FakeTextEncoder = _FakeTextEncoder()
 
   def embed_images(self, params, frozen, inputs):
-    return model_lib.l2_normalize(jnp.mean(inputs["pixel_values"], axis=(1, 2)) * params["gain"])
+    return ops.l2_normalize(jnp.mean(inputs["pixel_values"], axis=(1, 2)) * params["gain"])
 
   def embed_texts(self, params, frozen, inputs):
     return jax.nn.one_hot(inputs["input_ids"][:, 0], 3) * params["gain"]
