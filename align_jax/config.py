@@ -174,6 +174,22 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+
+def pod_recipe_config(total_steps: int, batch_size: int) -> ml_collections.ConfigDict:
+  """:func:`default_config` with what the pod recipes in configs/ share: the schedule (log every
+  50 steps, evaluate and save every 1,000) and WebDataset shards read by 16 workers
+  (``--config.data.urls`` is given on the command line)."""
+  config = default_config()
+  config.total_steps = total_steps
+  config.batch_size = batch_size
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.data.source = "webdataset"
+  config.data.urls = ""  # required: --config.data.urls=...
+  config.data.num_workers = 16
+  return config
+
 def parse_arg(arg: str | None, **defaults):
   """Parses a config variant string such as ``"steps=10,loss=sigmoid"`` (the part after ``:``).
 

@@ -81,16 +81,7 @@ def get_config(arg=None):
   variant = config_lib.parse_arg(
       arg, batch=32768, steps=15_500, micro=32, image="facebook/dinov2-large",
       text="intfloat/e5-mistral-7b-instruct", pooling="last", length=77, size=224, fsdp=True)
-  config = config_lib.default_config()
-  config.total_steps = variant.steps
-  config.batch_size = variant.batch
-  config.log_every = 50
-  config.eval_every = 1000
-  config.checkpoint_every = 1000
-
-  config.data.source = "webdataset"
-  config.data.urls = ""  # required: --config.data.urls=...
-  config.data.num_workers = 16
+  config = config_lib.pod_recipe_config(variant.steps, variant.batch)
 
   m = config.model
   m.image_encoder = variant.image

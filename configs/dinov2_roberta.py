@@ -25,16 +25,7 @@ from align_jax import config as config_lib
 def get_config(arg=None):
   variant = config_lib.parse_arg(arg, batch=16384, steps=15_500, micro=64, fsdp=False,
                                  loss="softmax")
-  config = config_lib.default_config()
-  config.total_steps = variant.steps
-  config.batch_size = variant.batch
-  config.log_every = 50
-  config.eval_every = 1000
-  config.checkpoint_every = 1000
-
-  config.data.source = "webdataset"
-  config.data.urls = ""  # required: --config.data.urls=...
-  config.data.num_workers = 16
+  config = config_lib.pod_recipe_config(variant.steps, variant.batch)
 
   m = config.model
   m.image_encoder = "facebook/dinov2-large"
