@@ -28,30 +28,24 @@ def run_train_steps(config, mesh, n):
   return trainer, losses, state, frozen_before
 
 
+# configs/demo.py shrunk to a seconds-long run: 512 synthetic pairs, small random-MLP encoders.
+TINY_DEMO = {
+    "batch_size": 64, "log_every": 2, "eval_every": 3, "checkpoint_every": 3,
+    "async_checkpointing": False, "eval_at_start": False,
+    "data.num_pairs": 512, "data.num_heldout": 64, "data.latent_dim": 8, "data.noise": 0.05,
+    "data.image_input_dim": 12, "data.text_input_dim": 10,
+    "model.encoder_width": 32, "model.encoder_output_dim": 24, "model.embed_dim": 16,
+    "model.hidden_dim": 32, "model.dropout": 0.1,
+    "optim.learning_rate": 1e-3, "optim.warmup_steps": 2,
+    "evals.heldout.batch_size": 64, "evals.heldout.ks": (1, 5),
+}
+
+
 def tiny_config(**overrides):
-  """Seconds-long run: 512 synthetic pairs, small random-MLP encoders, MLP projectors."""
-  config = config_lib.default_config()
-  config.total_steps = 6
-  config.batch_size = 64
-  config.log_every = 2
-  config.eval_every = 3
-  config.checkpoint_every = 3
-  config.async_checkpointing = False
-  config.data.num_pairs = 512
-  config.data.num_heldout = 64
-  config.data.latent_dim = 8
-  config.data.image_input_dim = 12
-  config.data.text_input_dim = 10
-  config.model.image_encoder = "random_mlp"
-  config.model.text_encoder = "random_mlp"
-  config.model.encoder_width = 32
-  config.model.encoder_output_dim = 24
-  config.model.embed_dim = 16
-  config.model.hidden_dim = 32
-  config.model.dropout = 0.1
-  config.optim.warmup_steps = 2
-  config.evals.heldout = dict(type="retrieval", data=dict(split="heldout"), batch_size=64,
-                              ks=(1, 5))
+  """configs/demo.py at 6 steps with :data:`TINY_DEMO`, then ``overrides``."""
+  from configs import demo
+  config = demo.get_config("steps=6")
+  apply_overrides(config, TINY_DEMO)
   apply_overrides(config, overrides)
   return config
 
