@@ -1,0 +1,193 @@
+"""align_jax.encoders.decoder (Llama, Mistral, Qwen2, Qwen3, Gemma) against transformers' PyTorch.
+
+Tiny random checkpoints are built and saved here with ``save_pretrained(safe_serialization=True)``,
+read back as a flat numpy dict (safetensors), converted and run. Two references: PyTorch (eager
+attention, float32) on the same padded batch with generate()'s position ids (every hidden state,
+real tokens), and PyTorch on each text alone, unpadded (the pooled features: padding on either
+side must not change them). Relative error = max |ours - torch| / max |torch|.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from align_jax.encoders import decoder
+
+TOL = 1e-5
+BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
+LENGTHS = (7, 4, 10)  # a batch of texts of different lengths, padded to 10
+BASE = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-6, tie_word_embeddings=False)
+VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaModel", dict(rope_theta=500000.0)),
+    "llama3_scaling": ("LlamaConfig", "LlamaModel", dict(
+        rope_theta=500000.0, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral": ("MistralConfig", "MistralModel", dict(sliding_window=None, head_dim=16)),
+    "mistral_window": ("MistralConfig", "MistralModel", dict(sliding_window=3)),
+    "qwen2": ("Qwen2Config", "Qwen2Model", dict(rope_theta=1e6, use_sliding_window=False)),
+    "qwen2_yarn": ("Qwen2Config", "Qwen2Model", dict(
+        use_sliding_window=False,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen3": ("Qwen3Config", "Qwen3Model", dict(head_dim=16, rope_theta=1e6)),
+    "gemma": ("GemmaConfig", "GemmaModel", dict(head_dim=16, hidden_act="gelu_pytorch_tanh")),
+}
+
+
+def _rel(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, torch):
+  import transformers
+  torch.manual_seed(0)
+  root = tmp_path_factory.mktemp("enc_decoders")
+  made = {}
+  for name, (config_class, model_class, extra) in VARIANTS.items():
+    config = getattr(transformers, config_class)(**BASE, **extra)
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():  # random norm weights, so (1 + w) vs w and q/k norms are exercised
+      for key, value in model.named_parameters():
+        if "norm" in key:
+          value.normal_(0.0, 0.5)
+    folder = str(root / name)
+    model.save_pretrained(folder, safe_serialization=True)
+    made[name] = folder
+  return made
+
+
+def _load(folder):
+  from safetensors.numpy import load_file
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  return config, load_file(os.path.join(folder, "model.safetensors"))
+
+
+def _torch_model(torch, folder, name):
+  import transformers
+  cls = getattr(transformers, VARIANTS[name][1])
+  return cls.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def _batch(side, lengths=LENGTHS, seed=0):
+  rng = np.random.default_rng(seed)
+  width = max(lengths)
+  ids = np.zeros((len(lengths), width), np.int32)
+  mask = np.zeros((len(lengths), width), np.int32)
+  texts = []
+  for row, n in enumerate(lengths):
+    text = rng.integers(3, BASE["vocab_size"], size=n)
+    texts.append(text)
+    cols = slice(width - n, width) if side == "left" else slice(0, n)
+    ids[row, cols] = text
+    mask[row, cols] = 1
+  return ids, mask, texts
+
+
+def _torch_hidden(torch, model, ids, mask, bidirectional=False):
+  positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+  kwargs = dict(input_ids=torch.from_numpy(ids).long(),
+                position_ids=torch.from_numpy(positions).long(), output_hidden_states=True)
+  if bidirectional:
+    allowed = mask[:, None, None, :].astype(bool).repeat(ids.shape[1], axis=2)
+    kwargs["attention_mask"] = torch.from_numpy(
+        np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
+  else:
+    kwargs["attention_mask"] = torch.from_numpy(mask).long()
+  with torch.no_grad():
+    out = model(**kwargs)
+  return [h.numpy() for h in out.hidden_states]
+
+
+def _run(folder, ids, mask, dtype=jnp.float32, **build_kwargs):
+  config, flat = _load(folder)
+  model = decoder.build(config, dtype=dtype, **build_kwargs)
+  params = decoder.convert(flat, config, build_kwargs.get("num_layers_to_run"),
+                           dtype=None if dtype == jnp.float32 else jnp.bfloat16)
+  fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, output_hidden_states=True))
+  return fn(params, jnp.asarray(ids), jnp.asarray(mask))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_decoder_matches_pytorch(checkpoints, torch, name, side):
+  ids, mask, texts = _batch(side)
+  out = _run(checkpoints[name], ids, mask)
+  model = _torch_model(torch, checkpoints[name], name)
+  want = _torch_hidden(torch, model, ids, mask)
+  real = mask.astype(bool)
+  assert len(out["hidden_states"]) == len(want) == BASE["num_hidden_layers"] + 1
+  errors = [_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"], want)]
+  assert max(errors) <= TOL, errors
+  assert _rel(np.asarray(out["last_hidden_state"])[real], want[-1][real]) <= TOL
+  # Pooled features equal PyTorch on each text alone, whatever the padding side.
+  alone = [_torch_hidden(torch, model, t[None].astype(np.int32), np.ones((1, len(t)), np.int32))[-1][0]
+           for t in texts]
+  last = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "last")["pooled"]
+  mean = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "mean")["pooled"]
+  tokens = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "tokens")
+  assert _rel(last, np.stack([a[-1] for a in alone])) <= TOL
+  assert _rel(mean, np.stack([a.mean(0) for a in alone])) <= TOL
+  np.testing.assert_array_equal(np.asarray(tokens["mask"]), real)
+  for row, a in enumerate(alone):
+    assert _rel(np.asarray(tokens["tokens"])[row][real[row]], a) <= TOL
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_bidirectional_matches_pytorch_with_a_full_mask(checkpoints, torch, name):
+  ids, mask, _ = _batch("right")
+  out = _run(checkpoints[name], ids, mask, bidirectional=True)
+  want = _torch_hidden(torch, _torch_model(torch, checkpoints[name], name), ids, mask,
+                       bidirectional=True)
+  real = mask.astype(bool)
+  assert max(_rel(np.asarray(h)[real], w[real])
+             for h, w in zip(out["hidden_states"], want)) <= TOL
+  causal = _run(checkpoints[name], ids, mask)
+  assert _rel(causal["last_hidden_state"], out["last_hidden_state"]) > 1e-2  # not a no-op
+
+
+def test_num_layers_to_run_returns_that_hidden_layer_and_loads_only_its_layers(checkpoints, torch):
+  ids, mask, _ = _batch("left")
+  config, flat = _load(checkpoints["qwen3"])
+  params = decoder.convert(flat, config, num_layers_to_run=2)
+  assert params["layers"]["q_proj"]["kernel"].shape[0] == 2 and "norm" not in params
+  out = _run(checkpoints["qwen3"], ids, mask, num_layers_to_run=2)
+  want = _torch_hidden(torch, _torch_model(torch, checkpoints["qwen3"], "qwen3"), ids, mask)
+  real = mask.astype(bool)
+  assert len(out["hidden_states"]) == 3
+  assert _rel(np.asarray(out["last_hidden_state"])[real], want[2][real]) <= TOL
+  zero = _run(checkpoints["qwen3"], ids, mask, num_layers_to_run=0)
+  assert _rel(np.asarray(zero["last_hidden_state"])[real], want[0][real]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["llama3_scaling", "gemma"])
+def test_bfloat16_is_close_to_float32_pytorch(checkpoints, torch, name):
+  ids, mask, _ = _batch("left")
+  out = _run(checkpoints[name], ids, mask, dtype=jnp.bfloat16)
+  assert out["last_hidden_state"].dtype == jnp.bfloat16
+  want = _torch_hidden(torch, _torch_model(torch, checkpoints[name], name), ids, mask)
+  real = mask.astype(bool)
+  assert _rel(np.asarray(out["last_hidden_state"].astype(jnp.float32))[real],
+              want[-1][real]) <= BF16_TOL
+
+
+def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
+  config, flat = _load(checkpoints["llama"])
+  plain = decoder.convert(flat, config)
+  prefixed = decoder.convert({"model." + k: v for k, v in flat.items()}, config)
+  np.testing.assert_array_equal(plain["layers"]["o_proj"]["kernel"],
+                                prefixed["layers"]["o_proj"]["kernel"])
+  with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3, gemma"):
+    decoder.build(dict(config, model_type="gpt2"))
+  with pytest.raises(ValueError, match="rope_scaling type 'longrope' is not supported"):
+    decoder.build(dict(config, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
+  with pytest.raises(ValueError, match="not a decoder LLM checkpoint"):
+    decoder.convert({"foo.weight": np.zeros(2)}, config)
