@@ -132,7 +132,7 @@ def test_bfloat16_within_tolerance(checkpoints, name):
 
 
 def test_runs_only_layers_up_to_k(checkpoints):
-  """A module built for k blocks gives HF's hidden_states[k] and holds k stacked blocks."""
+  """A module built for k blocks gives HF's hidden_states[k] from the first k stacked blocks."""
   path, model = checkpoints["dinov3"]
   x = pixels(16)
   ref = torch_outputs(model, x)
@@ -142,11 +142,9 @@ def test_runs_only_layers_up_to_k(checkpoints):
     assert rel(ours["last"], ref["hidden"][k]) <= F32_TOL, k
   cfg = vit.read_config(weights.read_config(path))
   params = vit.load_params(weights.read_state_dict(path), cfg)
-  module = vit.VisionTransformer(cfg, 4, 1)
-  text = jax.jit(module.apply).lower({"params": vit.slice_layers(params, 1)},
-                                     jnp.zeros((1, 16, 16, 3))).as_text()
-  assert text.count("dot_general") < jax.jit(vit.VisionTransformer(cfg, 4, 3).apply).lower(
-    {"params": params}, jnp.zeros((1, 16, 16, 3))).as_text().count("dot_general") + 1
+  sliced = vit.slice_layers(params, 1)
+  assert jax.tree.leaves(sliced["layers"])[0].shape[0] == 1
+  assert jax.tree.leaves(params["layers"])[0].shape[0] == 3
 
 
 def test_scan_keeps_one_block_in_the_program(checkpoints):
