@@ -128,6 +128,7 @@ def test_decoder_matches_pytorch(checkpoints, torch, name, side):
   errors = [_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"], want)]
   assert max(errors) <= TOL, errors
   assert _rel(np.asarray(out["last_hidden_state"])[real], want[-1][real]) <= TOL
+  print(f"decoder {name} {side}-padded: max rel error {max(errors):.1e}")
   # Pooled features equal PyTorch on each text alone, whatever the padding side.
   alone = [_torch_hidden(torch, model, t[None].astype(np.int32), np.ones((1, len(t)), np.int32))[-1][0]
            for t in texts]
@@ -136,6 +137,8 @@ def test_decoder_matches_pytorch(checkpoints, torch, name, side):
   tokens = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "tokens")
   assert _rel(last, np.stack([a[-1] for a in alone])) <= TOL
   assert _rel(mean, np.stack([a.mean(0) for a in alone])) <= TOL
+  print(f"decoder {name} {side}: last {_rel(last, np.stack([a[-1] for a in alone])):.1e} "
+        f"mean {_rel(mean, np.stack([a.mean(0) for a in alone])):.1e}")
   np.testing.assert_array_equal(np.asarray(tokens["mask"]), real)
   for row, a in enumerate(alone):
     assert _rel(np.asarray(tokens["tokens"])[row][real[row]], a) <= TOL
@@ -175,8 +178,9 @@ def test_bfloat16_is_close_to_float32_pytorch(checkpoints, torch, name):
   assert out["last_hidden_state"].dtype == jnp.bfloat16
   want = _torch_hidden(torch, _torch_model(torch, checkpoints[name], name), ids, mask)
   real = mask.astype(bool)
-  assert _rel(np.asarray(out["last_hidden_state"].astype(jnp.float32))[real],
-              want[-1][real]) <= BF16_TOL
+  error = _rel(np.asarray(out["last_hidden_state"].astype(jnp.float32))[real], want[-1][real])
+  print(f"decoder {name} bfloat16: rel error {error:.1e}")
+  assert error <= BF16_TOL
 
 
 def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
