@@ -68,6 +68,23 @@ def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.ima
       f"(offline or unreachable hub: {type(e).__name__}); {fix}.") from e
 
 
+def resolve_with_revision(name_or_path: str, config_flag: str = "--config.model.image_encoder",
+                          weights: bool = True) -> tuple[str, str | None]:
+  """(local folder, hub revision) of ``name_or_path``: the commit a hub id resolved to, else None.
+
+  ``snapshot_download`` returns ``.../snapshots/<commit>``, so the revision is the folder's name;
+  a local folder (not in the hub cache layout) has none. Recorded with the features (config.json,
+  the feature store's fingerprint) so a moved ``main`` branch is noticed.
+  """
+  path = os.path.expanduser(str(name_or_path))
+  folder = resolve_checkpoint(name_or_path, config_flag, weights)
+  if os.path.isdir(path):
+    return folder, None
+  parent = os.path.basename(os.path.dirname(os.path.normpath(folder)))
+  commit = os.path.basename(os.path.normpath(folder))
+  return folder, commit if parent == "snapshots" else None
+
+
 def resolve_family(name_or_path: str, families: dict[str, Any], kind: str,
                    config_flag: str, weights: bool = True) -> tuple[str, str, Any]:
   """(folder, model_type, family) of a checkpoint; ValueError for a family align_jax lacks."""
