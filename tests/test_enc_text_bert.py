@@ -1,21 +1,18 @@
 """align_jax.encoders.bert (BERT, RoBERTa, XLM-R, MPNet, CLIP text, SigLIP text) against PyTorch.
 
 Tiny random checkpoints are saved here by transformers' PyTorch classes
-(``save_pretrained(safe_serialization=True)``), read as a flat numpy dict, converted and run on a
+(``save_pretrained(safe_serialization=True)``), read with align_jax.encoders.weights, loaded and run on a
 right-padded batch of texts of different lengths. References: PyTorch (eager, float32) on the same
 batch (every hidden state, real tokens; the pooler outputs) and PyTorch on each text alone (the
 pooled features). Relative error = max |ours - torch| / max |torch|.
 """
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.encoders import bert
+from align_jax.encoders import bert, weights
 
 TOL = 1e-5
 BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
@@ -60,10 +57,7 @@ def checkpoints(tmp_path_factory, torch):
 
 
 def _load(folder):
-  from safetensors.numpy import load_file
-  with open(os.path.join(folder, "config.json")) as f:
-    config = json.load(f)
-  return config, load_file(os.path.join(folder, "model.safetensors"))
+  return weights.read_config(folder), weights.read_state_dict(folder)
 
 
 def _batch(name, lengths=LENGTHS, seed=0):
@@ -96,8 +90,8 @@ def _torch(torch, folder, name, ids, mask):
 def _run(folder, ids, mask, dtype=jnp.float32, num_layers_to_run=None):
   config, flat = _load(folder)
   model = bert.build(config, dtype=dtype, num_layers_to_run=num_layers_to_run)
-  params = bert.convert(flat, config, num_layers_to_run,
-                        dtype=None if dtype == jnp.float32 else jnp.bfloat16)
+  params = bert.load_params(flat, bert.read_config(config), num_layers_to_run,
+                            dtype=None if dtype == jnp.float32 else jnp.bfloat16)
   out = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, output_hidden_states=True))(
       params, jnp.asarray(ids), jnp.asarray(mask))
   return model, out
@@ -154,13 +148,16 @@ def test_num_layers_to_run_and_bfloat16(checkpoints, torch):
 
 def test_wrapped_checkpoints_and_bad_input(checkpoints):
   config, flat = _load(checkpoints["roberta"])
-  plain = bert.convert(flat, config)
-  wrapped = bert.convert({"roberta." + k: v for k, v in flat.items()}, config)
+  cfg = bert.read_config(config)
+  plain = bert.load_params(flat, cfg)
+  wrapped = bert.load_params({"roberta." + k: v for k, v in flat.items()}, cfg)
   np.testing.assert_array_equal(plain["layers"]["query"]["kernel"],
                                 wrapped["layers"]["query"]["kernel"])
   clip_config, clip_flat = _load(checkpoints["clip"])
   full = {"model_type": "clip", "text_config": clip_config, "vision_config": {}}
   assert bert.build(full).config == bert.build(clip_config).config
+  with pytest.raises(ValueError, match="not a bert text checkpoint"):
+    bert.load_params(clip_flat, bert.read_config(_load(checkpoints["bert"])[0]))
   with pytest.raises(ValueError, match="supported: bert, roberta"):
     bert.build(dict(config, model_type="electra"))
   with pytest.raises(ValueError, match="exceed .* max_position_embeddings 64"):

@@ -1,21 +1,18 @@
 """align_jax.encoders.decoder (Llama, Mistral, Qwen2, Qwen3, Gemma) against transformers' PyTorch.
 
 Tiny random checkpoints are built and saved here with ``save_pretrained(safe_serialization=True)``,
-read back as a flat numpy dict (safetensors), converted and run. Two references: PyTorch (eager
+read back with align_jax.encoders.weights (PyTorch-named numpy), loaded and run. Two references: PyTorch (eager
 attention, float32) on the same padded batch with generate()'s position ids (every hidden state,
 real tokens), and PyTorch on each text alone, unpadded (the pooled features: padding on either
 side must not change them). Relative error = max |ours - torch| / max |torch|.
 """
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.encoders import decoder
+from align_jax.encoders import decoder, weights
 
 TOL = 1e-5
 BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
@@ -65,10 +62,7 @@ def checkpoints(tmp_path_factory, torch):
 
 
 def _load(folder):
-  from safetensors.numpy import load_file
-  with open(os.path.join(folder, "config.json")) as f:
-    config = json.load(f)
-  return config, load_file(os.path.join(folder, "model.safetensors"))
+  return weights.read_config(folder), weights.read_state_dict(folder)
 
 
 def _torch_model(torch, folder, name):
@@ -110,8 +104,9 @@ def _torch_hidden(torch, model, ids, mask, bidirectional=False):
 def _run(folder, ids, mask, dtype=jnp.float32, **build_kwargs):
   config, flat = _load(folder)
   model = decoder.build(config, dtype=dtype, **build_kwargs)
-  params = decoder.convert(flat, config, build_kwargs.get("num_layers_to_run"),
-                           dtype=None if dtype == jnp.float32 else jnp.bfloat16)
+  params = decoder.load_params(flat, decoder.read_config(config),
+                               build_kwargs.get("num_layers_to_run"),
+                               dtype=None if dtype == jnp.float32 else jnp.bfloat16)
   fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, output_hidden_states=True))
   return fn(params, jnp.asarray(ids), jnp.asarray(mask))
 
@@ -160,7 +155,7 @@ def test_bidirectional_matches_pytorch_with_a_full_mask(checkpoints, torch, name
 def test_num_layers_to_run_returns_that_hidden_layer_and_loads_only_its_layers(checkpoints, torch):
   ids, mask, _ = _batch("left")
   config, flat = _load(checkpoints["qwen3"])
-  params = decoder.convert(flat, config, num_layers_to_run=2)
+  params = decoder.load_params(flat, decoder.read_config(config), num_layers_to_run=2)
   assert params["layers"]["q_proj"]["kernel"].shape[0] == 2 and "norm" not in params
   out = _run(checkpoints["qwen3"], ids, mask, num_layers_to_run=2)
   want = _torch_hidden(torch, _torch_model(torch, checkpoints["qwen3"], "qwen3"), ids, mask)
@@ -185,8 +180,9 @@ def test_bfloat16_is_close_to_float32_pytorch(checkpoints, torch, name):
 
 def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
   config, flat = _load(checkpoints["llama"])
-  plain = decoder.convert(flat, config)
-  prefixed = decoder.convert({"model." + k: v for k, v in flat.items()}, config)
+  cfg = decoder.read_config(config)
+  plain = decoder.load_params(flat, cfg)
+  prefixed = decoder.load_params({"model." + k: v for k, v in flat.items()}, cfg)
   np.testing.assert_array_equal(plain["layers"]["o_proj"]["kernel"],
                                 prefixed["layers"]["o_proj"]["kernel"])
   with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3, gemma"):
@@ -194,4 +190,4 @@ def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
   with pytest.raises(ValueError, match="rope_scaling type 'longrope' is not supported"):
     decoder.build(dict(config, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
   with pytest.raises(ValueError, match="not a decoder LLM checkpoint"):
-    decoder.convert({"foo.weight": np.zeros(2)}, config)
+    decoder.load_params({"foo.weight": np.zeros(2)}, cfg)

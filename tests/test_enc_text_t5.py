@@ -1,20 +1,17 @@
 """align_jax.encoders.t5 (T5, mT5 encoder; a full T5 checkpoint's encoder) against PyTorch.
 
 Tiny random checkpoints saved here by transformers (``save_pretrained(safe_serialization=True)``),
-read as flat numpy dicts, converted and run on a right-padded batch of texts of different lengths
-(one long enough that the logarithmic relative-position buckets are used). References: PyTorch
+read with align_jax.encoders.weights, loaded and run on a right-padded batch of texts of
+different lengths (one long enough that the logarithmic relative-position buckets are used). References: PyTorch
 float32 on the same batch (every hidden state on real tokens) and on each text alone (pooled).
 """
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.encoders import t5
+from align_jax.encoders import t5, weights
 from align_jax.encoders.relative_position import relative_position_buckets
 
 TOL = 1e-5
@@ -56,10 +53,7 @@ def checkpoints(tmp_path_factory, torch):
 
 
 def _load(folder):
-  from safetensors.numpy import load_file
-  with open(os.path.join(folder, "config.json")) as f:
-    config = json.load(f)
-  return config, load_file(os.path.join(folder, "model.safetensors"))
+  return weights.read_config(folder), weights.read_state_dict(folder)
 
 
 def _batch(seed=0):
@@ -87,10 +81,19 @@ def _torch_hidden(torch, folder, name, ids, mask):
 def _run(folder, ids, mask, dtype=jnp.float32, num_layers_to_run=None):
   config, flat = _load(folder)
   model = t5.build(config, dtype=dtype, num_layers_to_run=num_layers_to_run)
-  params = t5.convert(flat, config, num_layers_to_run,
-                      dtype=None if dtype == jnp.float32 else jnp.bfloat16)
+  params = t5.load_params(flat, t5.read_config(config), num_layers_to_run,
+                          dtype=None if dtype == jnp.float32 else jnp.bfloat16)
   return jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, output_hidden_states=True))(
       params, jnp.asarray(ids), jnp.asarray(mask))
+
+
+def test_a_checkpoint_with_only_the_tied_embedding_copy_loads(checkpoints):
+  config, flat = _load(checkpoints["t5"])
+  cfg = t5.read_config(config)
+  moved = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v
+           for k, v in flat.items()}
+  np.testing.assert_array_equal(t5.load_params(moved, cfg)["embed_tokens"]["embedding"],
+                                t5.load_params(flat, cfg)["embed_tokens"]["embedding"])
 
 
 def test_buckets_reach_the_logarithmic_range():
@@ -137,6 +140,6 @@ def test_bad_input_is_named(checkpoints):
   with pytest.raises(ValueError, match="supported: t5, mt5"):
     t5.build(dict(config, model_type="bart"))
   with pytest.raises(ValueError, match="not a T5 encoder checkpoint"):
-    t5.convert({"embed_tokens.weight": np.zeros((2, 2))}, config)
+    t5.load_params({"embed_tokens.weight": np.zeros((2, 2))}, t5.read_config(config))
   with pytest.raises(ValueError, match="cls.*valid: mean, last, tokens"):
     t5.pool(jnp.zeros((1, 2, 4)), jnp.ones((1, 2)), "cls")

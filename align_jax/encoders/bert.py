@@ -13,8 +13,9 @@ Two block layouts, one config (:class:`TextTowerConfig`) read from ``config.json
 
 Use::
 
-  model = bert.build(config_dict, dtype=jnp.float32)
-  params = bert.convert(flat_torch_tensors, config_dict)
+  cfg = bert.read_config(weights.read_config(folder))
+  model = bert.build(cfg, dtype=jnp.float32)
+  params = bert.load_params(weights.read_state_dict(folder), cfg)
   out = model.apply({"params": params}, input_ids, attention_mask, output_hidden_states=True)
   features = bert.pool(model, params, out, input_ids, attention_mask, "cls")
 
@@ -29,19 +30,23 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from align_jax.encoders import pooling as pooling_lib
-from align_jax.encoders import torch_params as tp
+from align_jax.encoders import stack
+from align_jax.encoders import weights as weights_lib
 from align_jax.encoders.activations import activation
 from align_jax.encoders.attention import attention
 from align_jax.encoders.relative_position import relative_position_buckets
+from align_jax.encoders.weights import Rule, linear, norm
 
 POST_NORM = ("bert", "roberta", "xlm-roberta", "mpnet")
 PRE_NORM = ("clip_text_model", "clip", "siglip_text_model", "siglip")
 MODEL_TYPES = POST_NORM + PRE_NORM
 POOLINGS = ("cls", "mean", "last", "tokens")
+DEFAULT_POOLING = "cls"
 # Defaults transformers' config classes hold for keys that save_pretrained leaves out of
 # config.json when they equal the class default (the token ids of PretrainedConfig).
 _TOKEN_DEFAULTS = {"clip_text_model": {"eos_token_id": 49407, "pad_token_id": 1},
@@ -168,7 +173,7 @@ class TextTower(nn.Module):
   def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
                output_hidden_states: bool = False) -> dict[str, Any]:
     c = self.config
-    count = tp.layers_to_run(c.num_layers, self.num_layers_to_run)
+    count = stack.layers_to_run(c.num_layers, self.num_layers_to_run)
     length = input_ids.shape[1]
     if length > c.max_positions - (c.padding_idx + 1 if c.padding_idx is not None else 0):
       raise ValueError(f"{length} tokens exceed this {c.model_type} model's "
@@ -193,8 +198,7 @@ class TextTower(nn.Module):
       bias = jnp.transpose(table, (2, 0, 1))[None]  # [1, N, T, T]
     hidden = [x]
     if count:
-      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=count)
+      blocks = stack.scanned(Block, count, 2)
       x, stacked = blocks(c, self.dtype, output_hidden_states, c.model_type == "clip",
                           self.attention_implementation, name="layers")(x, attention_mask, bias)
       if output_hidden_states:
@@ -210,71 +214,76 @@ class TextTower(nn.Module):
     return out
 
 
-def build(config: Mapping[str, Any], dtype: Any = jnp.float32,
+def read_config(config: Mapping[str, Any] | TextTowerConfig) -> TextTowerConfig:
+  """The :class:`TextTowerConfig` of a ``config.json`` dict (a TextTowerConfig passes through)."""
+  return config if isinstance(config, TextTowerConfig) else TextTowerConfig.from_hf(config)
+
+
+def build(config: Mapping[str, Any] | TextTowerConfig, dtype: Any = jnp.float32,
           num_layers_to_run: int | None = None,
           attention_implementation: str | None = None) -> TextTower:
-  """The Flax module for a BERT / RoBERTa / XLM-R / MPNet / CLIP / SigLIP text config dict."""
-  return TextTower(TextTowerConfig.from_hf(config), dtype, num_layers_to_run,
-                   attention_implementation)
+  """The Flax module for a BERT / RoBERTa / XLM-R / MPNet / CLIP / SigLIP text config."""
+  return TextTower(read_config(config), dtype, num_layers_to_run, attention_implementation)
 
 
-def convert(flat: tp.Flat, config: Mapping[str, Any], num_layers_to_run: int | None = None,
-            dtype: Any = None) -> dict[str, Any]:
-  """Nested Flax params of :func:`build`'s module from PyTorch-named tensors.
+def _pre_norm_rules() -> list[Rule]:
+  layer = "encoder.layers.{i}."
+  out = [Rule("embeddings.token_embedding.weight", ("word_embeddings", "embedding")),
+         Rule("embeddings.position_embedding.weight", ("position_embeddings", "embedding"))]
+  for torch_name, flax_name in (("self_attn.q_proj", "query"), ("self_attn.k_proj", "key"),
+                                ("self_attn.v_proj", "value"),
+                                ("self_attn.out_proj", "attention_out"),
+                                ("mlp.fc1", "intermediate"), ("mlp.fc2", "output")):
+    out += linear(layer + torch_name, ("layers", flax_name))
+  out += norm(layer + "layer_norm1", ("layers", "attention_norm"))
+  out += norm(layer + "layer_norm2", ("layers", "output_norm"))
+  return (out + norm("final_layer_norm", ("final_layer_norm",))
+          + linear("head", ("head",)))
 
-  Takes the bare model's names or any wrapper's (``bert.``, ``roberta.``, ``text_model.`` of a
-  full CLIP / SigLIP checkpoint, ``0.auto_model.``...). Only the first ``num_layers_to_run``
-  blocks are read; ``dtype`` casts floating tensors.
-  """
-  c = TextTowerConfig.from_hf(config)
-  count = tp.layers_to_run(c.num_layers, num_layers_to_run)
-  if c.pre_norm:
-    p = tp.find_prefix(flat, ("embeddings.token_embedding.weight",), c.model_type + " text")
-    params = {"word_embeddings": tp.embedding(flat, p + "embeddings.token_embedding"),
-              "position_embeddings": tp.embedding(flat, p + "embeddings.position_embedding")}
 
-    def layer(i: int) -> dict[str, Any]:
-      n = f"{p}encoder.layers.{i}."
-      return {"query": tp.dense(flat, n + "self_attn.q_proj"),
-              "key": tp.dense(flat, n + "self_attn.k_proj"),
-              "value": tp.dense(flat, n + "self_attn.v_proj"),
-              "attention_out": tp.dense(flat, n + "self_attn.out_proj"),
-              "attention_norm": tp.layer_norm(flat, n + "layer_norm1"),
-              "intermediate": tp.dense(flat, n + "mlp.fc1"),
-              "output": tp.dense(flat, n + "mlp.fc2"),
-              "output_norm": tp.layer_norm(flat, n + "layer_norm2")}
-  else:
-    p = tp.find_prefix(flat, ("embeddings.word_embeddings.weight",), c.model_type)
-    params = {"word_embeddings": tp.embedding(flat, p + "embeddings.word_embeddings"),
-              "position_embeddings": tp.embedding(flat, p + "embeddings.position_embeddings"),
-              "embeddings_norm": tp.layer_norm(flat, p + "embeddings.LayerNorm")}
-    if c.type_vocab_size:
-      params["token_type_embeddings"] = tp.embedding(flat, p + "embeddings.token_type_embeddings")
-    if c.model_type == "mpnet":
-      params["relative_attention_bias"] = tp.embedding(flat, p + "encoder.relative_attention_bias")
-    mpnet = c.model_type == "mpnet"
+def _post_norm_rules(mpnet: bool) -> list[Rule]:
+  layer = "encoder.layer.{i}."
+  out = [Rule("embeddings.word_embeddings.weight", ("word_embeddings", "embedding")),
+         Rule("embeddings.position_embeddings.weight", ("position_embeddings", "embedding")),
+         Rule("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding")),
+         Rule("encoder.relative_attention_bias.weight", ("relative_attention_bias", "embedding"))]
+  out += norm("embeddings.LayerNorm", ("embeddings_norm",))
+  attn = "attention.attn." if mpnet else "attention.self."
+  names = (("q", "k", "v", "o") if mpnet else ("query", "key", "value", None))
+  for torch_name, flax_name in zip(names, ("query", "key", "value", "attention_out")):
+    source = (layer + attn + torch_name) if torch_name else layer + "attention.output.dense"
+    out += linear(source, ("layers", flax_name))
+  out += norm(layer + ("attention.LayerNorm" if mpnet else "attention.output.LayerNorm"),
+              ("layers", "attention_norm"))
+  out += linear(layer + "intermediate.dense", ("layers", "intermediate"))
+  out += linear(layer + "output.dense", ("layers", "output"))
+  return out + norm(layer + "output.LayerNorm", ("layers", "output_norm"))
 
-    def layer(i: int) -> dict[str, Any]:
-      n = f"{p}encoder.layer.{i}."
-      att = n + ("attention.attn." if mpnet else "attention.self.")
-      return {"query": tp.dense(flat, att + ("q" if mpnet else "query")),
-              "key": tp.dense(flat, att + ("k" if mpnet else "key")),
-              "value": tp.dense(flat, att + ("v" if mpnet else "value")),
-              "attention_out": tp.dense(flat, n + ("attention.attn.o" if mpnet
-                                                   else "attention.output.dense")),
-              "attention_norm": tp.layer_norm(flat, n + ("attention.LayerNorm" if mpnet
-                                                         else "attention.output.LayerNorm")),
-              "intermediate": tp.dense(flat, n + "intermediate.dense"),
-              "output": tp.dense(flat, n + "output.dense"),
-              "output_norm": tp.layer_norm(flat, n + "output.LayerNorm")}
 
-  if count:
-    params["layers"] = tp.stacked_layers(count, layer)
-  if count == c.num_layers and c.pre_norm:
-    params["final_layer_norm"] = tp.layer_norm(flat, p + "final_layer_norm")
-    if c.head_size:
-      params["head"] = tp.dense(flat, p + "head")
-  return tp.cast(params, dtype)
+def rules(cfg: TextTowerConfig) -> list[Rule]:
+  """PyTorch -> Flax name table (names of the bare model; ``to_flax`` finds any prefix:
+  ``bert.``, ``roberta.``, ``text_model.`` of CLIP / SigLIP). Rules for params the config does
+  not build (a token-type table, MPNet's bias, SigLIP's head) are skipped by ``to_flax``."""
+  return _pre_norm_rules() if cfg.pre_norm else _post_norm_rules(cfg.model_type == "mpnet")
+
+
+def abstract_params(cfg: TextTowerConfig, num_layers_to_run: int | None = None) -> dict[str, Any]:
+  """Shapes of the module's float32 params when it runs ``num_layers_to_run`` blocks."""
+  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  module = TextTower(cfg, num_layers_to_run=num_layers_to_run)
+  return jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
+
+
+def load_params(state: Mapping[str, np.ndarray], cfg: TextTowerConfig,
+                num_layers_to_run: int | None = None, dtype: Any = None) -> dict[str, Any]:
+  """Host numpy params of :func:`build`'s module from a PyTorch-named state dict; only the first
+  ``num_layers_to_run`` blocks are read; ``dtype`` casts floating params (None: float32)."""
+  count = stack.layers_to_run(cfg.num_layers, num_layers_to_run)
+  table = rules(cfg)
+  anchor = table[0].torch
+  if not any(k == anchor or k.endswith("." + anchor) for k in state):
+    raise ValueError(f"these weights are not a {cfg.model_type} text checkpoint: no {anchor}")
+  return weights_lib.to_flax(dict(state), table, count, abstract_params(cfg, count), dtype)
 
 
 def eos_index(input_ids: jnp.ndarray, eos_token_id: int | None) -> jnp.ndarray:

@@ -15,12 +15,13 @@ gemma      embeddings times sqrt(hidden_size), RMSNorm scaled by (1 + w), ``hidd
 Position ids count real tokens (``cumsum(mask) - 1``), so with left or right padding a text's
 features equal those of the text alone. ``bidirectional=True`` drops the causal mask (LLM2Vec /
 NV-Embed style embedders). Layers are stacked and run under ``nn.scan``; ``num_layers_to_run=k``
-builds (and :func:`convert` loads) only the first k layers.
+builds (and :func:`load_params` loads) only the first k layers.
 
 Use::
 
-  model = decoder.build(config_dict, dtype=jnp.float32)          # flax.linen module
-  params = decoder.convert(flat_torch_tensors, config_dict)     # nested numpy params
+  cfg = decoder.read_config(weights.read_config(folder))           # DecoderConfig
+  model = decoder.build(cfg, dtype=jnp.float32)                      # flax.linen module
+  params = decoder.load_params(weights.read_state_dict(folder), cfg)  # nested numpy params
   out = model.apply({"params": params}, input_ids, attention_mask, output_hidden_states=True)
   features = decoder.pool(out["last_hidden_state"], attention_mask, "last")
 
@@ -41,12 +42,15 @@ import numpy as np
 
 from align_jax.encoders import pooling as pooling_lib
 from align_jax.encoders import rope
-from align_jax.encoders import torch_params as tp
+from align_jax.encoders import stack
+from align_jax.encoders import weights as weights_lib
 from align_jax.encoders.activations import activation
 from align_jax.encoders.attention import attention
+from align_jax.encoders.weights import Rule, linear
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 POOLINGS = ("last", "mean", "tokens")
+DEFAULT_POOLING = "last"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +189,7 @@ class DecoderModel(nn.Module):
   def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
                output_hidden_states: bool = False) -> dict[str, Any]:
     c = self.config
-    count = tp.layers_to_run(c.num_layers, self.num_layers_to_run)
+    count = stack.layers_to_run(c.num_layers, self.num_layers_to_run)
     x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")(input_ids)
     if c.gemma:
       x = x * jnp.asarray(math.sqrt(c.hidden_size), dtype=x.dtype)
@@ -193,8 +197,7 @@ class DecoderModel(nn.Module):
                             position_ids(attention_mask))
     hidden = [x]
     if count:
-      layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=count)
+      layers = stack.scanned(DecoderLayer, count, 3)
       x, stacked = layers(c, self.dtype, not self.bidirectional, output_hidden_states,
                           self.attention_implementation, name="layers")(
                               x, attention_mask, cos, sin)
@@ -207,53 +210,56 @@ class DecoderModel(nn.Module):
             "hidden_states": tuple(hidden) if output_hidden_states else None}
 
 
-def build(config: Mapping[str, Any], dtype: Any = jnp.float32, num_layers_to_run: int | None = None,
-          bidirectional: bool = False, attention_implementation: str | None = None) -> DecoderModel:
-  """The Flax module for a transformers decoder ``config.json`` dict."""
-  cfg = DecoderConfig.from_hf(config)
+def read_config(config: Mapping[str, Any] | DecoderConfig) -> DecoderConfig:
+  """The :class:`DecoderConfig` of a ``config.json`` dict (a DecoderConfig passes through)."""
+  return config if isinstance(config, DecoderConfig) else DecoderConfig.from_hf(config)
+
+
+def build(config: Mapping[str, Any] | DecoderConfig, dtype: Any = jnp.float32,
+          num_layers_to_run: int | None = None, bidirectional: bool = False,
+          attention_implementation: str | None = None) -> DecoderModel:
+  """The Flax module for a transformers decoder ``config.json`` dict (or its DecoderConfig)."""
+  cfg = read_config(config)
   if bidirectional and cfg.sliding_window is not None:
     raise ValueError("bidirectional attention with a sliding window is not supported; set "
                      "sliding_window null in config.json (NV-Embed-v2 does) or keep causal")
   return DecoderModel(cfg, dtype, num_layers_to_run, bidirectional, attention_implementation)
 
 
-ANCHORS = ("embed_tokens.weight",)
+def rules(cfg: DecoderConfig) -> list[Rule]:
+  """PyTorch -> Flax name table (names of a bare ``*Model``; ``to_flax`` finds any prefix such
+  as ``model.`` of ``*ForCausalLM`` or ``embedding_model.`` of NV-Embed)."""
+  layer = "layers.{i}."
+  out = [Rule("embed_tokens.weight", ("embed_tokens", "embedding"))]
+  for name in ("input_layernorm", "post_attention_layernorm"):
+    out.append(Rule(f"{layer}{name}.weight", ("layers", name, "weight")))
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias
+    out += linear(f"{layer}self_attn.{name}", ("layers", name), bias)
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    out += linear(f"{layer}mlp.{name}", ("layers", name), cfg.mlp_bias)
+  if cfg.qk_norm:
+    out += [Rule(f"{layer}self_attn.q_norm.weight", ("layers", "q_norm", "weight")),
+            Rule(f"{layer}self_attn.k_norm.weight", ("layers", "k_norm", "weight"))]
+  return out + [Rule("norm.weight", ("norm", "weight"))]
 
 
-def convert(flat: tp.Flat, config: Mapping[str, Any], num_layers_to_run: int | None = None,
-            dtype: Any = None) -> dict[str, Any]:
-  """Nested Flax params of :func:`build`'s module from PyTorch-named tensors.
+def abstract_params(cfg: DecoderConfig, num_layers_to_run: int | None = None) -> dict[str, Any]:
+  """Shapes of the module's float32 params when it runs ``num_layers_to_run`` layers."""
+  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  module = DecoderModel(cfg, num_layers_to_run=num_layers_to_run)
+  return jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
 
-  Accepts a bare ``*Model`` state dict (``layers.0.self_attn.q_proj.weight``) or one under any
-  prefix (``model.`` of ``*ForCausalLM``, ``embedding_model.`` of NV-Embed). Only the first
-  ``num_layers_to_run`` layers are read; ``dtype`` casts floating tensors (None keeps them).
-  """
-  cfg = DecoderConfig.from_hf(config)
-  count = tp.layers_to_run(cfg.num_layers, num_layers_to_run)
-  p = tp.find_prefix(flat, ANCHORS, "decoder LLM")
 
-  def layer(i: int) -> dict[str, Any]:
-    n = f"{p}layers.{i}."
-    out = {
-        "input_layernorm": {"weight": tp.get(flat, n + "input_layernorm.weight")},
-        "post_attention_layernorm": {"weight": tp.get(flat, n + "post_attention_layernorm.weight")},
-    }
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias
-      out[name] = tp.dense(flat, n + "self_attn." + name, bias)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      out[name] = tp.dense(flat, n + "mlp." + name, cfg.mlp_bias)
-    if cfg.qk_norm:
-      out["q_norm"] = {"weight": tp.get(flat, n + "self_attn.q_norm.weight")}
-      out["k_norm"] = {"weight": tp.get(flat, n + "self_attn.k_norm.weight")}
-    return out
-
-  params: dict[str, Any] = {"embed_tokens": tp.embedding(flat, p + "embed_tokens")}
-  if count:
-    params["layers"] = tp.stacked_layers(count, layer)
-  if count == cfg.num_layers:
-    params["norm"] = {"weight": tp.get(flat, p + "norm.weight")}
-  return tp.cast(params, dtype)
+def load_params(state: Mapping[str, np.ndarray], cfg: DecoderConfig,
+                num_layers_to_run: int | None = None, dtype: Any = None) -> dict[str, Any]:
+  """Host numpy params of :func:`build`'s module from a PyTorch-named state dict
+  (:func:`align_jax.encoders.weights.read_state_dict`); only the first ``num_layers_to_run``
+  layers are read; ``dtype`` casts floating params (None: float32)."""
+  count = stack.layers_to_run(cfg.num_layers, num_layers_to_run)
+  if not any(k == "embed_tokens.weight" or k.endswith(".embed_tokens.weight") for k in state):
+    raise ValueError("these weights are not a decoder LLM checkpoint: no embed_tokens.weight")
+  return weights_lib.to_flax(dict(state), rules(cfg), count, abstract_params(cfg, count), dtype)
 
 
 def pool(last_hidden_state: jnp.ndarray, attention_mask: jnp.ndarray,

@@ -8,8 +8,9 @@ A full encoder-decoder checkpoint (``T5Model``, ``T5ForConditionalGeneration``) 
 
 Use::
 
-  model = t5.build(config_dict, dtype=jnp.float32)
-  params = t5.convert(flat_torch_tensors, config_dict)
+  cfg = t5.read_config(weights.read_config(folder))
+  model = t5.build(cfg, dtype=jnp.float32)
+  params = t5.load_params(weights.read_state_dict(folder), cfg)
   out = model.apply({"params": params}, input_ids, attention_mask, output_hidden_states=True)
   features = t5.pool(out["last_hidden_state"], attention_mask, "mean")
 
@@ -25,15 +26,19 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from align_jax.encoders import pooling as pooling_lib
-from align_jax.encoders import torch_params as tp
+from align_jax.encoders import stack
+from align_jax.encoders import weights as weights_lib
 from align_jax.encoders.activations import activation
 from align_jax.encoders.attention import attention
 from align_jax.encoders.relative_position import relative_position_buckets
+from align_jax.encoders.weights import Rule, linear
 
 MODEL_TYPES = ("t5", "mt5")
 POOLINGS = ("mean", "last", "tokens")  # no summary token at position 0
+DEFAULT_POOLING = "mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +129,7 @@ class T5Encoder(nn.Module):
   def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
                output_hidden_states: bool = False) -> dict[str, Any]:
     c = self.config
-    count = tp.layers_to_run(c.num_layers, self.num_layers_to_run)
+    count = stack.layers_to_run(c.num_layers, self.num_layers_to_run)
     length = input_ids.shape[1]
     x = nn.Embed(c.vocab_size, c.d_model, dtype=self.dtype, name="embed_tokens")(input_ids)
     buckets = relative_position_buckets(length, length, True, c.num_buckets, c.max_distance)
@@ -133,8 +138,7 @@ class T5Encoder(nn.Module):
     bias = jnp.transpose(table, (2, 0, 1))[None]  # [1, heads, T, T]
     hidden = [x]
     if count:
-      blocks = nn.scan(T5Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=count)
+      blocks = stack.scanned(T5Block, count, 2)
       x, stacked = blocks(c, self.dtype, output_hidden_states, self.attention_implementation,
                           name="layers")(x, attention_mask, bias)
       if output_hidden_states:
@@ -146,45 +150,57 @@ class T5Encoder(nn.Module):
             "hidden_states": tuple(hidden) if output_hidden_states else None}
 
 
-def build(config: Mapping[str, Any], dtype: Any = jnp.float32, num_layers_to_run: int | None = None,
+def read_config(config: Mapping[str, Any] | T5Config) -> T5Config:
+  """The :class:`T5Config` of a ``config.json`` dict (a T5Config passes through)."""
+  return config if isinstance(config, T5Config) else T5Config.from_hf(config)
+
+
+def build(config: Mapping[str, Any] | T5Config, dtype: Any = jnp.float32,
+          num_layers_to_run: int | None = None,
           attention_implementation: str | None = None) -> T5Encoder:
-  """The Flax encoder for a T5 / mT5 ``config.json`` dict."""
-  return T5Encoder(T5Config.from_hf(config), dtype, num_layers_to_run, attention_implementation)
+  """The Flax encoder for a T5 / mT5 ``config.json`` dict (or its T5Config)."""
+  return T5Encoder(read_config(config), dtype, num_layers_to_run, attention_implementation)
 
 
-ANCHORS = ("encoder.block.0.layer.0.SelfAttention.q.weight",)
+def rules(cfg: T5Config) -> list[Rule]:
+  """PyTorch -> Flax name table of the encoder (decoder tensors of a full checkpoint unused)."""
+  block = "encoder.block.{i}.layer."
+  out = [Rule(block + "0.SelfAttention.q.weight", ("layers", "q", "kernel"), "linear"),
+         Rule("shared.weight", ("embed_tokens", "embedding")),
+         Rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+              ("relative_attention_bias", "embedding")),
+         Rule(block + "0.layer_norm.weight", ("layers", "attention_norm", "weight")),
+         Rule(block + "1.layer_norm.weight", ("layers", "ff_norm", "weight")),
+         Rule("encoder.final_layer_norm.weight", ("final_layer_norm", "weight"))]
+  for name in "kvo":
+    out += linear(f"{block}0.SelfAttention.{name}", ("layers", name), bias=False)
+  for name in ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo"):
+    out += linear(f"{block}1.DenseReluDense.{name}", ("layers", name), bias=False)
+  return out
 
 
-def convert(flat: tp.Flat, config: Mapping[str, Any], num_layers_to_run: int | None = None,
-            dtype: Any = None) -> dict[str, Any]:
-  """Nested Flax params from PyTorch-named tensors of a T5EncoderModel or a full T5 checkpoint.
+def abstract_params(cfg: T5Config, num_layers_to_run: int | None = None) -> dict[str, Any]:
+  """Shapes of the encoder's float32 params when it runs ``num_layers_to_run`` blocks."""
+  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  module = T5Encoder(cfg, num_layers_to_run=num_layers_to_run)
+  return jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
 
-  The token embeddings are ``shared.weight`` or, where saving dropped the tied copy,
-  ``encoder.embed_tokens.weight``; decoder tensors are ignored.
-  """
-  c = T5Config.from_hf(config)
-  count = tp.layers_to_run(c.num_layers, num_layers_to_run)
-  p = tp.find_prefix(flat, ANCHORS, "T5 encoder")
-  embed = p + "shared" if p + "shared.weight" in flat else p + "encoder.embed_tokens"
 
-  def layer(i: int) -> dict[str, Any]:
-    n = f"{p}encoder.block.{i}.layer."
-    out = {name: tp.dense(flat, f"{n}0.SelfAttention.{name}", False) for name in "qkvo"}
-    out["attention_norm"] = {"weight": tp.get(flat, n + "0.layer_norm.weight")}
-    out["ff_norm"] = {"weight": tp.get(flat, n + "1.layer_norm.weight")}
-    for name in (("wi_0", "wi_1", "wo") if c.gated else ("wi", "wo")):
-      out[name] = tp.dense(flat, f"{n}1.DenseReluDense.{name}", False)
-    return out
-
-  params: dict[str, Any] = {
-      "embed_tokens": tp.embedding(flat, embed),
-      "relative_attention_bias": tp.embedding(
-          flat, p + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias")}
-  if count:
-    params["layers"] = tp.stacked_layers(count, layer)
-  if count == c.num_layers:
-    params["final_layer_norm"] = {"weight": tp.get(flat, p + "encoder.final_layer_norm.weight")}
-  return tp.cast(params, dtype)
+def load_params(state: Mapping[str, np.ndarray], cfg: T5Config,
+                num_layers_to_run: int | None = None, dtype: Any = None) -> dict[str, Any]:
+  """Host numpy params of the encoder from a T5EncoderModel's or full T5 checkpoint's
+  PyTorch-named state dict. The token embeddings are ``shared.weight`` or, where saving kept
+  only the tied copy, ``encoder.embed_tokens.weight``."""
+  count = stack.layers_to_run(cfg.num_layers, num_layers_to_run)
+  table = rules(cfg)
+  anchor = "encoder.block.0.layer.0.SelfAttention.q.weight"
+  prefix = next((k[:-len(anchor)] for k in state if k == anchor or k.endswith("." + anchor)), None)
+  if prefix is None:
+    raise ValueError(f"these weights are not a T5 encoder checkpoint: no {anchor}")
+  state = dict(state)
+  if prefix + "shared.weight" not in state and prefix + "encoder.embed_tokens.weight" in state:
+    state[prefix + "shared.weight"] = state[prefix + "encoder.embed_tokens.weight"]
+  return weights_lib.to_flax(state, table, count, abstract_params(cfg, count), dtype, prefix)
 
 
 def pool(last_hidden_state: jnp.ndarray, attention_mask: jnp.ndarray,
