@@ -246,3 +246,62 @@ def test_config_defaults_from_omitted_keys(checkpoints):
     defaults.layer_norm_eps, defaults.rope_theta, defaults.hidden_act)
   assert cfg.qkv_bias == (True, False, True, True)
   assert cfg.num_registers == 2 and cfg.intermediate_size == 37
+
+
+# --- Through the public API: ImageEncoder.from_pretrained, every pooling, against PyTorch. ---
+
+def _write_processor(path: str, size: int) -> None:
+  """A square-resize processor (no crop) at the checkpoint's size, as SigLIP's."""
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump({"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+               "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
+               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+               "image_std": [0.5] * 3}, f)
+
+
+def _reference_pool(ref: dict[str, np.ndarray], pooling: str, prefix: int) -> np.ndarray:
+  tokens = ref["final"]
+  return {"cls": tokens[:, 0], "mean": tokens[:, prefix:].mean(1),
+          "cls+mean_patch": np.concatenate([tokens[:, 0], tokens[:, prefix:].mean(1)], -1),
+          "map": ref.get("map")}[pooling]
+
+
+@pytest.mark.parametrize("name,poolings", [
+  ("dinov3", ("cls", "mean", "cls+mean_patch", "tokens")),
+  ("siglip", ("map", "mean", "tokens"))])
+def test_image_encoder_every_pooling_matches_pytorch(checkpoints, name, poolings):
+  from align_jax import encoders
+  path, model = checkpoints[name]
+  _write_processor(path, 16)
+  images = np.random.default_rng(3).integers(0, 256, (3, 20, 23, 3), dtype=np.uint8)
+  for pooling in poolings:
+    enc = encoders.ImageEncoder.from_pretrained(path, pooling=pooling)
+    x = enc.preprocess(images)["pixel_values"]
+    ref = torch_outputs(model, x.transpose(0, 3, 1, 2))
+    out = enc.apply(enc.params, {"pixel_values": x})
+    prefix = 3 if name == "dinov3" else 0  # class token + 2 registers; SigLIP: none
+    assert enc.num_tokens == prefix + 16
+    if pooling == "tokens":
+      assert out["tokens"].shape == (3, enc.num_tokens, 32)
+      assert rel(out["tokens"], ref["final"]) <= F32_TOL
+    else:
+      assert out["pooled"].dtype == jnp.float32
+      assert rel(out["pooled"], _reference_pool(ref, pooling, prefix)) <= F32_TOL, pooling
+  enc = encoders.ImageEncoder.from_pretrained(path, pooling="mean", layer=[1, -1])
+  x = enc.preprocess(images)["pixel_values"]
+  ref = torch_outputs(model, x.transpose(0, 3, 1, 2))
+  want = 0.5 * (ref["hidden"][1] + ref["final"])[:, prefix:].mean(1)
+  assert rel(enc.apply(enc.params, {"pixel_values": x})["pooled"], want) <= F32_TOL
+  every = enc.apply_all_layers(enc.params, {"pixel_values": x})
+  assert every.shape == (4, 3, 32)
+  assert rel(every[2], ref["hidden"][2][:, prefix:].mean(1)) <= F32_TOL
+
+
+def test_pooling_the_family_lacks_is_one_line(checkpoints):
+  from align_jax import encoders
+  path, _ = checkpoints["siglip"]
+  _write_processor(path, 16)
+  with pytest.raises(ValueError, match="no class token.*use --config.model.image_pooling=map"):
+    encoders.ImageEncoder.from_pretrained(path, pooling="cls")
+  with pytest.raises(ValueError, match="no attention-pool head"):
+    encoders.ImageEncoder.from_pretrained(checkpoints["dinov3"][0], pooling="map")
