@@ -178,6 +178,17 @@ def test_bfloat16_is_close_to_float32_pytorch(checkpoints, torch, name):
   assert error <= BF16_TOL
 
 
+def test_transformers5_rope_parameters_give_the_same_frequencies(checkpoints):
+  from align_jax.encoders import rope
+  config, _ = _load(checkpoints["llama3_scaling"])
+  v5 = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
+  v5["rope_parameters"] = dict(config["rope_scaling"], rope_theta=config["rope_theta"])
+  old, new = rope.inverse_frequencies(config), rope.inverse_frequencies(v5)
+  np.testing.assert_array_equal(old[0], new[0])
+  plain = rope.inverse_frequencies(dict(config, rope_scaling=None))[0]
+  assert not np.allclose(old[0], plain)  # the llama3 scaling does change the frequencies
+
+
 def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
   config, flat = _load(checkpoints["llama"])
   cfg = decoder.read_config(config)

@@ -11,6 +11,8 @@ the per-pair inverse frequencies plus the factor transformers multiplies cos / s
   ``high_freq_factor``, ``original_max_position_embeddings``);
 * ``yarn``: YaRN interpolation with its attention factor (Qwen2.5 / Qwen3 long-context configs).
 
+transformers 5 writes these settings as one ``rope_parameters`` dict (``rope_theta``,
+``rope_type`` and the scaling keys) instead of ``rope_theta`` + ``rope_scaling``; both are read.
 Anything else is refused in one line. :func:`cos_sin` turns position ids into the float32 cos /
 sin tables and :func:`apply_rotary` rotates queries / keys with transformers' "rotate half"
 layout (the first and second halves of each head pair up, not interleaved neighbours).
@@ -27,9 +29,22 @@ import numpy as np
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+def scaling_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The scaling dict: transformers 5's ``rope_parameters``, else 4.x's ``rope_scaling`` ({})."""
+  params = config.get("rope_parameters")
+  if isinstance(params, Mapping) and ("rope_type" in params or "rope_theta" in params):
+    return dict(params)
+  return dict(config.get("rope_scaling") or {})
+
+
+def theta(config: Mapping[str, Any]) -> float:
+  """The RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5), else ``rope_theta``."""
+  return float(scaling_settings(config).get("rope_theta") or config.get("rope_theta") or 10000.0)
+
+
 def rope_type(config: Mapping[str, Any]) -> str:
-  """The config's RoPE type: ``rope_scaling["rope_type"]`` (or ``["type"]``), else "default"."""
-  scaling = config.get("rope_scaling") or {}
+  """The config's RoPE type: ``rope_type`` (or ``type``) of its scaling settings, else "default"."""
+  scaling = scaling_settings(config)
   kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
   if kind not in ROPE_TYPES:
     raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: "
@@ -62,7 +77,7 @@ def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
 
 
 def _yarn(config: Mapping[str, Any], base: float, dim: int) -> tuple[np.ndarray, float]:
-  scaling = config["rope_scaling"]
+  scaling = scaling_settings(config)
   factor = float(scaling["factor"])
   original = scaling.get("original_max_position_embeddings") or config["max_position_embeddings"]
 
@@ -97,15 +112,15 @@ def _yarn(config: Mapping[str, Any], base: float, dim: int) -> tuple[np.ndarray,
 def inverse_frequencies(config: Mapping[str, Any]) -> tuple[np.ndarray, float]:
   """``(inv_freq [rotary_dim / 2] float32, attention_factor)`` for a decoder's config dict."""
   kind = rope_type(config)
-  base = float(config.get("rope_theta", 10000.0))
+  base = theta(config)
   dim = rotary_dim(config)
   if kind == "yarn":
     return _yarn(config, base, dim)
   inv_freq = _default(base, dim)
   if kind == "linear":
-    inv_freq = (inv_freq / float(config["rope_scaling"]["factor"])).astype(np.float32)
+    inv_freq = (inv_freq / float(scaling_settings(config)["factor"])).astype(np.float32)
   elif kind == "llama3":
-    inv_freq = _llama3(inv_freq, config["rope_scaling"])
+    inv_freq = _llama3(inv_freq, scaling_settings(config))
   return inv_freq, 1.0
 
 
