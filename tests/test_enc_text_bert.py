@@ -1,10 +1,10 @@
 """align_jax.encoders.bert (BERT, RoBERTa, XLM-R, MPNet, CLIP text, SigLIP text) against PyTorch.
 
 Tiny random checkpoints are saved here by transformers' PyTorch classes
-(``save_pretrained(safe_serialization=True)``), read with align_jax.encoders.weights, loaded and run on a
-right-padded batch of texts of different lengths. References: PyTorch (eager, float32) on the same
-batch (every hidden state, real tokens; the pooler outputs) and PyTorch on each text alone (the
-pooled features). Relative error = max |ours - torch| / max |torch|.
+(``save_pretrained(safe_serialization=True)``), read with align_jax.encoders.weights, loaded and
+run on a right-padded batch of texts of different lengths. References: PyTorch (eager, float32)
+on the same batch (every hidden state, real tokens; the pooler outputs) and PyTorch on each text
+alone (the pooled features). Relative error = max |ours - torch| / max |torch|.
 """
 
 import jax
@@ -80,8 +80,8 @@ def _torch(torch, folder, name, ids, mask):
   model = getattr(transformers, VARIANTS[name][1]).from_pretrained(
       folder, attn_implementation="eager").eval()
   with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                output_hidden_states=True)
+    out = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long(), output_hidden_states=True)
   pooled = getattr(out, "pooler_output", None)
   return ([h.numpy() for h in out.hidden_states], out.last_hidden_state.numpy(),
           None if pooled is None else pooled.numpy())

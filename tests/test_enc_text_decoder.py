@@ -1,10 +1,11 @@
-"""align_jax.encoders.decoder (Llama, Mistral, Qwen2, Qwen3, Gemma) against transformers' PyTorch.
+"""align_jax.encoders.decoder (Llama, Mistral, Qwen2, Qwen3, Gemma) and nvembed vs PyTorch.
 
 Tiny random checkpoints are built and saved here with ``save_pretrained(safe_serialization=True)``,
-read back with align_jax.encoders.weights (PyTorch-named numpy), loaded and run. Two references: PyTorch (eager
-attention, float32) on the same padded batch with generate()'s position ids (every hidden state,
-real tokens), and PyTorch on each text alone, unpadded (the pooled features: padding on either
-side must not change them). Relative error = max |ours - torch| / max |torch|.
+read back with align_jax.encoders.weights (PyTorch-named numpy), loaded and run. Two references:
+PyTorch (eager attention, float32) on the same padded batch with generate()'s position ids
+(every hidden state, real tokens), and PyTorch on each text alone, unpadded (the pooled
+features: padding on either side must not change them). Relative error = max |ours - torch| /
+max |torch|.
 """
 
 import jax
@@ -101,13 +102,20 @@ def _torch_hidden(torch, model, ids, mask, bidirectional=False):
   return [h.numpy() for h in out.hidden_states]
 
 
+_COMPILED = {}  # one compiled forward per checkpoint and setting (left / right padding share it)
+
+
 def _run(folder, ids, mask, dtype=jnp.float32, **build_kwargs):
-  config, flat = _load(folder)
-  model = decoder.build(config, dtype=dtype, **build_kwargs)
-  params = decoder.load_params(flat, decoder.read_config(config),
-                               build_kwargs.get("num_layers_to_run"),
-                               dtype=None if dtype == jnp.float32 else jnp.bfloat16)
-  fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, output_hidden_states=True))
+  key = (folder, jnp.dtype(dtype).name, tuple(sorted(build_kwargs.items())))
+  if key not in _COMPILED:
+    config, flat = _load(folder)
+    model = decoder.build(config, dtype=dtype, **build_kwargs)
+    params = decoder.load_params(flat, decoder.read_config(config),
+                                 build_kwargs.get("num_layers_to_run"),
+                                 dtype=None if dtype == jnp.float32 else jnp.bfloat16)
+    fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, output_hidden_states=True))
+    _COMPILED[key] = (fn, params)
+  fn, params = _COMPILED[key]
   return fn(params, jnp.asarray(ids), jnp.asarray(mask))
 
 
@@ -125,8 +133,8 @@ def test_decoder_matches_pytorch(checkpoints, torch, name, side):
   assert _rel(np.asarray(out["last_hidden_state"])[real], want[-1][real]) <= TOL
   print(f"decoder {name} {side}-padded: max rel error {max(errors):.1e}")
   # Pooled features equal PyTorch on each text alone, whatever the padding side.
-  alone = [_torch_hidden(torch, model, t[None].astype(np.int32), np.ones((1, len(t)), np.int32))[-1][0]
-           for t in texts]
+  alone = [_torch_hidden(torch, model, t[None].astype(np.int32),
+                         np.ones((1, len(t)), np.int32))[-1][0] for t in texts]
   last = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "last")["pooled"]
   mean = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "mean")["pooled"]
   tokens = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "tokens")
@@ -202,3 +210,85 @@ def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
     decoder.build(dict(config, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
   with pytest.raises(ValueError, match="not a decoder LLM checkpoint"):
     decoder.load_params({"foo.weight": np.zeros(2)}, cfg)
+
+
+def _torch_latent_pooler(torch, state, hidden, pool_mask, heads, normalize=True):
+  """NV-Embed's pooler written out step by step in PyTorch (see align_jax/encoders/nvembed.py)."""
+  import torch.nn.functional as F
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+  a = "latent_attention_model.cross_attend_blocks.0."
+  f = "latent_attention_model.cross_attend_blocks.1."
+  width = hidden.shape[-1]
+
+  def ln(x, name):
+    return F.layer_norm(x, (width,), sd[name + ".weight"], sd[name + ".bias"])
+
+  h = torch.from_numpy(hidden)
+  latents = sd["latent_attention_model.latents"]
+  q = ln(h, a + "norm") @ sd[a + "fn.to_q.weight"].T
+  k, v = (ln(latents, a + "norm_context") @ sd[a + "fn.to_kv.weight"].T).chunk(2, dim=-1)
+  b, t, n = h.shape[0], h.shape[1], latents.shape[0]
+  q = q.view(b, t, heads, -1).transpose(1, 2)
+  k = k.view(1, n, heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
+  v = v.view(1, n, heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
+  out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+  h = h + out @ sd[a + "fn.to_out.weight"].T
+  x, gate = (ln(h, f + "norm") @ sd[f + "fn.net.0.weight"].T + sd[f + "fn.net.0.bias"]).chunk(2, -1)
+  h = h + (x * F.gelu(gate)) @ sd[f + "fn.net.2.weight"].T + sd[f + "fn.net.2.bias"]
+  m = torch.from_numpy(pool_mask).float()[..., None]
+  pooled = (h * m).sum(1) / m.sum(1)
+  return (F.normalize(pooled, p=2, dim=-1) if normalize else pooled).numpy()
+
+
+def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
+  from align_jax.encoders import nvembed
+  mistral_config, mistral_state = _load(checkpoints["mistral_window"])
+  rng = np.random.default_rng(1)
+  width, heads, head_dim, latents = BASE["hidden_size"], 2, 16, 6
+  pooler = {"latents": rng.normal(size=(latents, width)),
+            "cross_attend_blocks.0.norm.weight": 1 + 0.3 * rng.normal(size=width),
+            "cross_attend_blocks.0.norm.bias": 0.3 * rng.normal(size=width),
+            "cross_attend_blocks.0.norm_context.weight": 1 + 0.3 * rng.normal(size=width),
+            "cross_attend_blocks.0.norm_context.bias": 0.3 * rng.normal(size=width),
+            "cross_attend_blocks.0.fn.to_q.weight": 0.2 * rng.normal(size=(heads * head_dim,
+                                                                         width)),
+            "cross_attend_blocks.0.fn.to_kv.weight": 0.2 * rng.normal(size=(2 * heads * head_dim,
+                                                                          width)),
+            "cross_attend_blocks.0.fn.to_out.weight": 0.2 * rng.normal(size=(width,
+                                                                           heads * head_dim)),
+            "cross_attend_blocks.1.norm.weight": 1 + 0.3 * rng.normal(size=width),
+            "cross_attend_blocks.1.norm.bias": 0.3 * rng.normal(size=width),
+            "cross_attend_blocks.1.fn.net.0.weight": 0.2 * rng.normal(size=(8 * width, width)),
+            "cross_attend_blocks.1.fn.net.0.bias": 0.2 * rng.normal(size=8 * width),
+            "cross_attend_blocks.1.fn.net.2.weight": 0.2 * rng.normal(size=(width, 4 * width)),
+            "cross_attend_blocks.1.fn.net.2.bias": 0.2 * rng.normal(size=width)}
+  state = {"embedding_model." + k: v for k, v in mistral_state.items()}
+  state.update({"latent_attention_model." + k: v.astype(np.float32) for k, v in pooler.items()})
+  config = {"model_type": "nvembed",
+            "text_config": dict(mistral_config, model_type="bidir_mistral"),
+            "latent_attention_config": {"model_type": "latent_attention",
+                                        "num_latents_value": latents, "latent_dim": width,
+                                        "hidden_dim": width,
+                                        "num_cross_heads": heads, "cross_dim_head": head_dim,
+                                        "output_normalize": True}}
+  text_cfg, latent_cfg = nvembed.read_config(config)
+  ids, mask, _ = _batch("right")  # NV-Embed pads on the right
+  model = decoder.build(text_cfg, bidirectional=True)
+  tokens = model.apply({"params": decoder.load_params(state, text_cfg)}, ids, mask)
+  module = nvembed.build_pooler(latent_cfg)
+  pool_mask = mask.copy()
+  pool_mask[:, :2] = 0  # an instruction prefix left out of the mean, as NV-Embed does
+  ours = nvembed.pool(module, nvembed.load_pooler_params(state, latent_cfg),
+                      tokens["last_hidden_state"], jnp.asarray(pool_mask))["pooled"]
+  want_tokens = _torch_hidden(torch, _torch_model(torch, checkpoints["mistral_window"],
+                                                  "mistral_window"), ids, mask,
+                              bidirectional=True)[-1]
+  real = mask.astype(bool)
+  assert _rel(np.asarray(tokens["last_hidden_state"])[real], want_tokens[real]) <= TOL
+  want = _torch_latent_pooler(torch, state, want_tokens, pool_mask, heads)
+  error = _rel(ours, want)
+  print(f"nvembed latent pooling: rel error {error:.1e}")
+  assert error <= TOL
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(ours), axis=-1), 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="no latent-attention pooler"):
+    nvembed.load_pooler_params(mistral_state, latent_cfg)

@@ -14,8 +14,9 @@ gemma      embeddings times sqrt(hidden_size), RMSNorm scaled by (1 + w), ``hidd
 
 Position ids count real tokens (``cumsum(mask) - 1``), so with left or right padding a text's
 features equal those of the text alone. ``bidirectional=True`` drops the causal mask (LLM2Vec /
-NV-Embed style embedders). Layers are stacked and run under ``nn.scan``; ``num_layers_to_run=k``
-builds (and :func:`load_params` loads) only the first k layers.
+NV-Embed style embedders; as those, it also drops Mistral's sliding window). Layers are stacked
+and run under ``nn.scan``; ``num_layers_to_run=k`` builds (and :func:`load_params` loads) only
+the first k layers.
 
 Use::
 
@@ -176,7 +177,8 @@ class DecoderModel(nn.Module):
     dtype: compute dtype (float32 or bfloat16); norms and softmax keep float32 statistics.
     num_layers_to_run: None = every layer; k = the first k (hidden layer k, no final norm
       unless k is the last layer).
-    bidirectional: attend to every real token (LLM2Vec / NV-Embed) instead of causally.
+    bidirectional: attend to every real token (LLM2Vec / NV-Embed) instead of causally (and
+      without a sliding window, as their bidirectional masks).
     attention_implementation: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
   """
   config: DecoderConfig
@@ -220,9 +222,6 @@ def build(config: Mapping[str, Any] | DecoderConfig, dtype: Any = jnp.float32,
           attention_implementation: str | None = None) -> DecoderModel:
   """The Flax module for a transformers decoder ``config.json`` dict (or its DecoderConfig)."""
   cfg = read_config(config)
-  if bidirectional and cfg.sliding_window is not None:
-    raise ValueError("bidirectional attention with a sliding window is not supported; set "
-                     "sliding_window null in config.json (NV-Embed-v2 does) or keep causal")
   return DecoderModel(cfg, dtype, num_layers_to_run, bidirectional, attention_implementation)
 
 

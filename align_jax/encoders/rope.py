@@ -87,7 +87,8 @@ def _yarn(config: Mapping[str, Any], base: float, dim: int) -> tuple[np.ndarray,
   attention_factor = scaling.get("attention_factor")
   if attention_factor is None:
     if scaling.get("mscale") and scaling.get("mscale_all_dim"):
-      attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+      attention_factor = (mscale(factor, scaling["mscale"])
+                          / mscale(factor, scaling["mscale_all_dim"]))
     else:
       attention_factor = mscale(factor)
   beta_fast = scaling.get("beta_fast") or 32
