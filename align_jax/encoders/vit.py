@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.encoders import attention as attention_lib
 from align_jax.encoders import weights as weights_lib
 from align_jax.encoders.weights import Rule, linear, norm
 
@@ -316,10 +317,10 @@ def _apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarr
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
   """Bidirectional softmax attention of [B, T, H, hd] tensors, scale 1 / sqrt(hd).
 
-  ``jax.nn.dot_product_attention`` picks cuDNN's fused kernel on GPU where the shapes and dtype
-  allow and XLA's otherwise.
+  The shared :func:`align_jax.encoders.attention.attention` (``jax.nn.dot_product_attention``:
+  cuDNN's fused kernel on GPU where the shapes and dtype allow, XLA's otherwise).
   """
-  return jax.nn.dot_product_attention(q, k, v)
+  return attention_lib.attention(q, k, v)
 
 
 class Attention(nn.Module):
