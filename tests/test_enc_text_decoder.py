@@ -186,6 +186,20 @@ def test_bfloat16_is_close_to_float32_pytorch(checkpoints, torch, name):
   assert error <= BF16_TOL
 
 
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+  """The lowered program of a 2-layer and a 12-layer model differ only in the stacked shapes."""
+  ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  sizes = {}
+  for depth in (2, 12):
+    model = decoder.build(dict(BASE, model_type="qwen3", num_hidden_layers=depth, head_dim=8))
+    params = decoder.abstract_params(model.config)
+    assert params["layers"]["q_proj"]["kernel"].shape[0] == depth
+    text = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m)).trace(
+        params, ids, ids).lower().as_text()
+    sizes[depth] = len(text.splitlines())
+  assert abs(sizes[12] - sizes[2]) <= 2, sizes
+
+
 def test_transformers5_rope_parameters_give_the_same_frequencies(checkpoints):
   from align_jax.encoders import rope
   config, _ = _load(checkpoints["llama3_scaling"])

@@ -78,7 +78,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   if bias is not None:
     while bias.ndim < 4:
       bias = bias[None]
-    bias = bias.astype(jnp.float32) if q.dtype == jnp.float32 else bias.astype(q.dtype)
+    bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                       is_causal=causal, local_window_size=window,
                                       implementation=implementation)
