@@ -388,6 +388,6 @@ def test_minilm_model_card_sentences_match_pytorch(minilm_folder, torch):
 def test_pickle_weights_are_refused(tmp_path):
   """pytorch_model.bin is a pickle: refused with the conversion command, never unpickled."""
   folder = tiny.make_tiny_bert(str(tmp_path / "bert"), save_format="flax")
-  os.rename(os.path.join(folder, "flax_model.msgpack"), os.path.join(folder, "pytorch_model.bin"))
+  os.rename(os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin"))
   with pytest.raises(ValueError, match="pickle file, which align_jax does not load"):
     encoders.TextEncoder.from_pretrained(folder, max_length=16)
