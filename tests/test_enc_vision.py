@@ -305,3 +305,38 @@ def test_pooling_the_family_lacks_is_one_line(checkpoints):
     encoders.ImageEncoder.from_pretrained(path, pooling="cls")
   with pytest.raises(ValueError, match="no attention-pool head"):
     encoders.ImageEncoder.from_pretrained(checkpoints["dinov3"][0], pooling="map")
+
+
+def test_siglip_and_clip_preprocessing_equal_transformers_processor(tmp_path):
+  """Our numpy steps from the saved preprocessor_config.json equal HF's slow processors."""
+  from PIL import Image
+  from align_jax.encoders import image_processing
+  rng = np.random.default_rng(4)
+  images = [Image.fromarray(rng.integers(0, 256, s + (3,), dtype=np.uint8))
+            for s in ((40, 57), (61, 33), (10, 12))]
+  for proc in (transformers.SiglipImageProcessor(size={"height": 24, "width": 24}),
+               transformers.CLIPImageProcessor(size={"shortest_edge": 26}, crop_size=24),
+               transformers.ViTImageProcessor(size={"height": 20, "width": 20})):
+    folder = tmp_path / type(proc).__name__
+    proc.save_pretrained(str(folder))
+    config = image_processing.load_image_processor(str(folder), dict)
+    assert isinstance(config, dict)
+    ours = image_processing.ImageProcessor(config)(images)
+    ref = proc(images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_dinov3_fast_processor_config_is_read():
+  """DINOv3 ships DINOv3ViTImageProcessorFast's keys only: 224 square, bilinear, ImageNet."""
+  from align_jax.encoders import image_processing
+  config = {"image_processor_type": "DINOv3ViTImageProcessorFast", "size": {"height": 224,
+            "width": 224}, "do_resize": True, "do_rescale": True, "do_normalize": True}
+  proc = image_processing.ImageProcessor(config)
+  assert proc.image_size == 224 and proc.mean == (0.485, 0.456, 0.406)
+  assert proc.steps["resample"] == 2 and proc.steps["rescale_first"]
+  flat = np.full((50, 70, 3), 128, np.uint8)  # a constant image stays constant after resize
+  out = proc([flat])
+  want = (128 / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(out[0], np.broadcast_to(want, (224, 224, 3)), rtol=1e-5)
+  with pytest.raises(ValueError, match="unsupported image processor 'SwinImageProcessor'"):
+    image_processing.ImageProcessor({"image_processor_type": "SwinImageProcessor"})

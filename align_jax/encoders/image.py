@@ -29,29 +29,22 @@ _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def _dinov2_processor() -> Any:
-  """The processor every facebook/dinov2-* checkpoint ships (resize 256, crop 224, ImageNet)."""
-  import transformers
-  return transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size=224, resample=3,
-                                        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD)
+def _processor(kind: str, **settings: Any) -> Callable[[], dict[str, Any]]:
+  return lambda: {"image_processor_type": kind, **settings}
 
 
-def _default_processor(name: str) -> Callable[[], Any]:
-  def make() -> Any:
-    import transformers
-    return getattr(transformers, name)()
-  return make
-
-
-# The processor a family's checkpoints use when a folder has no preprocessor_config.json.
-_DEFAULT_PROCESSORS: dict[str, Callable[[], Any]] = {
-  "dinov2": _dinov2_processor,
-  "dinov3_vit": _dinov2_processor,
-  "vit": _default_processor("ViTImageProcessor"),
-  "clip": _default_processor("CLIPImageProcessor"),
-  "clip_vision_model": _default_processor("CLIPImageProcessor"),
-  "siglip": _default_processor("SiglipImageProcessor"),
-  "siglip_vision_model": _default_processor("SiglipImageProcessor"),
+_DINOV2 = _processor("BitImageProcessor", size={"shortest_edge": 256}, crop_size=224, resample=3,
+                     image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD)
+# The processor a family's checkpoints use when a folder has no preprocessor_config.json
+# (DINOv2's: resize 256, crop 224, ImageNet statistics, as every facebook/dinov2-* ships).
+_DEFAULT_PROCESSORS: dict[str, Callable[[], dict[str, Any]]] = {
+  "dinov2": _DINOV2,
+  "dinov3_vit": _processor("DINOv3ViTImageProcessorFast"),
+  "vit": _processor("ViTImageProcessor"),
+  "clip": _processor("CLIPImageProcessor"),
+  "clip_vision_model": _processor("CLIPImageProcessor"),
+  "siglip": _processor("SiglipImageProcessor"),
+  "siglip_vision_model": _processor("SiglipImageProcessor"),
 }
 IMAGE_FAMILIES: dict[str, vit.Family] = vit.FAMILIES
 
