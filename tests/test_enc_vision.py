@@ -340,3 +340,27 @@ def test_dinov3_fast_processor_config_is_read():
   np.testing.assert_allclose(out[0], np.broadcast_to(want, (224, 224, 3)), rtol=1e-5)
   with pytest.raises(ValueError, match="unsupported image processor 'SwinImageProcessor'"):
     image_processing.ImageProcessor({"image_processor_type": "SwinImageProcessor"})
+
+
+def test_attention_lowers_to_cudnn_for_a_cuda_target(checkpoints, monkeypatch):
+  """The vision tower lowered for CUDA in bfloat16 calls cuDNN's fused attention (custom call
+  ``__cudnn$fmha``); lowered for this CPU it does not. There is no GPU here: the cuDNN version and
+  compute-capability probes (which need one) are stubbed, as a CUDA 12 / cuDNN 9.10 H100 reports.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  path, _ = checkpoints["dinov3"]
+  cfg = vit.read_config(weights.read_config(path))
+  params = vit.load_params(weights.read_state_dict(path), cfg, dtype=ml_dtypes.bfloat16)
+  x = jnp.zeros((2, 16, 16, 3), jnp.bfloat16)
+  assert vit.auto_implementation(jnp.bfloat16, cfg.head_dim, "gpu") == "cudnn"
+  assert vit.auto_implementation(jnp.float32, cfg.head_dim, "gpu") is None
+  assert vit.auto_implementation(jnp.bfloat16, cfg.head_dim, "cpu") is None
+  cpu_text = jax.jit(vit.VisionTransformer(cfg, 4, 3, dtype=jnp.bfloat16).apply).lower(
+    {"params": params}, x).as_text()
+  assert "cudnn" not in cpu_text
+  monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+  module = vit.VisionTransformer(cfg, 4, 3, dtype=jnp.bfloat16, attention_implementation="cudnn")
+  gpu_text = jax.jit(module.apply).trace({"params": params}, x).lower(
+    lowering_platforms=("cuda",)).as_text()
+  assert gpu_text.count("__cudnn$fmha") >= 1

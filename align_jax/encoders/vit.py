@@ -314,19 +314,39 @@ def _apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarr
   return jnp.concatenate([x[:, :prefix], patches.astype(x.dtype)], axis=1)
 
 
-def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+def auto_implementation(dtype: Any, head_dim: int, platform: str | None = None) -> str | None:
+  """"cudnn" where cuDNN's fused attention can run (GPU, bf16 / fp16, head_dim a multiple of 8
+  up to 128), else None (XLA). ``jax.nn.dot_product_attention`` itself never picks cuDNN."""
+  platform = platform or jax.default_backend()
+  if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return None
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+           implementation: str | None = "auto") -> jnp.ndarray:
   """Bidirectional softmax attention of [B, T, H, hd] tensors, scale 1 / sqrt(hd).
 
-  The shared :func:`align_jax.encoders.attention.attention` (``jax.nn.dot_product_attention``:
-  cuDNN's fused kernel on GPU where the shapes and dtype allow, XLA's otherwise).
+  The shared :func:`align_jax.encoders.attention.attention`. ``implementation`` "auto": cuDNN's
+  fused kernel where :func:`auto_implementation` allows it, XLA's otherwise; "cudnn" falls back
+  to XLA when cuDNN refuses the shapes at trace time; None / "xla": XLA.
   """
-  return attention_lib.attention(q, k, v)
+  if implementation == "auto":
+    implementation = auto_implementation(q.dtype, q.shape[-1])
+  if implementation == "cudnn":
+    try:
+      return attention_lib.attention(q, k, v, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):  # shapes / version cuDNN refuses
+      pass
+  return attention_lib.attention(q, k, v, implementation="xla" if implementation else None)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention (optionally with RoPE on the patch tokens)."""
   cfg: VisionConfig
   dtype: Any = jnp.float32
+  implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, rope: Any) -> jnp.ndarray:
@@ -337,7 +357,7 @@ class Attention(nn.Module):
                for n, bias in zip("qkv", cfg.qkv_bias[:3]))
     if rope is not None:
       q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-    out = attend(q, k, v).reshape(b, t, d)
+    out = attend(q, k, v, self.implementation).reshape(b, t, d)
     return nn.Dense(d, use_bias=cfg.qkv_bias[3], dtype=self.dtype, name="o")(out)
 
 
@@ -369,12 +389,13 @@ class Block(nn.Module):
   cfg: VisionConfig
   dtype: Any = jnp.float32
   collect: bool = False
+  implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, rope: Any) -> tuple[jnp.ndarray, Any]:
     cfg = self.cfg
     ones = lambda _, shape: jnp.ones(shape, jnp.float32)
-    h = Attention(cfg, self.dtype, name="attn")(_layer_norm(cfg, self.dtype, "norm1")(x), rope)
+    h = Attention(cfg, self.dtype, self.implementation, name="attn")(_layer_norm(cfg, self.dtype, "norm1")(x), rope)
     if cfg.layer_scale:
       h = h * self.param("ls1", ones, (cfg.hidden_size,)).astype(self.dtype)
     x = x + h
@@ -418,6 +439,7 @@ class MAPHead(nn.Module):
   """SigLIP's attention-pool head: a learned probe attends over the tokens, then a residual MLP."""
   cfg: VisionConfig
   dtype: Any = jnp.float32
+  implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -428,7 +450,8 @@ class MAPHead(nn.Module):
     q = heads(jnp.broadcast_to(nn.Dense(d, dtype=self.dtype, name="q")(probe), (b, 1, d)), 1)
     k = heads(nn.Dense(d, dtype=self.dtype, name="k")(x), t)
     v = heads(nn.Dense(d, dtype=self.dtype, name="v")(x), t)
-    out = nn.Dense(d, dtype=self.dtype, name="o")(attend(q, k, v).reshape(b, 1, d))
+    out = nn.Dense(d, dtype=self.dtype, name="o")(
+      attend(q, k, v, self.implementation).reshape(b, 1, d))
     h = _layer_norm(cfg, self.dtype, "norm")(out)
     act = ACTIVATIONS[cfg.act]
     h = nn.Dense(d, dtype=self.dtype, name="fc2")(
@@ -446,6 +469,8 @@ class VisionTransformer(nn.Module):
       ``num_layers`` stacked slices (:func:`slice_layers`).
     collect: also return every hidden state (stacked, [num_layers + 1, B, T, D]).
     dtype: compute dtype.
+    attention_implementation: "auto" (cuDNN on GPU where allowed, :func:`attend`), "cudnn",
+      "xla" or None.
 
   ``__call__`` returns ``{"hidden": [n + 1, B, T, D] (when collect), "last": the residual stream
   after the last block run, "final": the final LayerNorm of it (all blocks run), "map": SigLIP's
@@ -456,6 +481,7 @@ class VisionTransformer(nn.Module):
   num_layers: int
   collect: bool = False
   dtype: Any = jnp.float32
+  attention_implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, pixels: jnp.ndarray) -> dict[str, jnp.ndarray]:
@@ -472,7 +498,8 @@ class VisionTransformer(nn.Module):
     if self.num_layers > 0:
       blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=nn.broadcast, length=self.num_layers)
-      x, stacked = blocks(cfg, self.dtype, self.collect, name="layers")(x, rope)
+      x, stacked = blocks(cfg, self.dtype, self.collect, self.attention_implementation,
+                          name="layers")(x, rope)
       if self.collect:
         out["hidden"] = jnp.concatenate([first[None], stacked], axis=0)
     elif self.collect:
@@ -481,7 +508,8 @@ class VisionTransformer(nn.Module):
     if self.num_layers == cfg.num_layers:
       out["final"] = _layer_norm(cfg, self.dtype, "norm")(x)
       if cfg.head:
-        out["map"] = MAPHead(cfg, self.dtype, name="head")(out["final"])
+        out["map"] = MAPHead(cfg, self.dtype, self.attention_implementation,
+                             name="head")(out["final"])
     return out
 
 
