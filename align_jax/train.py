@@ -25,6 +25,7 @@ import optax
 from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
+from align_jax import compilation_cache
 from align_jax import config as config_lib
 from align_jax import interfaces
 from align_jax import loss_kinds, model as model_lib, optim, preemption, reporting, sharding
@@ -120,6 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   ``mesh`` defaults to the one ``config.mesh`` describes over all devices.
   """
   storage.check_writable(workdir)  # a bad bucket or path: one line now, not after the build
+  compilation_cache.enable(config.get("compilation_cache_dir", ""))  # before the first compile
   trainer = build_trainer(config, mesh)
   state, frozen, source = trainer.state, trainer.frozen, trainer.source
   if jax.process_index() == 0:  # the run's config, for evaluation, export and AlignedModel.load

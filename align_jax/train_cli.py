@@ -131,6 +131,8 @@ def main(argv):
   distributed.initialize_or_exit()  # multi-process runs: before jax starts its backends
   from align_jax import train
   config = load_config()
+  from align_jax import compilation_cache
+  compilation_cache.enable(config.get("compilation_cache_dir", ""))  # every mode, first compile
   logging.getLogger("align_jax").info("config:\n%s", config)
   try:
     if FLAGS.mode == "extract_features":

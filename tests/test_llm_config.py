@@ -40,7 +40,10 @@ def test_rules_shard_every_matrix_of_each_family(tmp_path, family, devices):
                                 jax.tree.leaves(shardings)):
     name = "/".join(str(k.key) for k in path)
     split = "data" in tuple(spec.spec)
-    assert split == (leaf.ndim == 2 and "relative_attention_bias" not in name), name
+    matrix = name.endswith(("/kernel", "/embedding"))  # stacked per-layer kernels are 3-D
+    assert split == (matrix and "relative_attention_bias" not in name), name
+    if leaf.ndim == 3:
+      assert spec.spec[0] is None  # the stacked layer axis is never split
 
 
 def _config(folders, **variant):
@@ -97,8 +100,8 @@ def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(fo
   report = aot.compile_train_step(config, "cpu:8")
   state, frozen, batch = report.compiled.args_info[0]
   shardings = report.compiled.input_shardings[0][1]
-  q_proj = shardings["text"]["layers"]["1"]["self_attn"]["q_proj"]["kernel"]
-  assert tuple(q_proj.spec) == ("data", None)
+  q_proj = shardings["text"]["layers"]["q_proj"]["kernel"]  # [layers, in, out], stacked
+  assert tuple(q_proj.spec) == (None, "data", None)
 
   def device_bytes(infos, shards):
     return sum(np.prod(s.shard_shape(i.shape)) * np.dtype(i.dtype).itemsize
@@ -106,8 +109,9 @@ def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(fo
   text_bytes = device_bytes(frozen["text"], shardings["text"])
   full_text = sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize
                   for i in jax.tree.leaves(frozen["text"]))
-  norms = sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize
-              for i in jax.tree.leaves(frozen["text"]) if len(i.shape) == 1)
+  paths = jax.tree_util.tree_flatten_with_path(frozen["text"])[0]
+  norms = sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize  # norm weights: 1-D, or stacked 2-D
+              for p, i in paths if not str(p[-1].key) in ("kernel", "embedding"))
   assert {np.dtype(i.dtype) for i in jax.tree.leaves(frozen["text"])} == {np.dtype("bfloat16")}
   assert text_bytes == (full_text - norms) // 8 + norms  # bfloat16, 1/8 of every matrix
   image_bytes = device_bytes(frozen["image"], shardings["image"])
