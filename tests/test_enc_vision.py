@@ -69,7 +69,7 @@ def torch_outputs(model, pixels_nchw: np.ndarray) -> dict[str, np.ndarray]:
     out = model(pixel_values=torch.tensor(pixels_nchw), output_hidden_states=True)
     final = out.last_hidden_state
     if isinstance(model, transformers.CLIPVisionModel):
-      final = model.vision_model.post_layernorm(final)
+      final = getattr(model, "vision_model", model).post_layernorm(final)  # transformers 4 / 5
   result = {"hidden": [h.numpy() for h in out.hidden_states], "final": final.numpy()}
   if isinstance(model, transformers.SiglipVisionModel):
     result["map"] = out.pooler_output.numpy()
@@ -210,8 +210,10 @@ def test_reverse_name_map_round_trip_loads_in_transformers(checkpoints, tmp_path
   for name in ("siglip", "dinov3_gated"):
     path, model = checkpoints[name]
     cfg = vit.read_config(weights.read_config(path))
-    params = vit.load_params(weights.read_state_dict(path), cfg)
-    state = weights.from_flax(params, vit.rules(cfg), cfg.num_layers)
+    original = weights.read_state_dict(path)
+    params = vit.load_params(original, cfg)
+    prefix = weights.find_prefix(original, vit.rules(cfg), cfg.num_layers)  # "vision_model." in 4.x
+    state = weights.from_flax(params, vit.rules(cfg), cfg.num_layers, prefix)
     out = tmp_path / name
     out.mkdir()
     weights.write_safetensors(state, str(out / "model.safetensors"))

@@ -97,7 +97,9 @@ def random_state_dict(config: dict[str, Any], seed: int, std: float = 0.02
   if model_type in vit.FAMILIES:
     cfg = vit.read_config(config)
     params = fill(vit.abstract_params(cfg, cfg.image_size // cfg.patch_size))
-    state.update(weights.from_flax(params, vit.rules(cfg), cfg.num_layers))
+    prefix = "vision_model." if model_type in ("clip", "siglip", "clip_vision_model",
+                                               "siglip_vision_model") else ""
+    state.update(weights.from_flax(params, vit.rules(cfg), cfg.num_layers, prefix))
   if model_type in text.TEXT_FAMILIES:
     family = text.TEXT_FAMILIES[model_type]
     cfg = family.read_config(config)

@@ -233,8 +233,10 @@ def _dinov3_rules(cfg: VisionConfig) -> list[Rule]:
 
 
 def _clip_siglip_rules(cfg: VisionConfig) -> list[Rule]:
-  """CLIP and SigLIP vision towers (``vision_model.`` names; SigLIP's MAP head)."""
-  p = "vision_model."
+  """CLIP and SigLIP vision towers (SigLIP's MAP head). Two-tower checkpoints and transformers 4's
+  ``*VisionModel`` put ``vision_model.`` before these names, transformers 5's ``*VisionModel``
+  nothing; :func:`align_jax.encoders.weights.find_prefix` finds which."""
+  p = ""
   names = dict(norm1="layer_norm1", norm2="layer_norm2", q="self_attn.q_proj",
                k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", fc1="mlp.fc1",
                fc2="mlp.fc2")
