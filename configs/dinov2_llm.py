@@ -36,9 +36,9 @@ DINOv2-L (0.6 GB) stays replicated.
 'jax[tpu]==0.10.2'``, and config-only encoder folders, i.e. ``config.json`` plus the tokenizer and
 processor files, read by align_jax.aot's abstract loading)::
 
-    huggingface-cli download intfloat/e5-mistral-7b-instruct --include '*.json' 'tokenizer*' \\
+    hf download intfloat/e5-mistral-7b-instruct --include '*.json' 'tokenizer*' \\
         --local-dir /tmp/e5-mistral-config
-    huggingface-cli download facebook/dinov2-large --include '*.json' --local-dir /tmp/dinov2-config
+    hf download facebook/dinov2-large --include '*.json' --local-dir /tmp/dinov2-config
     python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/dinov2-config,text=/tmp/e5-mistral-config \\
         --topology=v5e-64
 

@@ -307,7 +307,7 @@ def test_missing_model_raises_one_line_error_naming_the_fix(tmp_path):
     encoders.ImageEncoder.from_pretrained("align-jax-tests/no-such-encoder")
   message = str(info.value)
   assert "\n" not in message and "align-jax-tests/no-such-encoder" in message
-  assert "--config.model.image_encoder=" in message and "huggingface-cli download" in message
+  assert "--config.model.image_encoder=" in message and "hf download" in message
   with pytest.raises(encoders.EncoderNotFoundError, match="--config.model.text_encoder="):
     encoders.TextEncoder.from_pretrained(str(tmp_path / "missing_folder"))
   assert issubclass(encoders.EncoderNotFoundError, OSError)

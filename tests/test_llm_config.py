@@ -74,13 +74,13 @@ def test_online_step_with_sharded_llm_on_eight_devices_equals_one(folders, devic
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state8.params,
                state1.params)
   text = trainer8.frozen["text"]
-  layer = text["layers"]["0"]
+  layer = text["layers"]  # per-layer params stacked on axis 0 (scanned), never split
   # Every text-tower matrix holds 1/8 of its model-width axis per device; norms are replicated.
-  for kernel, axis in ((layer["self_attn"]["q_proj"]["kernel"], 0),
-                       (layer["self_attn"]["k_proj"]["kernel"], 0),
-                       (layer["self_attn"]["o_proj"]["kernel"], 1),
-                       (layer["mlp"]["gate_proj"]["kernel"], 0),
-                       (layer["mlp"]["down_proj"]["kernel"], 1),
+  for kernel, axis in ((layer["q_proj"]["kernel"], 1),
+                       (layer["k_proj"]["kernel"], 1),
+                       (layer["o_proj"]["kernel"], 2),
+                       (layer["gate_proj"]["kernel"], 1),
+                       (layer["down_proj"]["kernel"], 2),
                        (text["embed_tokens"]["embedding"], 1)):
     shard = list(kernel.shape)
     shard[axis] //= 8

@@ -44,7 +44,7 @@ def resolve_checkpoint(name_or_path: str, config_flag: str = "--config.model.ima
   if os.path.isdir(path):
     return path
   fix = (f"point the config at a local copy ({config_flag}=/path/to/folder), made on a machine with "
-         f"internet by `huggingface-cli download {name_or_path} --local-dir /path/to/folder`")
+         f"internet by `hf download {name_or_path} --local-dir /path/to/folder`")
   if path.startswith((os.sep, ".", "~")) or os.path.exists(path):
     raise EncoderNotFoundError(f"Encoder {name_or_path!r} not found: no such folder; {fix}.")
   try:
