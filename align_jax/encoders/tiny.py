@@ -133,6 +133,24 @@ def _byte_bpe_files(tmp: str) -> tuple[str, str]:
   return vocab_file, merges_file
 
 
+def _byte_characters() -> dict[int, str]:
+  """GPT-2 / CLIP byte-level BPE's byte -> printable character table.
+
+  Printable Latin-1 bytes stand for themselves; the other 68 bytes map, in byte order, to the
+  code points 256, 257, ... so every byte has a visible, non-space character.
+  """
+  printable = (set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+               | set(range(ord("®"), ord("ÿ") + 1)))
+  table, extra = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      table[byte] = chr(byte)
+    else:
+      table[byte] = chr(256 + extra)
+      extra += 1
+  return table
+
+
 def _clip_bpe_files(tmp: str) -> tuple[str, str]:
   """Writes a CLIP-style BPE vocabulary (bytes, bytes + "</w>", whole corpus words) in ``tmp``.
 
@@ -141,8 +159,7 @@ def _clip_bpe_files(tmp: str) -> tuple[str, str]:
   right, so corpus words become single tokens and other words fall back to characters.
   """
   import json
-  from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-  chars = list(bytes_to_unicode().values())
+  chars = list(_byte_characters().values())
   vocab = chars + [c + "</w>" for c in chars]
   merges: list[str] = []
   for word in sorted({w for line in CORPUS for w in line.split()}):
