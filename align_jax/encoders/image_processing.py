@@ -57,7 +57,7 @@ _PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
                                       image_mean=[0.485, 0.456, 0.406],
                                       image_std=[0.229, 0.224, 0.225]),
 }
-_FAST_SUFFIX = "Fast"
+_SUFFIXES = ("Fast", "Pil")  # transformers 5: torchvision ("Fast") and PIL ("Pil") backends
 
 
 def _size_dict(size: Any, square: bool) -> dict[str, int]:
@@ -70,14 +70,15 @@ def _size_dict(size: Any, square: bool) -> dict[str, int]:
 def read_processor_config(config: Any) -> dict[str, Any]:
   """The steps of a processor: from a ``preprocessor_config.json`` dict or a processor object.
 
-  Known classes fill keys the file leaves out with their defaults; a fast processor other than
-  DINOv3's is read as its slow counterpart (the same settings).
+  Known classes fill keys the file leaves out with their defaults; a fast (or transformers 5
+  "Pil") processor other than DINOv3's is read as its slow counterpart (the same settings).
   """
   if not isinstance(config, dict):
     config = dict(config.to_dict(), image_processor_type=type(config).__name__)
   kind = str(config.get("image_processor_type") or "")
-  if kind not in _PROCESSOR_DEFAULTS and kind.endswith(_FAST_SUFFIX):
-    kind = kind[:-len(_FAST_SUFFIX)]
+  for suffix in _SUFFIXES:
+    if kind not in _PROCESSOR_DEFAULTS and kind.endswith(suffix):
+      kind = kind[:-len(suffix)]
   if kind not in _PROCESSOR_DEFAULTS:
     raise ValueError(f"unsupported image processor {config.get('image_processor_type')!r}; "
                      f"supported: {', '.join(_PROCESSOR_DEFAULTS)}")

@@ -111,6 +111,17 @@ def random_state_dict(config: dict[str, Any], seed: int, std: float = 0.02
   return state
 
 
+def _vocab_files(cls: Any, vocab_file: str, merges_file: str | None = None) -> dict[str, str]:
+  """The vocabulary-file arguments of a tokenizer class: ``vocab`` / ``merges`` in transformers 5,
+  ``vocab_file`` / ``merges_file`` in 4.x (5.x ignores those names silently)."""
+  import inspect
+  new = "vocab" in inspect.signature(cls.__init__).parameters
+  out = {"vocab" if new else "vocab_file": vocab_file}
+  if merges_file is not None:
+    out["merges" if new else "merges_file"] = merges_file
+  return out
+
+
 def _wordpiece_tokenizer(path: str, corpus=CORPUS) -> transformers.PreTrainedTokenizerFast:
   """A lower-casing BERT WordPiece tokenizer trained on ``corpus``, saved to ``path``."""
   import tokenizers
@@ -118,7 +129,8 @@ def _wordpiece_tokenizer(path: str, corpus=CORPUS) -> transformers.PreTrainedTok
   trainer.train_from_iterator(list(corpus), vocab_size=200, min_frequency=1)
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file = trainer.save_model(tmp)[0]
-    tok = transformers.BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    tok = transformers.BertTokenizerFast(**_vocab_files(transformers.BertTokenizerFast, vocab_file),
+                                         do_lower_case=True)
     tok.save_pretrained(path)
   return tok
 
@@ -188,7 +200,8 @@ def save_roberta_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
   """
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file, merges_file = _byte_bpe_files(tmp)
-    tok = transformers.RobertaTokenizerFast(vocab_file=vocab_file, merges_file=merges_file)
+    tok = transformers.RobertaTokenizerFast(
+      **_vocab_files(transformers.RobertaTokenizerFast, vocab_file, merges_file))
     tok.save_pretrained(path)
   return tok
 
@@ -264,7 +277,8 @@ def make_tiny_clip(path: str, image_size: int = 24, patch_size: int = 6, save_fo
   """
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file, merges_file = _clip_bpe_files(tmp)
-    tok = transformers.CLIPTokenizerFast(vocab_file=vocab_file, merges_file=merges_file)
+    tok = transformers.CLIPTokenizerFast(
+      **_vocab_files(transformers.CLIPTokenizerFast, vocab_file, merges_file))
     tok.save_pretrained(path)
   text = dict(vocab_size=len(tok), max_position_embeddings=max_position_embeddings,
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
