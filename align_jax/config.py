@@ -32,6 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # persistent XLA compilation cache, a folder or gs:// URL ("" = off): a restart (preemption,
+  # resume) loads the compiled train step instead of compiling it (align_jax.compilation_cache)
+  c.compilation_cache_dir = ""
 
   c.data = ml_collections.ConfigDict()
   # synthetic | features (arrays: align_jax.data.features); tfds | webdataset | manifest |

@@ -1,7 +1,7 @@
 """Export a trained run as a small, shareable folder: projector weights, config and a model card.
 
     python -m align_jax.export --workdir=/tmp/align_demo_online --out=/tmp/my_model [--step=N]
-    huggingface-cli upload USER/my-model /tmp/my_model .     # optional: share it on the hub
+    hf upload USER/my-model /tmp/my_model .     # optional: share it on the hub
 
 The folder holds
 

@@ -95,7 +95,12 @@ def fingerprint(config: ml_collections.ConfigDict, data, model, frozen: dict, dt
   """Everything that determines the features of ``data`` (see the module docstring)."""
   m = config.model
   image, text = model.image_encoder, model.text_encoder
-  return {
+  # The hub commit an id resolved to (absent for local folders and toy encoders), so a store made
+  # from an older revision of the same hub id is refused.
+  revisions = {f"{tower}_revision": getattr(enc, "revision", None)
+               for tower, enc in (("image", image), ("text", text))}
+  revisions = {k: v for k, v in revisions.items() if v is not None}
+  fp = {
       "model": {
           "image_encoder": _encoder_id(m.image_encoder),
           "image_params": checksums.tree_digest(frozen["image"]),
@@ -115,6 +120,8 @@ def fingerprint(config: ml_collections.ConfigDict, data, model, frozen: dict, dt
                "min_image_size": int(data.min_image_size),
                **{k: data.get(k) for k in _DATA_KEYS.get(data.source, ())}},
   }
+  fp["model"].update(revisions)
+  return fp
 
 
 # Encoder settings a config trained on stored features restates from the config that extracted

@@ -25,6 +25,7 @@ import optax
 from clu import parameter_overview
 
 from align_jax import checkpoint as checkpoint_lib
+from align_jax import compilation_cache
 from align_jax import config as config_lib
 from align_jax import feature_store
 from align_jax import interfaces
@@ -148,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   every metric in its ``metrics.jsonl``, building nothing.
   """
   storage.check_writable(workdir)  # a bad bucket or path: one line now, not after the build
+  compilation_cache.enable(config.get("compilation_cache_dir", ""))  # before the first compile
   done = finished_step(config, workdir)
   if done is not None:
     logger.info("run complete: checkpoint step %d of %d in %s; metrics in %s (`align-jax plot %s` "

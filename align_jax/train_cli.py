@@ -159,6 +159,8 @@ def main(argv):
     logging.getLogger("align_jax").setLevel(logging.WARNING)
   from align_jax import peer_watch, reporting, run_dir, storage, train
   logger = logging.getLogger("align_jax")
+  from align_jax import compilation_cache
+  compilation_cache.enable(config.get("compilation_cache_dir", ""))  # every mode, first compile
   try:
     complete = False
     if FLAGS.mode == "train":  # a complete run says so in one line, before any config output

@@ -36,9 +36,9 @@ DINOv2-L (0.6 GB) stays replicated.
 'jax[tpu]==0.10.2'``, and config-only encoder folders, i.e. ``config.json`` plus the tokenizer and
 processor files, read by align_jax.aot's abstract loading)::
 
-    huggingface-cli download intfloat/e5-mistral-7b-instruct --include '*.json' 'tokenizer*' \\
+    hf download intfloat/e5-mistral-7b-instruct --include '*.json' 'tokenizer*' \\
         --local-dir /tmp/e5-mistral-config
-    huggingface-cli download facebook/dinov2-large --include '*.json' --local-dir /tmp/dinov2-config
+    hf download facebook/dinov2-large --include '*.json' --local-dir /tmp/dinov2-config
     python -m align_jax.aot --config=configs/dinov2_llm.py:image=/tmp/dinov2-config,text=/tmp/e5-mistral-config \\
         --topology=v5e-64
 
@@ -58,13 +58,12 @@ from align_jax import config as config_lib
 # [D, out], o and down kernels [in, D], the embedding [vocab, D]. T5 / mT5: q, k, v, wi kernels
 # [D, out], o and wo [in, D], the shared embedding [vocab, D].
 LLM_FROZEN_RULES = (
-    (r"^text/.*/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("data", None)),
-    (r"^text/.*/(o_proj|down_proj)/kernel$", (None, "data")),
+    # Per-layer params are stacked on a leading layer axis (the scanned blocks): never split it.
+    (r"^text/layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, "data", None)),
+    (r"^text/layers/(o_proj|down_proj)/kernel$", (None, None, "data")),
     (r"^text/embed_tokens/embedding$", (None, "data")),
-    (r"^text/.*/SelfAttention/(q|k|v)/kernel$", ("data", None)),
-    (r"^text/.*/DenseReluDense/(wi|wi_0|wi_1)/kernel$", ("data", None)),
-    (r"^text/.*/(SelfAttention/o|DenseReluDense/wo)/kernel$", (None, "data")),
-    (r"^text/shared/embedding$", (None, "data")),
+    (r"^text/layers/(q|k|v|wi|wi_0|wi_1)/kernel$", (None, "data", None)),
+    (r"^text/layers/(o|wo)/kernel$", (None, None, "data")),
 )
 
 # The trainable GLU heads are large too (8 x 4,096 = 32,768 hidden units on the text side: ~386M

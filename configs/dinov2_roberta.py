@@ -55,9 +55,11 @@ def get_config(arg=None):
   if variant.fsdp:
     # Frozen encoder matrices split over the data axis along their input dimension (FSDP-style):
     # for encoders too large to replicate. Every such dimension of DINOv2-L / RoBERTa-L (1024,
-    # 4096) divides by up to 1,024 devices.
+    # 4096) divides by up to 1,024 devices. Per-layer params are stacked (scanned blocks) on a
+    # leading layer axis, which stays whole.
     config.mesh.frozen_param_rules = (
-        (r"(query|key|value|dense|fc1|fc2)/kernel$", ("data", None)),)
+        (r"layers/(attn/|mlp/)?(q|k|v|o|fc1|fc2|query|key|value|attention_out|intermediate|"
+         r"output)/kernel$", (None, "data", None)),)
 
   config.evals.coco = dict(type="retrieval", every=0, batch_size=1024, ks=(1, 5, 10),
                            data=dict(source="tfds", name="coco_captions", split="test",

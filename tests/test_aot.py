@@ -172,18 +172,18 @@ def _shapes(tree):
 def test_abstract_image_params_equal_the_loaded_ones(checkpoint_pairs, monkeypatch, image_size,
                                                     dtype):
   from align_jax import encoders
-  from align_jax.encoders import hub
+  from align_jax.encoders import weights
   full, config_only = checkpoint_pairs["dinov2"]
   loaded = encoders.ImageEncoder.from_pretrained(full, pooling="tokens", image_size=image_size,
                                                  dtype=dtype)
-  monkeypatch.setattr(hub, "load_flax_params", lambda *a, **k: pytest.fail("weights were read"))
+  monkeypatch.setattr(weights, "read_state_dict", lambda *a, **k: pytest.fail("weights were read"))
   abstract = encoders.ImageEncoder.from_pretrained(config_only, pooling="tokens",
                                                    image_size=image_size, dtype=dtype,
                                                    abstract=True)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.params))
   assert _shapes(abstract.params) == _shapes(loaded.params)
   grid = image_size // 4  # 36 px: the 7x7 table resampled to 9x9 at load time
-  assert abstract.params["embeddings"]["position_embeddings"].shape == (1, 1 + grid * grid, 32)
+  assert abstract.params["embed"]["pos"].shape == (1, 1 + grid * grid, 32)
   assert {x.dtype for x in jax.tree.leaves(abstract.params)} == {np.dtype(dtype)}
   assert (abstract.image_size, abstract.num_tokens, abstract.output_dim) == (
       loaded.image_size, loaded.num_tokens, loaded.output_dim)
@@ -192,11 +192,11 @@ def test_abstract_image_params_equal_the_loaded_ones(checkpoint_pairs, monkeypat
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_abstract_text_params_equal_the_loaded_ones(checkpoint_pairs, monkeypatch, family):
   from align_jax import encoders
-  from align_jax.encoders import hub
+  from align_jax.encoders import weights
   full, config_only = checkpoint_pairs[family]
   loaded = encoders.TextEncoder.from_pretrained(full, pooling="tokens", max_length=16,
                                                 dtype="bfloat16")
-  monkeypatch.setattr(hub, "load_flax_params", lambda *a, **k: pytest.fail("weights were read"))
+  monkeypatch.setattr(weights, "read_state_dict", lambda *a, **k: pytest.fail("weights were read"))
   abstract = encoders.TextEncoder.from_pretrained(config_only, pooling="tokens", max_length=16,
                                                   dtype="bfloat16", abstract=True)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.params))
@@ -229,11 +229,11 @@ def _online_config(image: str, text: str):
 
 def test_compile_from_config_only_folders_shapes_frozen_params_as_loaded(checkpoint_pairs,
                                                                        devices, monkeypatch):
-  from align_jax.encoders import hub
+  from align_jax.encoders import weights
   (image_full, image_cfg), (text_full, text_cfg) = (checkpoint_pairs["dinov2"],
                                                     checkpoint_pairs["roberta"])
   loaded = model_lib.build_model(_online_config(image_full, text_full)).frozen_params()
-  monkeypatch.setattr(hub, "load_flax_params", lambda *a, **k: pytest.fail("weights were read"))
+  monkeypatch.setattr(weights, "read_state_dict", lambda *a, **k: pytest.fail("weights were read"))
   report = aot.compile_train_step(_online_config(image_cfg, text_cfg), "cpu:8")
   assert report.mesh_shape == {"data": 8} and report.peak_bytes > 0
   _, frozen, batch = report.compiled.args_info[0]

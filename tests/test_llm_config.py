@@ -40,7 +40,10 @@ def test_rules_shard_every_matrix_of_each_family(tmp_path, family, devices):
                                 jax.tree.leaves(shardings)):
     name = "/".join(str(k.key) for k in path)
     split = "data" in tuple(spec.spec)
-    assert split == (leaf.ndim == 2 and "relative_attention_bias" not in name), name
+    matrix = name.endswith(("/kernel", "/embedding"))  # stacked per-layer kernels are 3-D
+    assert split == (matrix and "relative_attention_bias" not in name), name
+    if leaf.ndim == 3:
+      assert spec.spec[0] is None  # the stacked layer axis is never split
 
 
 def _config(folders, **variant):
@@ -71,13 +74,13 @@ def test_online_step_with_sharded_llm_on_eight_devices_equals_one(folders, devic
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state8.params,
                state1.params)
   text = trainer8.frozen["text"]
-  layer = text["layers"]["0"]
+  layer = text["layers"]  # per-layer params stacked on axis 0 (scanned), never split
   # Every text-tower matrix holds 1/8 of its model-width axis per device; norms are replicated.
-  for kernel, axis in ((layer["self_attn"]["q_proj"]["kernel"], 0),
-                       (layer["self_attn"]["k_proj"]["kernel"], 0),
-                       (layer["self_attn"]["o_proj"]["kernel"], 1),
-                       (layer["mlp"]["gate_proj"]["kernel"], 0),
-                       (layer["mlp"]["down_proj"]["kernel"], 1),
+  for kernel, axis in ((layer["q_proj"]["kernel"], 1),
+                       (layer["k_proj"]["kernel"], 1),
+                       (layer["o_proj"]["kernel"], 2),
+                       (layer["gate_proj"]["kernel"], 1),
+                       (layer["down_proj"]["kernel"], 2),
                        (text["embed_tokens"]["embedding"], 1)):
     shard = list(kernel.shape)
     shard[axis] //= 8
@@ -97,8 +100,8 @@ def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(fo
   report = aot.compile_train_step(config, "cpu:8")
   state, frozen, batch = report.compiled.args_info[0]
   shardings = report.compiled.input_shardings[0][1]
-  q_proj = shardings["text"]["layers"]["1"]["self_attn"]["q_proj"]["kernel"]
-  assert tuple(q_proj.spec) == ("data", None)
+  q_proj = shardings["text"]["layers"]["q_proj"]["kernel"]  # [layers, in, out], stacked
+  assert tuple(q_proj.spec) == (None, "data", None)
 
   def device_bytes(infos, shards):
     return sum(np.prod(s.shard_shape(i.shape)) * np.dtype(i.dtype).itemsize
@@ -106,8 +109,9 @@ def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(fo
   text_bytes = device_bytes(frozen["text"], shardings["text"])
   full_text = sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize
                   for i in jax.tree.leaves(frozen["text"]))
-  norms = sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize
-              for i in jax.tree.leaves(frozen["text"]) if len(i.shape) == 1)
+  paths = jax.tree_util.tree_flatten_with_path(frozen["text"])[0]
+  norms = sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize  # norm weights: 1-D, or stacked 2-D
+              for p, i in paths if not str(p[-1].key) in ("kernel", "embedding"))
   assert {np.dtype(i.dtype) for i in jax.tree.leaves(frozen["text"])} == {np.dtype("bfloat16")}
   assert text_bytes == (full_text - norms) // 8 + norms  # bfloat16, 1/8 of every matrix
   image_bytes = device_bytes(frozen["image"], shardings["image"])

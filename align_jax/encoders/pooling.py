@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from align_jax.ops import masked_mean  # the one definition, shared with the projectors
 
-IMAGE_POOLINGS = ("cls", "mean", "cls+mean_patch", "tokens")
+IMAGE_POOLINGS = ("cls", "mean", "cls+mean_patch", "tokens", "map")
 TEXT_POOLINGS = ("cls", "mean", "tokens", "last")
 
 
@@ -22,17 +22,20 @@ def check_pooling(pooling: str, valid: tuple[str, ...], kind: str) -> str:
   return pooling
 
 
-def pool_image(tokens: jnp.ndarray, pooling: str) -> dict[str, jnp.ndarray]:
-  """Pools ViT-style tokens [B, 1 + P, D] (CLS first, then P patches).
+def pool_image(tokens: jnp.ndarray, pooling: str, num_prefix_tokens: int = 1
+               ) -> dict[str, jnp.ndarray]:
+  """Pools ViT-style tokens [B, prefix + P, D] (class token and registers first, then P patches).
 
   "mean" and the second half of "cls+mean_patch" average the patch tokens only (as SAIL and the
-  freeze-align CKA selection do); "tokens" keeps every token with an all-True mask.
+  freeze-align CKA selection do; DINOv3's register tokens are left out too, SigLIP has no prefix);
+  "tokens" keeps every token with an all-True mask. "map" (SigLIP's head) is computed by the
+  encoder, not here.
   """
   tokens = tokens.astype(jnp.float32)
   if pooling == "tokens":
     return {"tokens": tokens, "mask": jnp.ones(tokens.shape[:2], dtype=bool)}
   cls = tokens[:, 0]
-  mean_patch = jnp.mean(tokens[:, 1:], axis=1)
+  mean_patch = jnp.mean(tokens[:, num_prefix_tokens:], axis=1)
   if pooling == "cls":
     return {"pooled": cls}
   if pooling == "mean":

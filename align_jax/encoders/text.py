@@ -1,17 +1,18 @@
-"""Frozen text encoders from Hugging Face Flax models: BERT, RoBERTa, XLM-RoBERTa, CLIP's text
-tower, decoder LLMs (Llama, Mistral, Gemma; :mod:`align_jax.encoders.decoder_text`) and T5 / mT5
-encoder stacks (GTR / sentence-T5 style).
+"""Frozen text encoders on align_jax's own modules: BERT, RoBERTa, XLM-R, MPNet, the CLIP and SigLIP
+text towers (:mod:`align_jax.encoders.bert`), decoder LLMs (Llama, Mistral, Qwen2, Qwen3, Gemma;
+:mod:`align_jax.encoders.decoder`) and T5 / mT5 encoder stacks (:mod:`align_jax.encoders.t5`).
 
 ``TextEncoder.apply(params, {"input_ids", "attention_mask"})`` is pure and jit-able; ``preprocess``
 is the checkpoint's own tokenizer with fixed-length padding (after an optional instruction
-prefix), so every batch has one shape. Decoder LLMs and T5 keep their params in host memory
-(:mod:`align_jax.encoders.host_weights`), so a 7B model is placed by the sharding rules, never
-whole on one accelerator.
+prefix), so every batch has one shape. Weights come from the checkpoint's safetensors through
+:mod:`align_jax.encoders.weights` (no transformers model class, no torch). Decoder LLMs and T5
+keep their params as host numpy arrays, so a 7B model is placed by the sharding rules, never whole
+on one accelerator.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from types import ModuleType
 from typing import Any, Sequence
 
 import jax
@@ -19,62 +20,56 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import interfaces
-from align_jax.encoders import decoder_text
-from align_jax.encoders import host_weights
+from align_jax.encoders import bert
+from align_jax.encoders import decoder
 from align_jax.encoders import hub
 from align_jax.encoders import layers as layers_lib
 from align_jax.encoders import pooling as pooling_lib
-from align_jax.encoders import t5_compat
+from align_jax.encoders import t5
+from align_jax.encoders import weights as weights_lib
 from align_jax.encoders.image import cast_params, compute_dtype
 
-
-@dataclasses.dataclass(frozen=True)
-class TextFamily:
-  """How to run one text model family.
-
-  Attributes:
-    flax_class: transformers Flax model class name.
-    config_class: transformers config class (for CLIP, the text sub-config of a full checkpoint).
-    padding_positions: position ids count from ``pad_token_id + 1`` over non-pad tokens
-      (RoBERTa / XLM-R, fairseq style); otherwise ``arange``. Using ``arange`` for RoBERTa shifts
-      every position and changes outputs by up to ~3.
-    token_type_ids: the module takes token type ids (all zeros here).
-    has_pooler: the module takes ``add_pooling_layer`` (left out: not a feature).
-    eos_summary: "cls" pooling takes the EOS token (CLIP's pooled text feature) instead of token 0.
-    kind: "encoder" (the BERT-likes and CLIP), "decoder" (causal LLMs: position ids from the
-      attention mask so left padding is right, last-token pooling, module config of
-      ``decoder_text.module_config``) or "t5" (T5 encoder stack: relative positions, so no
-      position ids and no length limit). Decoders and T5 have no summary token at position 0
-      ("cls" is refused) and keep their params on the host.
-  """
-  flax_class: str
-  config_class: str
-  padding_positions: bool
-  token_type_ids: bool
-  has_pooler: bool
-  eos_summary: bool
-  kind: str = "encoder"
-
-
-_CLIP_TEXT = TextFamily("FlaxCLIPTextModel", "CLIPTextConfig", False, False, False, True)
-TEXT_FAMILIES: dict[str, TextFamily] = {
-  "bert": TextFamily("FlaxBertModel", "BertConfig", False, True, True, False),
-  "roberta": TextFamily("FlaxRobertaModel", "RobertaConfig", True, True, True, False),
-  "xlm-roberta": TextFamily("FlaxXLMRobertaModel", "XLMRobertaConfig", True, True, True, False),
-  "clip": _CLIP_TEXT,
-  "clip_text_model": _CLIP_TEXT,
-  "llama": TextFamily("FlaxLlamaModel", "LlamaConfig", False, False, False, False, "decoder"),
-  "mistral": TextFamily("FlaxMistralModel", "MistralConfig", False, False, False, False, "decoder"),
-  "gemma": TextFamily("FlaxGemmaModel", "GemmaConfig", False, False, False, False, "decoder"),
-  "t5": TextFamily("FlaxT5EncoderModel", "T5Config", False, False, False, False, "t5"),
-  "mt5": TextFamily("FlaxMT5EncoderModel", "MT5Config", False, False, False, False, "t5"),
+# model_type -> the family module (read_config, build, rules, abstract_params, load_params, pool,
+# POOLINGS, DEFAULT_POOLING).
+TEXT_FAMILIES: dict[str, ModuleType] = {
+  **{m: bert for m in bert.MODEL_TYPES},
+  **{m: decoder for m in decoder.MODEL_TYPES},
+  **{m: t5 for m in t5.MODEL_TYPES},
 }
+_HOST_FAMILIES = (decoder, t5)  # large: params stay host numpy until the sharding rules place them
 
 
-def padding_position_ids(input_ids: jnp.ndarray, padding_idx: int) -> jnp.ndarray:
-  """RoBERTa position ids: ``padding_idx + 1 + rank`` for real tokens, ``padding_idx`` for pads."""
-  mask = (input_ids != padding_idx).astype(jnp.int32)
-  return (jnp.cumsum(mask, axis=1) * mask + padding_idx).astype(jnp.int32)
+def prepare_tokenizer(tokenizer: Any, padding_side: str | None, name: str) -> Any:
+  """Gives a decoder / T5 tokenizer a pad token (EOS, else UNK) and, if asked, a padding side.
+
+  Llama / Mistral tokenizers have no pad token; padding is masked out, so which id pads does not
+  change features.
+  """
+  if padding_side is not None:
+    if padding_side not in ("left", "right"):
+      raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer.padding_side = padding_side
+  if tokenizer.pad_token is None:
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+      raise ValueError(f"{name}: its tokenizer has no pad, EOS or UNK token to pad with; add a "
+                       "pad_token to its tokenizer_config.json")
+    tokenizer.pad_token = fallback
+  return tokenizer
+
+
+def _load_tokenizer(folder: str) -> Any:
+  import transformers  # tokenizer classes only
+  from transformers.utils import logging as hf_logging
+  level = hf_logging.get_verbosity()
+  hf_logging.set_verbosity_error()
+  try:
+    return transformers.AutoTokenizer.from_pretrained(folder)
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"{folder}: cannot load its tokenizer ({e}); a text encoder folder needs "
+                     "the checkpoint's tokenizer files (tokenizer.json or vocab files)") from e
+  finally:
+    hf_logging.set_verbosity(level)
 
 
 class TextEncoder:
@@ -82,83 +77,90 @@ class TextEncoder:
 
   Attributes:
     params: the frozen parameter pytree (never trained).
-    output_dim: width of the pooled feature (the hidden size).
+    output_dim: width of the pooled feature (the hidden size; SigLIP's head width for "cls").
     tokenizer: the checkpoint's transformers tokenizer.
     max_length: fixed token length of ``preprocess``.
     name: the name or folder it was loaded from.
     pooling: the pooling ``apply`` returns.
     layers: the layer indices ``apply`` pools (see :mod:`align_jax.encoders.layers`); ``(N,)``,
-      the final output, by default.
+      the final output, by default. Only blocks up to the deepest one are loaded and run.
     prefix: text put before every input by ``preprocess`` (an embedder's instruction).
+    config: the family config (e.g. :class:`align_jax.encoders.decoder.DecoderConfig`).
+    family: the family module (:mod:`align_jax.encoders.bert`, ``decoder`` or ``t5``).
+    revision: the hub commit the checkpoint was resolved to (None for a local folder).
     input_kind: ``interfaces.RAW``: it reads strings (a ``interfaces.RawInputEncoder``).
   """
 
   input_kind = interfaces.RAW
 
-  def __init__(self, *, name: str, family: TextFamily, module: Any, params: Any, config: Any,
-               tokenizer: Any, pooling: str, max_length: int, dtype: jnp.dtype,
-               layers: tuple[int, ...] | None = None, prefix: str = ""):
+  def __init__(self, *, name: str, family: ModuleType, config: Any, params: Any, tokenizer: Any,
+               pooling: str, max_length: int, dtype: jnp.dtype,
+               layers: tuple[int, ...] | None = None, prefix: str = "",
+               bidirectional: bool = False, revision: str | None = None):
     self.name = name
     self.family = family
-    self.module = module
-    self.params = params
     self.config = config
+    self.params = params
     self.tokenizer = tokenizer
     self.pooling = pooling
     self.max_length = max_length
     self.dtype = dtype
-    self.output_dim = int(config.hidden_size)
-    self.num_layers = int(config.num_hidden_layers)
+    self.bidirectional = bidirectional
+    self.revision = revision
+    self.num_layers = int(config.num_layers)
     self.layers = (self.num_layers,) if layers is None else tuple(layers)
     self.prefix = str(prefix)
+    width = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
+    head = int(getattr(config, "head_size", 0))
+    self.output_dim = head if (pooling == "cls" and head) else width
     self._jit_apply = jax.jit(self.apply)
     self._placed = (None, None)  # (params, their device copy) for encode
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, pooling: str = "mean", max_length: int = 77,
                       dtype: str = "float32", layer: Any = layers_lib.FINAL, prefix: str = "",
-                      padding_side: str | None = None, abstract: bool = False) -> "TextEncoder":
-    """Loads a checkpoint (local folder or hub id) and its tokenizer as a frozen Flax encoder.
+                      padding_side: str | None = None, abstract: bool = False,
+                      bidirectional: bool = False) -> "TextEncoder":
+    """Loads a checkpoint (local folder or hub id) and its tokenizer as a frozen encoder.
 
     Args:
-      name_or_path: folder with config.json, weights (Flax msgpack or one PyTorch safetensors) and
-        tokenizer files, or a hub id (from the local cache when offline).
+      name_or_path: folder with config.json, weights (safetensors, single or sharded, or a Flax
+        msgpack) and tokenizer files, or a hub id (from the local cache when offline).
       pooling: "mean" (over non-padding tokens, as sentence-transformers), "cls" (first token;
-        the EOS token for CLIP; not for decoders / T5), "last" (the last non-padding token, as
-        decoder-LLM embedders) or "tokens".
+        CLIP's EOS token; SigLIP's head; not for decoders / T5), "last" (the last non-padding
+        token, as decoder-LLM embedders) or "tokens".
       max_length: tokens per text (padded / truncated, the prefix included); at most the model's
-        position table (T5 has none).
+        position table (decoders and T5 have none).
       dtype: compute (and frozen-param) dtype, e.g. "bfloat16"; outputs are always float32.
       layer: which layer's tokens are pooled, or a list of layers to average (see
         :mod:`align_jax.encoders.layers`): -1 (default) is the final output (after the final
-        norm of CLIP, the LLMs and T5), as always; other indices are HF's ``hidden_states[k]``.
+        norm of CLIP, the LLMs and T5); other indices are HF's ``hidden_states[k]``.
       prefix: put before every text by ``preprocess`` (and so in training, evaluation prompts and
-        feature extraction), e.g. E5-Mistral's ``"Instruct: ...\nQuery: "``; its tokens are
+        feature extraction), e.g. E5-Mistral's ``"Instruct: ...\\nQuery: "``; its tokens are
         pooled like the text's.
       padding_side: "left" or "right" for decoders and T5 (default: the tokenizer's own); either
         gives the same features.
       abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give,
         from ``config.json`` (and the tokenizer files) alone: no weights file is needed or read.
         For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
+      bidirectional: decoders attend to every real token (LLM2Vec / NV-Embed style) instead of
+        causally.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.TEXT_POOLINGS, "text")
     dtype = compute_dtype(dtype)
-    folder, model_type, family = hub.resolve_family(name_or_path, TEXT_FAMILIES, "text",
-                                                    "--config.model.text_encoder",
-                                                    weights=not abstract)
-    import transformers
-    with hub.quiet_transformers():
-      config = getattr(transformers, family.config_class).from_pretrained(folder)
-      try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-      except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{folder}: cannot load its tokenizer ({e}); a text encoder folder needs "
-                         "the checkpoint's tokenizer files (tokenizer.json or vocab files)") from e
+    folder, revision = hub.resolve_with_revision(name_or_path, "--config.model.text_encoder",
+                                                 weights=not abstract)
+    raw_config = weights_lib.read_config(folder)
+    model_type = raw_config.get("model_type")
+    if model_type not in TEXT_FAMILIES:
+      raise ValueError(f"{name_or_path}: unsupported text encoder family {model_type!r}; "
+                       f"valid: {', '.join(TEXT_FAMILIES)}")
+    family = TEXT_FAMILIES[model_type]
+    config = family.read_config(raw_config)
+    tokenizer = _load_tokenizer(folder)
     name = str(name_or_path)
-    layers = layers_lib.parse_layers(layer, int(config.num_hidden_layers),
-                                     "--config.model.text_layer")
-    module_config = config
-    if family.kind == "encoder":
+    layers = layers_lib.parse_layers(layer, config.num_layers, "--config.model.text_layer")
+    if family is bert:
       if padding_side is not None:
         raise ValueError(f"{name}: padding_side is for decoder LLMs and T5; {model_type} pads "
                          "on its tokenizer's side (its position ids assume it)")
@@ -167,57 +169,54 @@ class TextEncoder:
         raise ValueError(f"{name} ({model_type}) has no summary token at position 0, so 'cls' "
                          "pooling would give one feature for every text: use --config.model."
                          "text_pooling=last (the final token, as E5-Mistral) or mean")
-      tokenizer = decoder_text.prepare_tokenizer(tokenizer, padding_side, name)
-    if family.kind == "decoder":
-      decoder_text.check_supported(config, model_type, name)
-      module_config = decoder_text.module_config(config, model_type, max_length)
-    if family.kind == "t5":
-      t5_compat.patch_flax_t5()
-    limit = None if family.kind == "t5" else int(config.max_position_embeddings)
-    if family.padding_positions:
-      limit -= int(config.pad_token_id) + 1
+      tokenizer = prepare_tokenizer(tokenizer, padding_side, name)
+    if bidirectional and family is not decoder:
+      raise ValueError(f"{name}: bidirectional is for decoder LLMs; {model_type} attends as "
+                       "it was trained")
+    if pooling == "cls" and config.model_type == "siglip" and not layers_lib.is_final(
+        layers, config.num_layers):
+      raise ValueError(f"{name}: SigLIP's 'cls' pooling is its head on the final output; use "
+                       "--config.model.text_layer=-1 with it, or pool another layer by mean")
+    limit = None  # T5 has relative positions only
+    if family is bert:
+      limit = int(config.max_positions)
+      if config.padding_idx is not None:
+        limit -= int(config.padding_idx) + 1
+    elif family is decoder and raw_config.get("max_position_embeddings"):
+      limit = int(raw_config["max_position_embeddings"])
     if max_length < 1 or (limit is not None and max_length > limit):
       raise ValueError(f"max_length must be in [1, {limit}] for {name_or_path} (its position "
                        f"table), got {max_length}")
-    flax_class = getattr(transformers, family.flax_class)
-    kwargs = {"add_pooling_layer": False} if family.has_pooler else {}
-    module = flax_class.module_class(config=module_config, dtype=dtype, **kwargs)
-    encoder = cls(name=name, family=family, module=module, params=None,
-                  config=config, tokenizer=tokenizer, pooling=pooling, max_length=max_length,
-                  dtype=dtype, layers=layers, prefix=prefix)
-    ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
-    expected = jax.eval_shape(lambda key, ids: module.init(key, *encoder._module_args(ids, ids)),
-                              jax.random.key(0), ids)["params"]
+    run = max(layers)
     if abstract:
-      encoder.params = cast_params(expected, dtype)
-    elif family.kind == "encoder":
-      encoder.params = cast_params(hub.load_flax_params(flax_class, folder, config, expected),
-                                   dtype)
+      params = cast_params(family.abstract_params(config, run), dtype)
     else:
-      encoder.params = host_weights.load_params(flax_class, folder, config, expected, dtype)
-    return encoder
+      state = weights_lib.read_state_dict(folder)
+      if family in _HOST_FAMILIES:
+        params = family.load_params(state, config, run, dtype=dtype)
+      else:
+        params = cast_params(family.load_params(state, config, run), dtype)
+    return cls(name=name, family=family, config=config, params=params, tokenizer=tokenizer,
+               pooling=pooling, max_length=max_length, dtype=dtype, layers=layers, prefix=prefix,
+               bidirectional=bidirectional, revision=revision)
 
-  def _module_args(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray) -> tuple:
-    """Positional arguments of the family's module call."""
-    if self.family.kind == "t5":
-      return input_ids, attention_mask
-    if self.family.kind == "decoder":
-      return input_ids, attention_mask, decoder_text.mask_position_ids(attention_mask)
-    if self.family.padding_positions:
-      position_ids = padding_position_ids(input_ids, int(self.config.pad_token_id))
-    else:
-      position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32),
-                                      input_ids.shape)
-    if self.family.token_type_ids:
-      return input_ids, attention_mask, jnp.zeros_like(input_ids), position_ids
-    return input_ids, attention_mask, position_ids
+  def _module(self, num_layers: int) -> Any:
+    if self.family is decoder:
+      return decoder.build(self.config, self.dtype, num_layers, bidirectional=self.bidirectional)
+    return self.family.build(self.config, self.dtype, num_layers)
 
-  def _eos_index(self, input_ids: jnp.ndarray) -> jnp.ndarray:
-    """CLIP's EOS position: argmax id for legacy configs (eos id 2), else first ``eos_token_id``."""
-    eos = int(self.config.eos_token_id)
-    if eos == 2:
-      return jnp.argmax(input_ids, axis=-1)
-    return jnp.argmax((input_ids == eos).astype(jnp.int32), axis=-1)
+  def _model_mask(self, attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """The mask the module sees: SigLIP's text tower was trained on padded ids without one."""
+    if self.family is bert and self.config.model_type == "siglip":
+      return jnp.ones_like(attention_mask)
+    return attention_mask
+
+  def _pool(self, module: Any, out: dict[str, Any], tokens: jnp.ndarray, input_ids: jnp.ndarray,
+            attention_mask: jnp.ndarray, pooling: str) -> dict[str, jnp.ndarray]:
+    if self.family is bert:
+      return bert.pool(module, dict(out, last_hidden_state=tokens), input_ids, attention_mask,
+                       pooling)
+    return pooling_lib.pool_text(tokens, attention_mask, pooling)
 
   def apply(self, params: Any, inputs: dict[str, Any]) -> dict[str, jnp.ndarray]:
     """Features of tokenized text; pure and jit-able.
@@ -232,37 +231,34 @@ class TextEncoder:
     """
     input_ids = jnp.asarray(inputs["input_ids"], jnp.int32)
     attention_mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
-    args = self._module_args(input_ids, attention_mask)
-    if layers_lib.is_final(self.layers, self.num_layers):
-      out = self.module.apply({"params": params}, *args, deterministic=True)
-      hidden = out.last_hidden_state
-    else:
-      out = self.module.apply({"params": params}, *args, deterministic=True,
-                              output_hidden_states=True)
-      hidden = layers_lib.combine(self._layer_tokens(out), self.layers)
-    cls_index = self._eos_index(input_ids) if self.family.eos_summary else None
-    return pooling_lib.pool_text(hidden, attention_mask, self.pooling, cls_index)
-
-  @staticmethod
-  def _layer_tokens(out: Any) -> list[jnp.ndarray]:
-    """Layers 0..N (:mod:`align_jax.encoders.layers`): raw hidden states, then the final output."""
-    return list(out.hidden_states[:-1]) + [out.last_hidden_state]
+    run = max(self.layers)
+    module = self._module(run)
+    many = len(self.layers) > 1
+    out = module.apply({"params": params}, input_ids, self._model_mask(attention_mask),
+                       output_hidden_states=many)
+    tokens = (layers_lib.combine(out["hidden_states"], self.layers) if many
+              else out["last_hidden_state"])
+    return self._pool(module, out, tokens, input_ids, attention_mask, self.pooling)
 
   def apply_all_layers(self, params: Any, inputs: dict[str, Any]) -> jnp.ndarray:
     """Pooled features of every layer's output (embeddings first): float32 [layers + 1, B, D].
 
     Layer k is what ``layer=k`` gives (the last one is ``apply``'s final output, after CLIP's
     final LayerNorm). For choosing which layer to align (RECIPES §5, STRUCTURE); ``pooling``
-    "tokens" pools by mean.
+    "tokens" pools by mean, SigLIP's "cls" (its head) by the last token.
     """
     input_ids = jnp.asarray(inputs["input_ids"], jnp.int32)
     attention_mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
-    out = self.module.apply({"params": params}, *self._module_args(input_ids, attention_mask),
-                            deterministic=True, output_hidden_states=True)
+    if max(self.layers) != self.num_layers:
+      raise ValueError("apply_all_layers needs every layer: load the encoder with layer=-1")
+    module = self._module(self.num_layers)
+    out = module.apply({"params": params}, input_ids, self._model_mask(attention_mask),
+                       output_hidden_states=True)
     pooling = "mean" if self.pooling == "tokens" else self.pooling
-    cls_index = self._eos_index(input_ids) if self.family.eos_summary else None
-    return jnp.stack([pooling_lib.pool_text(h, attention_mask, pooling, cls_index)["pooled"]
-                      for h in self._layer_tokens(out)])
+    if pooling == "cls" and self.family is bert and self.config.model_type == "siglip":
+      pooling = "last"
+    return jnp.stack([self._pool(module, {}, h, input_ids, attention_mask, pooling)["pooled"]
+                      for h in out["hidden_states"]])
 
   def preprocess(self, texts: Sequence[str] | str) -> dict[str, np.ndarray]:
     """Tokenizes ``prefix + text`` to fixed shapes (padding="max_length", truncation).

@@ -6,10 +6,12 @@ Each ``make_tiny_*`` function writes a complete checkpoint folder (``config.json
 image processor or tokenizer a real checkpoint ships with) and returns its path, so the folder can be
 passed to ``ImageEncoder.from_pretrained`` / ``TextEncoder.from_pretrained`` or to transformers.
 
-``save_format="flax"`` fills the Flax model's parameter tree with seeded random numbers and writes
-``flax_model.msgpack`` (no torch needed). ``save_format="pt"`` initialises the PyTorch model with a fixed seed and writes a
-single ``model.safetensors`` (needs torch); this is how most hub checkpoints ship. The PyTorch reference
-for a Flax folder is ``TorchModel.from_pretrained(path, from_flax=True)``.
+``save_format="flax"`` fills align_jax's own Flax module's parameter tree with seeded random numbers
+and writes it under the PyTorch names (the reverse name table) as ``model.safetensors``, with the
+transformers config class's ``config.json``: no torch and no transformers model class are needed
+(the online demo's path). ``save_format="pt"`` initialises the PyTorch model with a fixed seed and
+writes ``model.safetensors`` (needs torch); this is how most hub checkpoints ship. Either folder
+loads in transformers' PyTorch model (the tests' reference).
 
 The tokenizers are trained on a small built-in corpus with the ``tokenizers`` library, so they are
 real WordPiece / byte-level BPE / SentencePiece-style (Metaspace BPE, Unigram) tokenizers with a
@@ -26,7 +28,11 @@ import os
 import tempfile
 from typing import Any
 
+import jax
+import numpy as np
 import transformers
+
+from align_jax.encoders import weights
 
 # Sentences the tiny tokenizers are trained on; tests may tokenize anything (unknown pieces fall
 # back to characters, bytes or [UNK]).
@@ -50,8 +56,8 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _SAVE_FORMATS = ("flax", "pt")
 
 
-def _save_model(path: str, config: Any, torch_cls_name: str, flax_cls_name: str,
-                save_format: str, seed: int, flax_std: float = 0.02) -> None:
+def _save_model(path: str, config: Any, torch_cls_name: str, save_format: str, seed: int,
+                flax_std: float = 0.02) -> None:
   """Initialises a model of ``config`` with ``seed`` and saves it to ``path`` in ``save_format``."""
   if save_format not in _SAVE_FORMATS:
     raise ValueError(f"save_format must be one of {_SAVE_FORMATS}, got {save_format!r}")
@@ -62,29 +68,58 @@ def _save_model(path: str, config: Any, torch_cls_name: str, flax_cls_name: str,
     model = getattr(transformers, torch_cls_name)(config).eval()
     model.save_pretrained(path, safe_serialization=True)
   else:
-    model = getattr(transformers, flax_cls_name)(config, _do_init=False)
-    model.save_pretrained(path, params=_random_flax_params(model, seed, flax_std))
+    state = random_state_dict(config.to_dict(), seed, flax_std)
+    weights.write_safetensors(state, os.path.join(path, weights.SINGLE))
+    config.save_pretrained(path)
 
 
-def _random_flax_params(model: Any, seed: int, std: float = 0.02) -> dict[str, Any]:
-  """Seeded random weights in the model's param tree, without compiling its init (seconds on CPU).
+def random_state_dict(config: dict[str, Any], seed: int, std: float = 0.02
+                      ) -> dict[str, np.ndarray]:
+  """Seeded random weights of align_jax's module(s) for ``config``, under PyTorch names.
 
-  Shapes come from an abstract trace of ``init_weights``; LayerNorm / RMSNorm scales ("scale",
-  "weight") are 1 + N(0, 0.1^2), everything else N(0, std^2) (0.02: the transformers init
-  scale), as float32 numpy arrays.
+  The module's param shapes come from an abstract trace (nothing is compiled); norm scales
+  ("scale", "weight") are 1 + N(0, 0.1^2), everything else N(0, std^2), float32. The reverse name
+  tables (:func:`align_jax.encoders.weights.from_flax`) give the names the PyTorch model saves, so
+  transformers loads the result. A two-tower CLIP / SigLIP config gets both towers.
   """
-  import jax
-  import numpy as np
-  shapes = jax.eval_shape(lambda key: model.init_weights(key, model.input_shape),
-                          jax.random.PRNGKey(seed))
+  from align_jax.encoders import text, vit
+  model_type = config["model_type"]
   rng = np.random.default_rng(seed)
 
-  def fill(path: tuple[Any, ...], leaf: Any) -> np.ndarray:
-    name = str(getattr(path[-1], "key", path[-1]))
-    values = rng.normal(size=leaf.shape).astype(np.float32)
-    return 1.0 + 0.1 * values if name in ("scale", "weight") else np.float32(std) * values
+  def fill(tree: Any) -> Any:
+    def leaf(path: tuple[Any, ...], x: Any) -> np.ndarray:
+      values = rng.normal(size=x.shape).astype(np.float32)
+      name = str(getattr(path[-1], "key", path[-1]))
+      return 1.0 + 0.1 * values if name in ("scale", "weight") else np.float32(std) * values
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
-  return jax.tree_util.tree_map_with_path(fill, jax.tree.map(lambda x: x, dict(shapes)))
+  state: dict[str, np.ndarray] = {}
+  if model_type in vit.FAMILIES:
+    cfg = vit.read_config(config)
+    params = fill(vit.abstract_params(cfg, cfg.image_size // cfg.patch_size))
+    prefix = "vision_model." if model_type in ("clip", "siglip", "clip_vision_model",
+                                               "siglip_vision_model") else ""
+    state.update(weights.from_flax(params, vit.rules(cfg), cfg.num_layers, prefix))
+  if model_type in text.TEXT_FAMILIES:
+    family = text.TEXT_FAMILIES[model_type]
+    cfg = family.read_config(config)
+    params = fill(family.abstract_params(cfg))
+    prefix = "text_model." if model_type in ("clip", "siglip") else ""
+    state.update(weights.from_flax(params, family.rules(cfg), cfg.num_layers, prefix))
+  if not state:
+    raise ValueError(f"no align_jax module for model_type {model_type!r}")
+  return state
+
+
+def _vocab_files(cls: Any, vocab_file: str, merges_file: str | None = None) -> dict[str, str]:
+  """The vocabulary-file arguments of a tokenizer class: ``vocab`` / ``merges`` in transformers 5,
+  ``vocab_file`` / ``merges_file`` in 4.x (5.x ignores those names silently)."""
+  import inspect
+  new = "vocab" in inspect.signature(cls.__init__).parameters
+  out = {"vocab" if new else "vocab_file": vocab_file}
+  if merges_file is not None:
+    out["merges" if new else "merges_file"] = merges_file
+  return out
 
 
 def _wordpiece_tokenizer(path: str, corpus=CORPUS) -> transformers.PreTrainedTokenizerFast:
@@ -94,7 +129,8 @@ def _wordpiece_tokenizer(path: str, corpus=CORPUS) -> transformers.PreTrainedTok
   trainer.train_from_iterator(list(corpus), vocab_size=200, min_frequency=1)
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file = trainer.save_model(tmp)[0]
-    tok = transformers.BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    tok = transformers.BertTokenizerFast(**_vocab_files(transformers.BertTokenizerFast, vocab_file),
+                                         do_lower_case=True)
     tok.save_pretrained(path)
   return tok
 
@@ -109,6 +145,24 @@ def _byte_bpe_files(tmp: str) -> tuple[str, str]:
   return vocab_file, merges_file
 
 
+def _byte_characters() -> dict[int, str]:
+  """GPT-2 / CLIP byte-level BPE's byte -> printable character table.
+
+  Printable Latin-1 bytes stand for themselves; the other 68 bytes map, in byte order, to the
+  code points 256, 257, ... so every byte has a visible, non-space character.
+  """
+  printable = (set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+               | set(range(ord("®"), ord("ÿ") + 1)))
+  table, extra = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      table[byte] = chr(byte)
+    else:
+      table[byte] = chr(256 + extra)
+      extra += 1
+  return table
+
+
 def _clip_bpe_files(tmp: str) -> tuple[str, str]:
   """Writes a CLIP-style BPE vocabulary (bytes, bytes + "</w>", whole corpus words) in ``tmp``.
 
@@ -117,8 +171,7 @@ def _clip_bpe_files(tmp: str) -> tuple[str, str]:
   right, so corpus words become single tokens and other words fall back to characters.
   """
   import json
-  from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-  chars = list(bytes_to_unicode().values())
+  chars = list(_byte_characters().values())
   vocab = chars + [c + "</w>" for c in chars]
   merges: list[str] = []
   for word in sorted({w for line in CORPUS for w in line.split()}):
@@ -147,7 +200,8 @@ def save_roberta_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
   """
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file, merges_file = _byte_bpe_files(tmp)
-    tok = transformers.RobertaTokenizerFast(vocab_file=vocab_file, merges_file=merges_file)
+    tok = transformers.RobertaTokenizerFast(
+      **_vocab_files(transformers.RobertaTokenizerFast, vocab_file, merges_file))
     tok.save_pretrained(path)
   return tok
 
@@ -159,7 +213,7 @@ def make_tiny_bert(path: str, save_format: str = "pt", seed: int = 0,
   config = transformers.BertConfig(vocab_size=len(tok), type_vocab_size=2,
                                    max_position_embeddings=max_position_embeddings,
                                    pad_token_id=tok.pad_token_id, **_TINY)
-  _save_model(path, config, "BertModel", "FlaxBertModel", save_format, seed)
+  _save_model(path, config, "BertModel", save_format, seed)
   return path
 
 
@@ -178,7 +232,7 @@ def make_tiny_roberta(path: str, save_format: str = "pt", seed: int = 0,
     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     **_TINY)
   prefix = "XLMRoberta" if xlm else "Roberta"
-  _save_model(path, config, f"{prefix}Model", f"Flax{prefix}Model", save_format, seed)
+  _save_model(path, config, f"{prefix}Model", save_format, seed)
   return path
 
 
@@ -197,7 +251,7 @@ def make_tiny_dinov2(path: str, image_size: int = 28, patch_size: int = 4,
   config = transformers.Dinov2Config(image_size=image_size, patch_size=patch_size, mlp_ratio=2,
                                      hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      layerscale_value=0.5)
-  _save_model(path, config, "Dinov2Model", "FlaxDinov2Model", save_format, seed)
+  _save_model(path, config, "Dinov2Model", save_format, seed)
   transformers.BitImageProcessor(
     size={"shortest_edge": round(image_size * 8 / 7)}, crop_size=image_size, resample=3,
     image_mean=list(_IMAGENET_MEAN), image_std=list(_IMAGENET_STD)).save_pretrained(path)
@@ -208,7 +262,7 @@ def make_tiny_vit(path: str, image_size: int = 24, patch_size: int = 6,
                   save_format: str = "pt", seed: int = 0) -> str:
   """Writes a tiny random ViT checkpoint with a ViT image processor (square bilinear resize)."""
   config = transformers.ViTConfig(image_size=image_size, patch_size=patch_size, **_TINY)
-  _save_model(path, config, "ViTModel", "FlaxViTModel", save_format, seed)
+  _save_model(path, config, "ViTModel", save_format, seed)
   transformers.ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(
     path)
   return path
@@ -223,14 +277,15 @@ def make_tiny_clip(path: str, image_size: int = 24, patch_size: int = 6, save_fo
   """
   with tempfile.TemporaryDirectory() as tmp:
     vocab_file, merges_file = _clip_bpe_files(tmp)
-    tok = transformers.CLIPTokenizerFast(vocab_file=vocab_file, merges_file=merges_file)
+    tok = transformers.CLIPTokenizerFast(
+      **_vocab_files(transformers.CLIPTokenizerFast, vocab_file, merges_file))
     tok.save_pretrained(path)
   text = dict(vocab_size=len(tok), max_position_embeddings=max_position_embeddings,
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id, **_TINY)
   vision = dict(image_size=image_size, patch_size=patch_size, **_TINY)
   config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-  _save_model(path, config, "CLIPModel", "FlaxCLIPModel", save_format, seed)
+  _save_model(path, config, "CLIPModel", save_format, seed)
   transformers.CLIPImageProcessor(
     size={"shortest_edge": image_size}, crop_size=image_size, image_mean=list(_CLIP_MEAN),
     image_std=list(_CLIP_STD)).save_pretrained(path)
@@ -289,7 +344,7 @@ def make_tiny_decoder(path: str, model_type: str = "llama", save_format: str = "
     sizes.update(head_dim=8, hidden_act="gelu_pytorch_tanh", hidden_activation=None)
   config = getattr(transformers, f"{prefix}Config")(vocab_size=len(tok), **ids,
                                                     **{**sizes, **config_overrides})
-  _save_model(path, config, f"{prefix}Model", f"Flax{prefix}Model", save_format, seed,
+  _save_model(path, config, f"{prefix}Model", save_format, seed,
               flax_std=0.2)
   return path
 
@@ -319,8 +374,6 @@ def make_tiny_t5(path: str, save_format: str = "pt", seed: int = 0, mt5: bool = 
   loads the same way.
   """
   from tokenizers import processors
-  from align_jax.encoders import t5_compat
-  t5_compat.patch_flax_t5()  # the Flax init traces the model
   backend = _metaspace_tokenizer(["<pad>", "</s>", "<unk>"], "<unk>", corpus, unigram=True)
   backend.post_processor = processors.TemplateProcessing(
     single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
@@ -334,6 +387,5 @@ def make_tiny_t5(path: str, save_format: str = "pt", seed: int = 0, mt5: bool = 
     relative_attention_max_distance=20, pad_token_id=0, eos_token_id=1,
     decoder_start_token_id=0, tie_word_embeddings=False)
   torch_cls = f"{prefix}EncoderModel" if encoder_only else f"{prefix}ForConditionalGeneration"
-  flax_cls = f"Flax{torch_cls}"
-  _save_model(path, config, torch_cls, flax_cls, save_format, seed, flax_std=0.2)
+  _save_model(path, config, torch_cls, save_format, seed, flax_std=0.2)
   return path
