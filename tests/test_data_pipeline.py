@@ -201,7 +201,7 @@ def test_config_errors(wds_cfg, tmp_path):
     make(ml_collections.ConfigDict({"source": "webdataset", "urls": "pipe:curl -s x/{0..3}.tar"}), 4)
   with pytest.raises(ValueError, match="does not exist"):
     make(ml_collections.ConfigDict({"source": "manifest", "path": str(tmp_path / "x.jsonl")}), 4)
-  with pytest.raises(ValueError, match="array_record"):
+  with pytest.raises(ValueError, match="no TFDS dataset named 'nonexistent_ds_xyz' \\(data.name\\)"):
     make(ml_collections.ConfigDict({"source": "tfds", "name": "nonexistent_ds_xyz",
                                     "data_dir": str(tmp_path)}), 4)
 
