@@ -298,6 +298,8 @@ def initialize(values: Any = None, identity: tuple | None = None) -> bool:
   finally:
     done.set()
   _orbax_barriers_through_coordinator()
+  if jax.default_backend() == "cpu" and jax.process_count() > 1:
+    _drop_gloo_chatter()
   from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:
     watch = peer_watch.start(jax_distributed.global_state.client, jax.process_index(),
@@ -307,6 +309,42 @@ def initialize(values: Any = None, identity: tuple | None = None) -> bool:
               jax.process_index(), jax.process_count(), run_id, time.time() - start,
               jax.local_device_count(), jax.device_count())
   return True
+
+
+_GLOO_CHATTER = b"[Gloo] Rank "
+
+
+def _drop_gloo_chatter() -> None:
+  """gloo (XLA:CPU's cross-process collectives) prints ``[Gloo] Rank N is connected to M peer
+  ranks...`` on stdout from C++, one line per device and communicator, with no setting to stop
+  it. Here stdout's file descriptor is passed through a pipe whose reader thread drops those
+  lines and forwards the rest unchanged; at exit the pipe is drained first."""
+  read_fd, write_fd = os.pipe()
+  sys.stdout.flush()
+  real_stdout = os.dup(1)
+  os.dup2(write_fd, 1)
+  os.close(write_fd)
+
+  def forward():
+    pending = b""
+    with open(read_fd, "rb", buffering=0) as source:
+      while chunk := source.read(65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        kept = b"".join(line + b"\n" for line in lines if not line.startswith(_GLOO_CHATTER))
+        if kept:
+          os.write(real_stdout, kept)
+    if pending and not pending.startswith(_GLOO_CHATTER):
+      os.write(real_stdout, pending)
+
+  thread = threading.Thread(target=forward, name="align_jax-stdout-filter", daemon=True)
+  thread.start()
+
+  def drain():
+    sys.stdout.flush()
+    os.dup2(real_stdout, 1)  # the pipe's last writer closes: the reader sees the end
+    thread.join(timeout=5)
+
+  atexit.register(drain)
 
 
 def _agree_on_identity(workdir: str, config_hash: str, num_processes: int | None,
