@@ -39,6 +39,24 @@ TEXT_FAMILIES: dict[str, ModuleType] = {
 _HOST_FAMILIES = (decoder, t5)  # large: params stay host numpy until the sharding rules place them
 
 
+def position_limit(raw_config: dict[str, Any]) -> int | None:
+  """The most tokens per text a text encoder's ``config.json`` allows (its position table), or
+  None where it has none (T5: relative positions). RoBERTa-style position ids start after the
+  padding id, so those encoders lose ``padding_idx + 1`` positions."""
+  model_type = raw_config.get("model_type")
+  family = TEXT_FAMILIES.get(model_type)
+  if family is None:
+    raise ValueError(f"unsupported text encoder family {model_type!r}; valid: "
+                     f"{', '.join(TEXT_FAMILIES)}")
+  if family is bert:
+    config = family.read_config(raw_config)
+    limit = int(config.max_positions)
+    return limit - (int(config.padding_idx) + 1 if config.padding_idx is not None else 0)
+  if family is decoder and raw_config.get("max_position_embeddings"):
+    return int(raw_config["max_position_embeddings"])
+  return None
+
+
 def prepare_tokenizer(tokenizer: Any, padding_side: str | None, name: str) -> Any:
   """Gives a decoder / T5 tokenizer a pad token (EOS, else UNK) and, if asked, a padding side.
 
