@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from align_jax.encoders import decoder, weights
+from helpers_nvembed import torch_latent_pooler
 
 TOL = 1e-5
 BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
@@ -226,34 +227,6 @@ def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
     decoder.load_params({"foo.weight": np.zeros(2)}, cfg)
 
 
-def _torch_latent_pooler(torch, state, hidden, pool_mask, heads, normalize=True):
-  """NV-Embed's pooler written out step by step in PyTorch (see align_jax/encoders/nvembed.py)."""
-  import torch.nn.functional as F
-  sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-  a = "latent_attention_model.cross_attend_blocks.0."
-  f = "latent_attention_model.cross_attend_blocks.1."
-  width = hidden.shape[-1]
-
-  def ln(x, name):
-    return F.layer_norm(x, (width,), sd[name + ".weight"], sd[name + ".bias"])
-
-  h = torch.from_numpy(hidden)
-  latents = sd["latent_attention_model.latents"]
-  q = ln(h, a + "norm") @ sd[a + "fn.to_q.weight"].T
-  k, v = (ln(latents, a + "norm_context") @ sd[a + "fn.to_kv.weight"].T).chunk(2, dim=-1)
-  b, t, n = h.shape[0], h.shape[1], latents.shape[0]
-  q = q.view(b, t, heads, -1).transpose(1, 2)
-  k = k.view(1, n, heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
-  v = v.view(1, n, heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
-  out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
-  h = h + out @ sd[a + "fn.to_out.weight"].T
-  x, gate = (ln(h, f + "norm") @ sd[f + "fn.net.0.weight"].T + sd[f + "fn.net.0.bias"]).chunk(2, -1)
-  h = h + (x * F.gelu(gate)) @ sd[f + "fn.net.2.weight"].T + sd[f + "fn.net.2.bias"]
-  m = torch.from_numpy(pool_mask).float()[..., None]
-  pooled = (h * m).sum(1) / m.sum(1)
-  return (F.normalize(pooled, p=2, dim=-1) if normalize else pooled).numpy()
-
-
 def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
   from align_jax.encoders import nvembed
   mistral_config, mistral_state = _load(checkpoints["mistral_window"])
@@ -285,7 +258,8 @@ def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
                                         "hidden_dim": width,
                                         "num_cross_heads": heads, "cross_dim_head": head_dim,
                                         "output_normalize": True}}
-  text_cfg, latent_cfg = nvembed.read_config(config)
+  cfg = nvembed.read_config(config)
+  text_cfg, latent_cfg = cfg.text, cfg.latent
   ids, mask, _ = _batch("right")  # NV-Embed pads on the right
   model = decoder.build(text_cfg, bidirectional=True)
   tokens = model.apply({"params": decoder.load_params(state, text_cfg)}, ids, mask)
@@ -299,7 +273,7 @@ def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
                               bidirectional=True)[-1]
   real = mask.astype(bool)
   assert _rel(np.asarray(tokens["last_hidden_state"])[real], want_tokens[real]) <= TOL
-  want = _torch_latent_pooler(torch, state, want_tokens, pool_mask, heads)
+  want = torch_latent_pooler(torch, state, want_tokens, pool_mask, heads)
   error = _rel(ours, want)
   print(f"nvembed latent pooling: rel error {error:.1e}")
   assert error <= TOL
