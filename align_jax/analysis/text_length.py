@@ -15,16 +15,9 @@ DEFAULT_LENGTH = 77
 
 def encoder_limit(name_or_path: str) -> int | None:
   """The most tokens per text ``name_or_path`` can take; None when it has no position table."""
-  from align_jax.encoders import TEXT_FAMILIES, hub
-  folder, _, family = hub.resolve_family(name_or_path, TEXT_FAMILIES, "text", "--text_encoders",
-                                         weights=False)
-  config = hub.read_config_dict(folder)
-  if family.kind == "t5" or "max_position_embeddings" not in config:
-    return None
-  limit = int(config["max_position_embeddings"])
-  if family.padding_positions:
-    limit -= int(config.get("pad_token_id") or 0) + 1
-  return limit
+  from align_jax.encoders import hub, text, weights
+  folder = hub.resolve_checkpoint(name_or_path, "--text_encoders", weights=False)
+  return text.position_limit(weights.read_config(folder), str(name_or_path))
 
 
 def choose(name_or_path: str, requested: int | None, flag: str = "--max_text_length") -> int:

@@ -76,6 +76,32 @@ def _load_tokenizer(folder: str) -> Any:
     hf_logging.set_verbosity(level)
 
 
+def family_of(raw_config: dict[str, Any], name: str) -> ModuleType:
+  """The family module of a ``config.json`` dict; ValueError in one line listing the supported
+  model types."""
+  model_type = raw_config.get("model_type")
+  if model_type not in TEXT_FAMILIES:
+    raise ValueError(f"{name}: unsupported text encoder family {model_type!r}; "
+                     f"valid: {', '.join(TEXT_FAMILIES)}")
+  return TEXT_FAMILIES[model_type]
+
+
+def position_limit(raw_config: dict[str, Any], name: str = "text encoder") -> int | None:
+  """The most tokens per text a checkpoint's position table takes, from its ``config.json``
+  dict; None for T5 / mT5 (relative positions only) and decoders whose config names no
+  ``max_position_embeddings``. RoBERTa-style encoders, whose position ids start after the
+  padding id, lose ``padding_idx + 1`` positions."""
+  family = family_of(raw_config, name)
+  config = family.read_config(raw_config)
+  if family is bert:
+    limit = int(config.max_positions)
+    return limit - (int(config.padding_idx) + 1 if config.padding_idx is not None else 0)
+  source = (raw_config.get("text_config") or {}) if family is nvembed else raw_config
+  if family in (decoder, nvembed) and source.get("max_position_embeddings"):
+    return int(source["max_position_embeddings"])
+  return None
+
+
 class TextEncoder:
   """A frozen text encoder: params, a pure ``apply`` and its tokenizer.
 
@@ -165,10 +191,7 @@ class TextEncoder:
                                                  weights=not abstract)
     raw_config = weights_lib.read_config(folder)
     model_type = raw_config.get("model_type")
-    if model_type not in TEXT_FAMILIES:
-      raise ValueError(f"{name_or_path}: unsupported text encoder family {model_type!r}; "
-                       f"valid: {', '.join(TEXT_FAMILIES)}")
-    family = TEXT_FAMILIES[model_type]
+    family = family_of(raw_config, str(name_or_path))
     config = family.read_config(raw_config)
     tokenizer = _load_tokenizer(folder)
     name = str(name_or_path)
@@ -202,15 +225,7 @@ class TextEncoder:
         layers, config.num_layers):
       raise ValueError(f"{name}: SigLIP's 'cls' pooling is its head on the final output; use "
                        "--config.model.text_layer=-1 with it, or pool another layer by mean")
-    limit = None  # T5 has relative positions only
-    if family is bert:
-      limit = int(config.max_positions)
-      if config.padding_idx is not None:
-        limit -= int(config.padding_idx) + 1
-    elif family is decoder and raw_config.get("max_position_embeddings"):
-      limit = int(raw_config["max_position_embeddings"])
-    elif nv and raw_config["text_config"].get("max_position_embeddings"):
-      limit = int(raw_config["text_config"]["max_position_embeddings"])
+    limit = position_limit(raw_config)
     if max_length < 1 or (limit is not None and max_length > limit):
       raise ValueError(f"max_length must be in [1, {limit}] for {name_or_path} (its position "
                        f"table), got {max_length}")
