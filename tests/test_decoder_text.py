@@ -293,6 +293,14 @@ def test_nvembed_latent_pooling_matches_pytorch_and_its_abstract_shapes(torch, t
   m = pool_mask[..., None].astype(np.float64)
   np.testing.assert_allclose(mean, (hidden * m).sum(1) / m.sum(1), rtol=1e-5, atol=1e-6)
 
+  bf16 = encoders.TextEncoder.from_pretrained(folder, pooling="latent", max_length=length,
+                                              prefix=prefix, dtype="bfloat16")
+  assert {str(x.dtype) for x in jax.tree.leaves(bf16.params)} == {"bfloat16"}
+  bf16_error = float(np.max(np.abs(bf16.encode(TEXTS, batch_size=len(TEXTS)) - want))
+                     / np.max(np.abs(want)))
+  print(f"nvembed TextEncoder latent bfloat16: rel error {bf16_error:.1e}")
+  assert bf16_error <= 5e-2
+
   abstract = encoders.TextEncoder.from_pretrained(folder, pooling="latent", max_length=length,
                                                   prefix=prefix, abstract=True)
   shape = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)
