@@ -203,12 +203,17 @@ def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
 
 def test_transformers5_rope_parameters_give_the_same_frequencies(checkpoints):
   from align_jax.encoders import rope
-  config, _ = _load(checkpoints["llama3_scaling"])
-  v5 = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
-  v5["rope_parameters"] = dict(config["rope_scaling"], rope_theta=config["rope_theta"])
-  old, new = rope.inverse_frequencies(config), rope.inverse_frequencies(v5)
+  config, _ = _load(checkpoints["llama3_scaling"])  # saved in 4.x's or 5.x's form
+  params = config.get("rope_parameters") or dict(config["rope_scaling"],
+                                                 rope_theta=config["rope_theta"])
+  base = {k: v for k, v in config.items()
+          if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+  v4 = dict(base, rope_theta=params["rope_theta"],
+            rope_scaling={k: v for k, v in params.items() if k != "rope_theta"})
+  v5 = dict(base, rope_parameters=params)
+  old, new = rope.inverse_frequencies(v4), rope.inverse_frequencies(v5)
   np.testing.assert_array_equal(old[0], new[0])
-  plain = rope.inverse_frequencies(dict(config, rope_scaling=None))[0]
+  plain = rope.inverse_frequencies(dict(base, rope_theta=params["rope_theta"]))[0]
   assert not np.allclose(old[0], plain)  # the llama3 scaling does change the frequencies
 
 
@@ -222,7 +227,8 @@ def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
   with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3, gemma"):
     decoder.build(dict(config, model_type="gpt2"))
   with pytest.raises(ValueError, match="rope_scaling type 'longrope' is not supported"):
-    decoder.build(dict(config, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
+    decoder.build(dict({k: v for k, v in config.items() if k != "rope_parameters"},
+                       rope_scaling={"rope_type": "longrope", "factor": 2.0}))
   with pytest.raises(ValueError, match="not a decoder LLM checkpoint"):
     decoder.load_params({"foo.weight": np.zeros(2)}, cfg)
 
