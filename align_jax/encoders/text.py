@@ -7,9 +7,9 @@ NV-Embed-v2 (a bidirectional Mistral with its latent-attention pooler, pooling "
 ``TextEncoder.apply(params, {"input_ids", "attention_mask"})`` is pure and jit-able; ``preprocess``
 is the checkpoint's own tokenizer with fixed-length padding (after an optional instruction
 prefix), so every batch has one shape. Weights come from the checkpoint's safetensors through
-:mod:`align_jax.encoders.weights` (no transformers model class, no torch). Decoder LLMs and T5
-(and NV-Embed) keep their params as host numpy arrays, so a 7B model is placed by the sharding rules, never whole
-on one accelerator.
+:mod:`align_jax.encoders.weights` (no transformers model class, no torch). Decoder LLMs, T5
+and NV-Embed keep their params as host numpy arrays, so a 7B model is placed by the sharding
+rules, never whole on one accelerator.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ TEXT_FAMILIES: dict[str, ModuleType] = {
   **{m: t5 for m in t5.MODEL_TYPES},
   **{m: nvembed for m in nvembed.MODEL_TYPES},
 }
-_HOST_FAMILIES = (decoder, t5, nvembed)  # large: params stay host numpy until the sharding rules place them
+# Large: their params stay host numpy until the sharding rules place them.
+_HOST_FAMILIES = (decoder, t5, nvembed)
 
 
 def prepare_tokenizer(tokenizer: Any, padding_side: str | None, name: str) -> Any:
