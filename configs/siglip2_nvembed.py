@@ -37,7 +37,6 @@ and on any machine with tiny config-only folders (tests/test_new_configs.py writ
 """
 
 from align_jax import config as config_lib
-from configs.dinov2_llm import GLU_PARAM_RULES
 
 _WIDE_IN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"  # kernels [D, out]
 _WIDE_OUT = r"(o_proj|down_proj)"  # kernels [in, D]
@@ -50,6 +49,15 @@ FROZEN_RULES = (
     (r"^text/pooler/(to_q|to_k|to_v|ff_value|ff_gate)/kernel$", ("data", None)),
     (r"^text/pooler/(to_out|ff_out)/kernel$", (None, "data")),
     (r"^text/pooler/latents$", (None, "data")),
+)
+
+# The trainable GLU heads' wide dimension (8 x 4,096 on the text side) split over the data axis, in
+# the params and the optimiser state alike (as configs/dinov2_llm.py; not imported from it: an
+# installed align_jax ships the configs as align_jax.configs, where ``configs`` is not a package).
+GLU_PARAM_RULES = (
+    (r"/(gate|value)/kernel$", (None, "data")),
+    (r"/(gate|value)/bias$", ("data",)),
+    (r"/out/kernel$", ("data", None)),
 )
 
 
