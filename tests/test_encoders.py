@@ -360,7 +360,7 @@ def test_unknown_pooling_family_and_dtype_raise_value_error(tmp_path, checkpoint
     encoders.ImageEncoder.from_pretrained(str(tmp_path))
   with pytest.raises(ValueError, match="'gpt2'.*valid: bert, roberta, xlm-roberta, mpnet, "
                      "clip_text_model, clip, siglip_text_model, siglip, llama, mistral, qwen2, "
-                     "qwen3, gemma, t5, mt5$"):
+                     "qwen3, gemma, t5, mt5, nvembed$"):
     encoders.TextEncoder.from_pretrained(str(tmp_path))
 
 
