@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.image_encoder = "features"
   c.model.text_encoder = "features"
   c.model.image_pooling = "cls"  # cls | mean | cls+mean_patch | tokens
-  c.model.text_pooling = "mean"  # cls | mean | last (decoder LLMs) | tokens
+  c.model.text_pooling = "mean"  # cls | mean | last (decoder LLMs) | tokens | latent (NV-Embed)
   c.model.image_size = 0  # 0: the checkpoint's own resolution
   # which hidden layer each encoder's features come from (align_jax.encoders.layers): an index,
   # -1 = the final output after the encoder's final norm (default), 0 = embeddings, k = HF's

@@ -1,9 +1,9 @@
-"""Online CPU demo: the real loading path (Hugging Face Flax checkpoints, image-caption pipeline).
+"""Online CPU demo: the real loading path (Hugging Face safetensors checkpoints, image-caption pipeline).
 
     python main.py --config=configs/demo_online.py --workdir=/tmp/align_demo_online
 
 A tiny random DINOv2 and a tiny random BERT (with a WordPiece tokenizer trained on the captions'
-words) are written as Flax checkpoints on first use, under ``$ALIGN_JAX_CACHE`` (default
+words) are written as safetensors checkpoints (from align_jax's own modules) on first use, under ``$ALIGN_JAX_CACHE`` (default
 ``$XDG_CACHE_HOME/align_jax`` or ``~/.cache/align_jax``; a private folder, align_jax.cache_dir),
 then loaded through ``align_jax.encoders`` exactly as ``facebook/dinov2-large`` would be. Images
 are rendered coloured shapes with captions ("a large red circle in the top left";

@@ -11,25 +11,26 @@
     python main.py --config=configs/dinov2_llm.py --config.data.urls=... --workdir=/ckpt/llm_online
 
 SAIL (Zhang et al., CVPR 2025) reaches ImageNet 73.4 with DINOv2-L and NV-Embed-v2, a
-Mistral-7B-based embedder. NV-Embed-v2 itself is not a transformers model (hub code: bidirectional
-attention and a latent-attention pooler), so the text tower here is the closest plain
-``MistralModel`` embedder, ``intfloat/e5-mistral-7b-instruct``, pooled as its model card says: the
-last token (the EOS its tokenizer appends), ``text_pooling="last"``. Its card puts an instruction
-before queries only (``"Instruct: {task}\\nQuery: "``) and none before documents; captions are
-encoded as documents here, so ``model.text_prefix`` is empty; set it for an instruction, e.g.
-``--config.model.text_prefix=$'Instruct: Retrieve images that match the caption\\nQuery: '``.
-Any Llama-2 / Mistral-7B-v0.1 / Gemma-1 checkpoint (``variant text=...``) and T5 / mT5 encoders
-(GTR, sentence-T5; ``pooling=mean``) work with the same rules. SAIL's heads: image feature
-concat(CLS, mean patch) of DINOv2 (2 x 1024), GLU projectors (8x width) on both towers, sigmoid
-loss with logit scale 20 and bias -10, batch 32,768. The optimiser is align_jax's AdamW with the
-freeze-align schedule (SAIL used Lion, lr 1e-5, which align_jax does not implement).
+Mistral-7B-based embedder (bidirectional attention and a latent-attention pooler). align_jax runs it
+too: configs/siglip2_nvembed.py, whose sharding rules cover its param paths (``text/model/...``,
+``text/pooler/...``; ``LLM_FROZEN_RULES`` below do not). The text tower here is a plain Mistral
+embedder, ``intfloat/e5-mistral-7b-instruct``, pooled as its model card says: the last token (the
+EOS its tokenizer appends), ``text_pooling="last"``. Its card puts an instruction before queries
+only (``"Instruct: {task}\\nQuery: "``) and none before documents; captions are encoded as documents
+here, so ``model.text_prefix`` is empty; set it for an instruction, e.g.
+``--config.model.text_prefix=$'Instruct: Retrieve images that match the caption\\nQuery: '``. Any
+Llama (Llama-3 included) / Mistral / Qwen2 / Qwen3 / Gemma checkpoint (``variant text=...``) and T5
+/ mT5 encoders (GTR, sentence-T5; ``pooling=mean``) work with the same rules. SAIL's heads: image
+feature concat(CLS, mean patch) of DINOv2 (2 x 1024), GLU projectors (8x width) on both towers,
+sigmoid loss with logit scale 20 and bias -10, batch 32,768. The optimiser is align_jax's AdamW with
+the freeze-align schedule (SAIL used Lion, lr 1e-5, which align_jax does not implement).
 
 **Sharding.** 7B params are ~14.5 GB in bfloat16: with activations they do not fit replicated on
 a 16 GB v5e chip. ``LLM_FROZEN_RULES`` splits every text-tower matrix and the embedding table over
 the ``data`` axis along the model width (4,096 for Mistral-7B: divisible by up to 4,096 devices),
 so each device holds 1/N of the text weights (~220 MB on a v5e-64) and XLA gathers one
 layer's weights where it needs them; norms stay replicated. The decoder's params are loaded into
-host memory and placed shard by shard (align_jax.encoders.host_weights), never whole on one chip.
+host memory (memory-mapped safetensors) and placed shard by shard, never whole on one chip.
 DINOv2-L (0.6 GB) stays replicated.
 
 **Checking the 7B step before a pod** (compile only, no weights: needs libtpu, ``pip install

@@ -244,9 +244,71 @@ def test_unsupported_settings_are_refused_in_one_line(checkpoints, tmp_path):
   with pytest.raises(ValueError, match="bidirectional is for decoder LLMs") as info:
     encoders.TextEncoder.from_pretrained(bert, max_length=16, bidirectional=True)
   assert "\n" not in str(info.value)
-  nvembed = tmp_path / "nvembed"
-  nvembed.mkdir()
-  (nvembed / "config.json").write_text('{"model_type": "nvembed"}')
-  with pytest.raises(ValueError, match="unsupported text encoder family 'nvembed'.*llama, "
-                                       "mistral, qwen2, qwen3, gemma, t5, mt5$"):
-    encoders.TextEncoder.from_pretrained(str(nvembed))
+  bart = tmp_path / "bart"
+  bart.mkdir()
+  (bart / "config.json").write_text('{"model_type": "bart"}')
+  with pytest.raises(ValueError, match="unsupported text encoder family 'bart'.*llama, "
+                                       "mistral, qwen2, qwen3, gemma, t5, mt5, nvembed$"):
+    encoders.TextEncoder.from_pretrained(str(bart))
+  with pytest.raises(ValueError, match="pooling 'latent' is NV-Embed's.*text_pooling=mean"):
+    encoders.TextEncoder.from_pretrained(folder, pooling="latent")
+
+
+def test_nvembed_latent_pooling_matches_pytorch_and_its_abstract_shapes(torch, tmp_path):
+  """NV-Embed-v2 (tiny: bidirectional Mistral + latent-attention pooler) through TextEncoder,
+  against NV-Embed's recipe written out with PyTorch: EOS appended, right padding with EOS, the
+  instruction's first len(tokenize(prefix)) positions left out of the pooled mean."""
+  import json
+
+  import transformers
+  from helpers_nvembed import torch_bidirectional_mistral, torch_latent_pooler
+  folder = tiny.make_tiny_nvembed(str(tmp_path / "nvembed"))
+  prefix, length = "a photo of the city\nthat is ", 24
+  enc = encoders.TextEncoder.from_pretrained(folder, pooling="latent", max_length=length,
+                                             prefix=prefix)
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  tok.pad_token, tok.padding_side = tok.eos_token, "right"
+  want_inputs = tok([prefix + t + tok.eos_token for t in TEXTS], padding="max_length",
+                    truncation=True, max_length=length, return_tensors="np")
+  inputs = enc.preprocess(TEXTS)
+  np.testing.assert_array_equal(inputs["input_ids"], want_inputs["input_ids"])
+  np.testing.assert_array_equal(inputs["attention_mask"], want_inputs["attention_mask"])
+  ids, mask = inputs["input_ids"], inputs["attention_mask"]
+  pool_mask = mask.copy()
+  pool_mask[:, :len(tok.tokenize(prefix))] = 0
+  state = weights.read_state_dict(folder)
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  hidden = torch_bidirectional_mistral(torch, state, config["text_config"], ids, mask)
+  heads = config["latent_attention_config"]["num_cross_heads"]
+  want = torch_latent_pooler(torch, state, hidden, pool_mask, heads)
+  ours = enc.encode(TEXTS, batch_size=len(TEXTS))
+  error = float(np.max(np.abs(ours - want)) / np.max(np.abs(want)))
+  print(f"nvembed TextEncoder latent: rel error {error:.1e}")
+  assert ours.shape == (len(TEXTS), 32) and error <= 1e-5
+  unmasked = torch_latent_pooler(torch, state, hidden, mask, heads)
+  assert np.max(np.abs(ours - unmasked)) > 1e-3  # the instruction mask changes the features
+  mean = encoders.TextEncoder.from_pretrained(folder, pooling="mean", max_length=length,
+                                              prefix=prefix).apply(enc.params, inputs)["pooled"]
+  m = pool_mask[..., None].astype(np.float64)
+  np.testing.assert_allclose(mean, (hidden * m).sum(1) / m.sum(1), rtol=1e-5, atol=1e-6)
+
+  bf16 = encoders.TextEncoder.from_pretrained(folder, pooling="latent", max_length=length,
+                                              prefix=prefix, dtype="bfloat16")
+  assert {str(x.dtype) for x in jax.tree.leaves(bf16.params)} == {"bfloat16"}
+  bf16_error = float(np.max(np.abs(bf16.encode(TEXTS, batch_size=len(TEXTS)) - want))
+                     / np.max(np.abs(want)))
+  print(f"nvembed TextEncoder latent bfloat16: rel error {bf16_error:.1e}")
+  assert bf16_error <= 5e-2
+
+  abstract = encoders.TextEncoder.from_pretrained(folder, pooling="latent", max_length=length,
+                                                  prefix=prefix, abstract=True)
+  shape = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)
+  assert shape(abstract.params) == shape(enc.params)
+  assert set(abstract.params) == {"model", "pooler"}
+  out = jax.eval_shape(abstract.apply, abstract.params, inputs)
+  assert out["pooled"].shape == (len(TEXTS), 32)
+  with pytest.raises(ValueError, match="attends bidirectionally.*latent"):
+    encoders.TextEncoder.from_pretrained(folder, pooling="last", abstract=True)
+  with pytest.raises(ValueError, match="'latent' pooler reads the final output"):
+    encoders.TextEncoder.from_pretrained(folder, pooling="latent", layer=1, abstract=True)

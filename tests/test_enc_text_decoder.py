@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from align_jax.encoders import decoder, weights
+from helpers_nvembed import torch_latent_pooler
 
 TOL = 1e-5
 BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
@@ -202,12 +203,17 @@ def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
 
 def test_transformers5_rope_parameters_give_the_same_frequencies(checkpoints):
   from align_jax.encoders import rope
-  config, _ = _load(checkpoints["llama3_scaling"])
-  v5 = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
-  v5["rope_parameters"] = dict(config["rope_scaling"], rope_theta=config["rope_theta"])
-  old, new = rope.inverse_frequencies(config), rope.inverse_frequencies(v5)
+  config, _ = _load(checkpoints["llama3_scaling"])  # saved in 4.x's or 5.x's form
+  params = config.get("rope_parameters") or dict(config["rope_scaling"],
+                                                 rope_theta=config["rope_theta"])
+  base = {k: v for k, v in config.items()
+          if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+  v4 = dict(base, rope_theta=params["rope_theta"],
+            rope_scaling={k: v for k, v in params.items() if k != "rope_theta"})
+  v5 = dict(base, rope_parameters=params)
+  old, new = rope.inverse_frequencies(v4), rope.inverse_frequencies(v5)
   np.testing.assert_array_equal(old[0], new[0])
-  plain = rope.inverse_frequencies(dict(config, rope_scaling=None))[0]
+  plain = rope.inverse_frequencies(dict(base, rope_theta=params["rope_theta"]))[0]
   assert not np.allclose(old[0], plain)  # the llama3 scaling does change the frequencies
 
 
@@ -221,37 +227,10 @@ def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
   with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3, gemma"):
     decoder.build(dict(config, model_type="gpt2"))
   with pytest.raises(ValueError, match="rope_scaling type 'longrope' is not supported"):
-    decoder.build(dict(config, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
+    decoder.build(dict({k: v for k, v in config.items() if k != "rope_parameters"},
+                       rope_scaling={"rope_type": "longrope", "factor": 2.0}))
   with pytest.raises(ValueError, match="not a decoder LLM checkpoint"):
     decoder.load_params({"foo.weight": np.zeros(2)}, cfg)
-
-
-def _torch_latent_pooler(torch, state, hidden, pool_mask, heads, normalize=True):
-  """NV-Embed's pooler written out step by step in PyTorch (see align_jax/encoders/nvembed.py)."""
-  import torch.nn.functional as F
-  sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-  a = "latent_attention_model.cross_attend_blocks.0."
-  f = "latent_attention_model.cross_attend_blocks.1."
-  width = hidden.shape[-1]
-
-  def ln(x, name):
-    return F.layer_norm(x, (width,), sd[name + ".weight"], sd[name + ".bias"])
-
-  h = torch.from_numpy(hidden)
-  latents = sd["latent_attention_model.latents"]
-  q = ln(h, a + "norm") @ sd[a + "fn.to_q.weight"].T
-  k, v = (ln(latents, a + "norm_context") @ sd[a + "fn.to_kv.weight"].T).chunk(2, dim=-1)
-  b, t, n = h.shape[0], h.shape[1], latents.shape[0]
-  q = q.view(b, t, heads, -1).transpose(1, 2)
-  k = k.view(1, n, heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
-  v = v.view(1, n, heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
-  out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
-  h = h + out @ sd[a + "fn.to_out.weight"].T
-  x, gate = (ln(h, f + "norm") @ sd[f + "fn.net.0.weight"].T + sd[f + "fn.net.0.bias"]).chunk(2, -1)
-  h = h + (x * F.gelu(gate)) @ sd[f + "fn.net.2.weight"].T + sd[f + "fn.net.2.bias"]
-  m = torch.from_numpy(pool_mask).float()[..., None]
-  pooled = (h * m).sum(1) / m.sum(1)
-  return (F.normalize(pooled, p=2, dim=-1) if normalize else pooled).numpy()
 
 
 def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
@@ -285,7 +264,8 @@ def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
                                         "hidden_dim": width,
                                         "num_cross_heads": heads, "cross_dim_head": head_dim,
                                         "output_normalize": True}}
-  text_cfg, latent_cfg = nvembed.read_config(config)
+  cfg = nvembed.read_config(config)
+  text_cfg, latent_cfg = cfg.text, cfg.latent
   ids, mask, _ = _batch("right")  # NV-Embed pads on the right
   model = decoder.build(text_cfg, bidirectional=True)
   tokens = model.apply({"params": decoder.load_params(state, text_cfg)}, ids, mask)
@@ -299,7 +279,7 @@ def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
                               bidirectional=True)[-1]
   real = mask.astype(bool)
   assert _rel(np.asarray(tokens["last_hidden_state"])[real], want_tokens[real]) <= TOL
-  want = _torch_latent_pooler(torch, state, want_tokens, pool_mask, heads)
+  want = torch_latent_pooler(torch, state, want_tokens, pool_mask, heads)
   error = _rel(ours, want)
   print(f"nvembed latent pooling: rel error {error:.1e}")
   assert error <= TOL

@@ -231,7 +231,9 @@ def _torch_text(torch, family, folder, inputs):
 def test_text_encoder_matches_pytorch_every_pooling(checkpoints, torch, family, fmt):
   folder = checkpoints[family, fmt]
   ref = None
-  for pooling in encoders.TEXT_POOLINGS:
+  with pytest.raises(ValueError, match="pooling 'latent' is NV-Embed's"):
+    encoders.TextEncoder.from_pretrained(folder, pooling="latent", max_length=16)
+  for pooling in (p for p in encoders.TEXT_POOLINGS if p != "latent"):  # latent: NV-Embed only
     enc = encoders.TextEncoder.from_pretrained(folder, pooling=pooling, max_length=16)
     inputs = enc.preprocess(TEXTS)
     assert inputs["input_ids"].shape == (4, 16) and inputs["input_ids"].dtype == np.int32
@@ -358,7 +360,7 @@ def test_unknown_pooling_family_and_dtype_raise_value_error(tmp_path, checkpoint
     encoders.ImageEncoder.from_pretrained(str(tmp_path))
   with pytest.raises(ValueError, match="'gpt2'.*valid: bert, roberta, xlm-roberta, mpnet, "
                      "clip_text_model, clip, siglip_text_model, siglip, llama, mistral, qwen2, "
-                     "qwen3, gemma, t5, mt5$"):
+                     "qwen3, gemma, t5, mt5, nvembed$"):
     encoders.TextEncoder.from_pretrained(str(tmp_path))
 
 

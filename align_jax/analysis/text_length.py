@@ -17,10 +17,7 @@ def encoder_limit(name_or_path: str) -> int | None:
   """The most tokens per text ``name_or_path`` can take; None when it has no position table."""
   from align_jax.encoders import hub, text, weights
   folder = hub.resolve_checkpoint(name_or_path, "--text_encoders", weights=False)
-  try:
-    return text.position_limit(weights.read_config(folder))
-  except ValueError as error:
-    raise ValueError(f"{name_or_path}: {error}") from None
+  return text.position_limit(weights.read_config(folder), str(name_or_path))
 
 
 def choose(name_or_path: str, requested: int | None, flag: str = "--max_text_length") -> int:

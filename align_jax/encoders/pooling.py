@@ -2,7 +2,8 @@
 
 ``{"pooled": [B, D']}`` for "cls", "mean", "last" and "cls+mean_patch"; ``{"tokens": [B, T, D],
 "mask": bool [B, T]}`` for "tokens". Everything is float32, whatever the encoder's compute dtype, so
-projectors and losses see one dtype.
+projectors and losses see one dtype. Two poolings are computed by their encoder, not here: "map"
+(SigLIP's vision head) and "latent" (NV-Embed's latent-attention pooler, text only).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from align_jax.ops import masked_mean  # the one definition, shared with the projectors
 
 IMAGE_POOLINGS = ("cls", "mean", "cls+mean_patch", "tokens", "map")
-TEXT_POOLINGS = ("cls", "mean", "tokens", "last")
+TEXT_POOLINGS = ("cls", "mean", "tokens", "last", "latent")  # latent: NV-Embed only
 
 
 def check_pooling(pooling: str, valid: tuple[str, ...], kind: str) -> str:

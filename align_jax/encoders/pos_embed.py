@@ -3,9 +3,9 @@
 The PyTorch DINOv2 / ViT / CLIP models resize their learned position-embedding grid with
 ``torch.nn.functional.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)``
 whenever the input resolution differs from the checkpoint's (DINOv2 always does at 224 px: its
-checkpoints store a 37x37 grid for 518 px). The Flax port resizes with ``jax.image.scale_and_translate``,
-a different bicubic kernel (Keys a=-0.5, and a scale from ``size + 0.1``), so its features differ from
-PyTorch's by ~1e-2. Resampling once at load time with PyTorch's kernel, in numpy, keeps the encoder
+checkpoints store a 37x37 grid for 518 px). ``jax.image.scale_and_translate`` (what transformers'
+former Flax port used) is a different bicubic kernel (Keys a=-0.5, and a scale from ``size + 0.1``),
+whose features differ from PyTorch's by ~1e-2. Resampling once at load time with PyTorch's kernel, in numpy, keeps the encoder
 bit-for-bit comparable with the reference models and removes the resize from every forward pass.
 """
 

@@ -1,13 +1,15 @@
 """Frozen text encoders on align_jax's own modules: BERT, RoBERTa, XLM-R, MPNet, the CLIP and SigLIP
 text towers (:mod:`align_jax.encoders.bert`), decoder LLMs (Llama, Mistral, Qwen2, Qwen3, Gemma;
-:mod:`align_jax.encoders.decoder`) and T5 / mT5 encoder stacks (:mod:`align_jax.encoders.t5`).
+:mod:`align_jax.encoders.decoder`), T5 / mT5 encoder stacks (:mod:`align_jax.encoders.t5`) and
+NV-Embed-v2 (a bidirectional Mistral with its latent-attention pooler, pooling "latent";
+:mod:`align_jax.encoders.nvembed`).
 
 ``TextEncoder.apply(params, {"input_ids", "attention_mask"})`` is pure and jit-able; ``preprocess``
 is the checkpoint's own tokenizer with fixed-length padding (after an optional instruction
 prefix), so every batch has one shape. Weights come from the checkpoint's safetensors through
-:mod:`align_jax.encoders.weights` (no transformers model class, no torch). Decoder LLMs and T5
-keep their params as host numpy arrays, so a 7B model is placed by the sharding rules, never whole
-on one accelerator.
+:mod:`align_jax.encoders.weights` (no transformers model class, no torch). Decoder LLMs, T5
+and NV-Embed keep their params as host numpy arrays, so a 7B model is placed by the sharding
+rules, never whole on one accelerator.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from align_jax.encoders import bert
 from align_jax.encoders import decoder
 from align_jax.encoders import hub
 from align_jax.encoders import layers as layers_lib
+from align_jax.encoders import nvembed
 from align_jax.encoders import pooling as pooling_lib
 from align_jax.encoders import t5
 from align_jax.encoders import weights as weights_lib
@@ -35,26 +38,10 @@ TEXT_FAMILIES: dict[str, ModuleType] = {
   **{m: bert for m in bert.MODEL_TYPES},
   **{m: decoder for m in decoder.MODEL_TYPES},
   **{m: t5 for m in t5.MODEL_TYPES},
+  **{m: nvembed for m in nvembed.MODEL_TYPES},
 }
-_HOST_FAMILIES = (decoder, t5)  # large: params stay host numpy until the sharding rules place them
-
-
-def position_limit(raw_config: dict[str, Any]) -> int | None:
-  """The most tokens per text a text encoder's ``config.json`` allows (its position table), or
-  None where it has none (T5: relative positions). RoBERTa-style position ids start after the
-  padding id, so those encoders lose ``padding_idx + 1`` positions."""
-  model_type = raw_config.get("model_type")
-  family = TEXT_FAMILIES.get(model_type)
-  if family is None:
-    raise ValueError(f"unsupported text encoder family {model_type!r}; valid: "
-                     f"{', '.join(TEXT_FAMILIES)}")
-  if family is bert:
-    config = family.read_config(raw_config)
-    limit = int(config.max_positions)
-    return limit - (int(config.padding_idx) + 1 if config.padding_idx is not None else 0)
-  if family is decoder and raw_config.get("max_position_embeddings"):
-    return int(raw_config["max_position_embeddings"])
-  return None
+# Large: their params stay host numpy until the sharding rules place them.
+_HOST_FAMILIES = (decoder, t5, nvembed)
 
 
 def prepare_tokenizer(tokenizer: Any, padding_side: str | None, name: str) -> Any:
@@ -90,6 +77,32 @@ def _load_tokenizer(folder: str) -> Any:
     hf_logging.set_verbosity(level)
 
 
+def family_of(raw_config: dict[str, Any], name: str) -> ModuleType:
+  """The family module of a ``config.json`` dict; ValueError in one line listing the supported
+  model types."""
+  model_type = raw_config.get("model_type")
+  if model_type not in TEXT_FAMILIES:
+    raise ValueError(f"{name}: unsupported text encoder family {model_type!r}; "
+                     f"valid: {', '.join(TEXT_FAMILIES)}")
+  return TEXT_FAMILIES[model_type]
+
+
+def position_limit(raw_config: dict[str, Any], name: str = "text encoder") -> int | None:
+  """The most tokens per text a checkpoint's position table takes, from its ``config.json``
+  dict; None for T5 / mT5 (relative positions only) and decoders whose config names no
+  ``max_position_embeddings``. RoBERTa-style encoders, whose position ids start after the
+  padding id, lose ``padding_idx + 1`` positions."""
+  family = family_of(raw_config, name)
+  config = family.read_config(raw_config)
+  if family is bert:
+    limit = int(config.max_positions)
+    return limit - (int(config.padding_idx) + 1 if config.padding_idx is not None else 0)
+  source = (raw_config.get("text_config") or {}) if family is nvembed else raw_config
+  if family in (decoder, nvembed) and source.get("max_position_embeddings"):
+    return int(source["max_position_embeddings"])
+  return None
+
+
 class TextEncoder:
   """A frozen text encoder: params, a pure ``apply`` and its tokenizer.
 
@@ -104,7 +117,10 @@ class TextEncoder:
       the final output, by default. Only blocks up to the deepest one are loaded and run.
     prefix: text put before every input by ``preprocess`` (an embedder's instruction).
     config: the family config (e.g. :class:`align_jax.encoders.decoder.DecoderConfig`).
-    family: the family module (:mod:`align_jax.encoders.bert`, ``decoder`` or ``t5``).
+    family: the family module (:mod:`align_jax.encoders.bert`, ``decoder``, ``t5`` or
+      ``nvembed``).
+    prefix_tokens: NV-Embed only: leading tokens of each text left out of its pooling (its
+      instruction, as NV-Embed masks it); 0 otherwise.
     revision: the hub commit the checkpoint was resolved to (None for a local folder).
     input_kind: ``interfaces.RAW``: it reads strings (a ``interfaces.RawInputEncoder``).
   """
@@ -128,6 +144,10 @@ class TextEncoder:
     self.num_layers = int(config.num_layers)
     self.layers = (self.num_layers,) if layers is None else tuple(layers)
     self.prefix = str(prefix)
+    nv = family is nvembed
+    self.prefix_tokens = (len(tokenizer.tokenize(self.prefix))
+                          if nv and config.mask_instruction and self.prefix else 0)
+    self._suffix = tokenizer.eos_token if nv and config.add_eos else ""
     width = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
     head = int(getattr(config, "head_size", 0))
     self.output_dim = head if (pooling == "cls" and head) else width
@@ -146,7 +166,8 @@ class TextEncoder:
         msgpack) and tokenizer files, or a hub id (from the local cache when offline).
       pooling: "mean" (over non-padding tokens, as sentence-transformers), "cls" (first token;
         CLIP's EOS token; SigLIP's head; not for decoders / T5), "last" (the last non-padding
-        token, as decoder-LLM embedders) or "tokens".
+        token, as decoder-LLM embedders), "tokens", or "latent" (NV-Embed's latent-attention
+        pooler; NV-Embed also takes "mean" and "tokens" of its bidirectional Mistral).
       max_length: tokens per text (padded / truncated, the prefix included); at most the model's
         position table (decoders and T5 have none).
       dtype: compute (and frozen-param) dtype, e.g. "bfloat16"; outputs are always float32.
@@ -155,14 +176,15 @@ class TextEncoder:
         norm of CLIP, the LLMs and T5); other indices are HF's ``hidden_states[k]``.
       prefix: put before every text by ``preprocess`` (and so in training, evaluation prompts and
         feature extraction), e.g. E5-Mistral's ``"Instruct: ...\\nQuery: "``; its tokens are
-        pooled like the text's.
+        pooled like the text's, except NV-Embed's, which leaves it out of the pooled mean as
+        NV-Embed does (``is_mask_instruction``).
       padding_side: "left" or "right" for decoders and T5 (default: the tokenizer's own); either
-        gives the same features.
+        gives the same features (NV-Embed: its config's ``padding_side``, right).
       abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give,
         from ``config.json`` (and the tokenizer files) alone: no weights file is needed or read.
         For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
       bidirectional: decoders attend to every real token (LLM2Vec / NV-Embed style) instead of
-        causally.
+        causally; NV-Embed always does.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.TEXT_POOLINGS, "text")
     dtype = compute_dtype(dtype)
@@ -170,14 +192,22 @@ class TextEncoder:
                                                  weights=not abstract)
     raw_config = weights_lib.read_config(folder)
     model_type = raw_config.get("model_type")
-    if model_type not in TEXT_FAMILIES:
-      raise ValueError(f"{name_or_path}: unsupported text encoder family {model_type!r}; "
-                       f"valid: {', '.join(TEXT_FAMILIES)}")
-    family = TEXT_FAMILIES[model_type]
+    family = family_of(raw_config, str(name_or_path))
     config = family.read_config(raw_config)
     tokenizer = _load_tokenizer(folder)
     name = str(name_or_path)
     layers = layers_lib.parse_layers(layer, config.num_layers, "--config.model.text_layer")
+    nv = family is nvembed
+    if pooling == "latent" and not nv:
+      raise ValueError(f"{name} ({model_type}): pooling 'latent' is NV-Embed's latent-attention "
+                       "pooler (model_type nvembed); use --config.model.text_pooling=mean, last "
+                       "or cls")
+    if nv and pooling not in nvembed.POOLINGS:
+      raise ValueError(f"{name} (NV-Embed) attends bidirectionally, so no single token sums up a "
+                       f"text: use --config.model.text_pooling=latent (its pooler), mean or tokens")
+    if pooling == "latent" and not layers_lib.is_final(layers, config.num_layers):
+      raise ValueError(f"{name}: NV-Embed's 'latent' pooler reads the final output; use "
+                       "--config.model.text_layer=-1 with it, or pool another layer by mean")
     if family is bert:
       if padding_side is not None:
         raise ValueError(f"{name}: padding_side is for decoder LLMs and T5; {model_type} pads "
@@ -187,21 +217,16 @@ class TextEncoder:
         raise ValueError(f"{name} ({model_type}) has no summary token at position 0, so 'cls' "
                          "pooling would give one feature for every text: use --config.model."
                          "text_pooling=last (the final token, as E5-Mistral) or mean")
-      tokenizer = prepare_tokenizer(tokenizer, padding_side, name)
-    if bidirectional and family is not decoder:
+      tokenizer = prepare_tokenizer(
+          tokenizer, padding_side if padding_side or not nv else config.padding_side, name)
+    if bidirectional and family not in (decoder, nvembed):
       raise ValueError(f"{name}: bidirectional is for decoder LLMs; {model_type} attends as "
                        "it was trained")
     if pooling == "cls" and config.model_type == "siglip" and not layers_lib.is_final(
         layers, config.num_layers):
       raise ValueError(f"{name}: SigLIP's 'cls' pooling is its head on the final output; use "
                        "--config.model.text_layer=-1 with it, or pool another layer by mean")
-    limit = None  # T5 has relative positions only
-    if family is bert:
-      limit = int(config.max_positions)
-      if config.padding_idx is not None:
-        limit -= int(config.padding_idx) + 1
-    elif family is decoder and raw_config.get("max_position_embeddings"):
-      limit = int(raw_config["max_position_embeddings"])
+    limit = position_limit(raw_config)
     if max_length < 1 or (limit is not None and max_length > limit):
       raise ValueError(f"max_length must be in [1, {limit}] for {name_or_path} (its position "
                        f"table), got {max_length}")
@@ -214,11 +239,18 @@ class TextEncoder:
         params = family.load_params(state, config, run, dtype=dtype)
       else:
         params = cast_params(family.load_params(state, config, run), dtype)
-    return cls(name=name, family=family, config=config, params=params, tokenizer=tokenizer,
-               pooling=pooling, max_length=max_length, dtype=dtype, layers=layers, prefix=prefix,
-               bidirectional=bidirectional, revision=revision)
+    encoder = cls(name=name, family=family, config=config, params=params, tokenizer=tokenizer,
+                  pooling=pooling, max_length=max_length, dtype=dtype, layers=layers,
+                  prefix=prefix, bidirectional=bidirectional, revision=revision)
+    if nv and encoder.prefix_tokens >= max_length and pooling in ("latent", "mean"):
+      raise ValueError(f"{name}: the prefix takes {encoder.prefix_tokens} of the {max_length} "
+                       "tokens and NV-Embed leaves it out of the pooling, so nothing would be "
+                       "pooled; raise --config.model.max_text_length or shorten the prefix")
+    return encoder
 
   def _module(self, num_layers: int) -> Any:
+    if self.family is nvembed:
+      return nvembed.build(self.config, self.dtype, num_layers)
     if self.family is decoder:
       return decoder.build(self.config, self.dtype, num_layers, bidirectional=self.bidirectional)
     return self.family.build(self.config, self.dtype, num_layers)
@@ -234,6 +266,11 @@ class TextEncoder:
     if self.family is bert:
       return bert.pool(module, dict(out, last_hidden_state=tokens), input_ids, attention_mask,
                        pooling)
+    if self.family is nvembed:
+      if pooling == "latent":
+        return {"pooled": out["pooler_output"]}
+      if pooling == "mean":  # NV-Embed's pool mask: the instruction left out, as its pooler
+        attention_mask = nvembed.pool_mask(attention_mask, self.prefix_tokens)
     return pooling_lib.pool_text(tokens, attention_mask, pooling)
 
   def apply(self, params: Any, inputs: dict[str, Any]) -> dict[str, jnp.ndarray]:
@@ -252,8 +289,11 @@ class TextEncoder:
     run = max(self.layers)
     module = self._module(run)
     many = len(self.layers) > 1
+    extra = {}
+    if self.pooling == "latent":
+      extra["pool_mask"] = nvembed.pool_mask(attention_mask, self.prefix_tokens)
     out = module.apply({"params": params}, input_ids, self._model_mask(attention_mask),
-                       output_hidden_states=many)
+                       output_hidden_states=many, **extra)
     tokens = (layers_lib.combine(out["hidden_states"], self.layers) if many
               else out["last_hidden_state"])
     return self._pool(module, out, tokens, input_ids, attention_mask, self.pooling)
@@ -263,7 +303,8 @@ class TextEncoder:
 
     Layer k is what ``layer=k`` gives (the last one is ``apply``'s final output, after CLIP's
     final LayerNorm). For choosing which layer to align (RECIPES §5, STRUCTURE); ``pooling``
-    "tokens" pools by mean, SigLIP's "cls" (its head) by the last token.
+    "tokens" pools by mean, SigLIP's "cls" (its head) by the last token, NV-Embed's "latent"
+    (its pooler, trained on the final output only) by mean over its pool mask.
     """
     input_ids = jnp.asarray(inputs["input_ids"], jnp.int32)
     attention_mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
@@ -272,7 +313,7 @@ class TextEncoder:
     module = self._module(self.num_layers)
     out = module.apply({"params": params}, input_ids, self._model_mask(attention_mask),
                        output_hidden_states=True)
-    pooling = "mean" if self.pooling == "tokens" else self.pooling
+    pooling = "mean" if self.pooling in ("tokens", "latent") else self.pooling
     if pooling == "cls" and self.family is bert and self.config.model_type == "siglip":
       pooling = "last"
     return jnp.stack([self._pool(module, {}, h, input_ids, attention_mask, pooling)["pooled"]
@@ -281,11 +322,12 @@ class TextEncoder:
   def preprocess(self, texts: Sequence[str] | str) -> dict[str, np.ndarray]:
     """Tokenizes ``prefix + text`` to fixed shapes (padding="max_length", truncation).
 
-    Returns int32 ``input_ids`` and ``attention_mask``; pads on the tokenizer's side.
+    Returns int32 ``input_ids`` and ``attention_mask``; pads on the tokenizer's side. NV-Embed's
+    texts get its EOS token appended first, as NV-Embed's own ``encode`` does.
     """
     if isinstance(texts, str):
       texts = [texts]
-    tokens = self.tokenizer([self.prefix + t for t in texts], padding="max_length",
+    tokens = self.tokenizer([self.prefix + t + self._suffix for t in texts], padding="max_length",
                             truncation=True, max_length=self.max_length, return_tensors="np")
     return {"input_ids": tokens["input_ids"].astype(np.int32),
             "attention_mask": tokens["attention_mask"].astype(np.int32)}

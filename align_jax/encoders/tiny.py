@@ -82,7 +82,7 @@ def random_state_dict(config: dict[str, Any], seed: int, std: float = 0.02
   tables (:func:`align_jax.encoders.weights.from_flax`) give the names the PyTorch model saves, so
   transformers loads the result. A two-tower CLIP / SigLIP config gets both towers.
   """
-  from align_jax.encoders import text, vit
+  from align_jax.encoders import nvembed, text, vit
   model_type = config["model_type"]
   rng = np.random.default_rng(seed)
 
@@ -100,7 +100,10 @@ def random_state_dict(config: dict[str, Any], seed: int, std: float = 0.02
     prefix = "vision_model." if model_type in ("clip", "siglip", "clip_vision_model",
                                                "siglip_vision_model") else ""
     state.update(weights.from_flax(params, vit.rules(cfg), cfg.num_layers, prefix))
-  if model_type in text.TEXT_FAMILIES:
+  if model_type in nvembed.MODEL_TYPES:
+    cfg = nvembed.read_config(config)
+    state.update(nvembed.state_dict(fill(nvembed.abstract_params(cfg)), cfg))
+  elif model_type in text.TEXT_FAMILIES:
     family = text.TEXT_FAMILIES[model_type]
     cfg = family.read_config(config)
     params = fill(family.abstract_params(cfg))
@@ -362,6 +365,45 @@ def make_tiny_mistral(path: str, save_format: str = "pt", seed: int = 0, **kwarg
 def make_tiny_gemma(path: str, save_format: str = "pt", seed: int = 0, **kwargs) -> str:
   """Writes a tiny random Gemma checkpoint (see ``make_tiny_decoder``); returns ``path``."""
   return make_tiny_decoder(path, "gemma", save_format=save_format, seed=seed, **kwargs)
+
+
+def nvembed_config(text_config: dict[str, Any], num_latents: int = 6, num_heads: int = 2,
+                   head_dim: int = 16) -> dict[str, Any]:
+  """An NV-Embed-v2 style ``config.json`` dict around a Mistral ``text_config`` (as the hub's:
+  ``bidir_mistral`` text model, latent-attention pooler, right padding, instruction masked)."""
+  width = int(text_config["hidden_size"])
+  return {"model_type": "nvembed", "architectures": ["NVEmbedModel"], "hidden_size": width,
+          "padding_side": "right", "is_mask_instruction": True, "add_eos": True,
+          "add_pad_token": True, "mask_type": "b",
+          "text_config": dict(text_config, model_type="bidir_mistral"),
+          "latent_attention_config": {"model_type": "latent_attention", "latent_dim": width,
+                                      "hidden_dim": width, "num_latents_value": num_latents,
+                                      "num_cross_heads": num_heads, "cross_dim_head": head_dim,
+                                      "output_normalize": True}}
+
+
+def make_tiny_nvembed(path: str, save_format: str = "pt", seed: int = 0, **latent) -> str:
+  """Writes a tiny random NV-Embed-v2 style checkpoint; returns ``path``.
+
+  A tiny Mistral (``make_tiny_mistral``: PyTorch-initialised for ``save_format="pt"``; its
+  tokenizer adds BOS only and pads on the right, as NV-Embed's) saved under
+  ``embedding_model.*``, and a seeded random latent-attention pooler under
+  ``latent_attention_model.*``, with :func:`nvembed_config`'s config.json (``latent``: its
+  ``num_latents`` / ``num_heads`` / ``head_dim``).
+  """
+  import json
+  make_tiny_mistral(path, save_format=save_format, seed=seed, add_eos=False,
+                    padding_side="right")
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    config = nvembed_config(json.load(f), **latent)
+  pooler = random_state_dict(config, seed + 1, std=0.2)
+  state = {"embedding_model." + k: np.asarray(v, np.float32)
+           for k, v in weights.read_state_dict(path).items()}
+  state.update({k: v for k, v in pooler.items() if k.startswith("latent_attention_model.")})
+  weights.write_safetensors(state, os.path.join(path, weights.SINGLE))
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  return path
 
 
 def make_tiny_t5(path: str, save_format: str = "pt", seed: int = 0, mt5: bool = False,

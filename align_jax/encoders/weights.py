@@ -105,9 +105,10 @@ def weight_files(folder: str) -> list[str]:
 
 
 def flax_name_to_torch(path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.ndarray]:
-  """A transformers Flax port's param (path, array) as the PyTorch model's (name, array).
+  """A ``flax_model.msgpack`` param (path, array) as the PyTorch model's (name, array).
 
-  The ports mirror PyTorch's module names; only the leaf differs: Dense ``kernel`` [in, out] is
+  Those files were written by transformers' Flax classes (removed in transformers 5), whose
+  module names mirror PyTorch's; only the leaf differs: Dense ``kernel`` [in, out] is
   Linear ``weight`` [out, in], Conv ``kernel`` HWIO is ``weight`` OIHW, LayerNorm ``scale`` and
   Embed ``embedding`` are ``weight``.
   """

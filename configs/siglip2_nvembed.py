@@ -1,0 +1,102 @@
+"""SigLIP 2 So400m/14 (384 px) + NV-Embed-v2, frozen; the 7B text tower FSDP-sharded.
+
+    python main.py --config=configs/siglip2_nvembed.py --config.data.urls='/data/cc12m/{00000..01242}.tar' \\
+        --workdir=/ckpt/siglip2_nvembed
+    python main.py --config=configs/siglip2_nvembed.py:batch=32768 --distributed ...  # TPU pod
+
+SAIL (CVPR 2025) reaches ImageNet 73.4 zero-shot with NV-Embed-v2 as the text tower (65.4 with
+GTE). Image tower: ``google/siglip2-so400m-patch14-384`` (a fixed-resolution SigLIP 2
+checkpoint: the SigLIP vision tower, 27 x 27 patches), pooled by its attention-pool head
+(``image_pooling="map"``, 1,152 wide). Text tower: ``nvidia/NV-Embed-v2`` (model type
+``nvembed``): a Mistral-7B run bidirectionally and NV-Embed's latent-attention pooler
+(``text_pooling="latent"``, 4,096 wide, L2-normalised); EOS is appended and the instruction
+prefix, if any, is left out of the pooled mean, as NV-Embed's ``encode`` does. Captions are
+encoded as passages, which NV-Embed gives no instruction, so ``model.text_prefix`` is empty
+(for queries its card uses ``"Instruct: {task}\\nQuery: "``). ``text=Alibaba-NLP/gte-Qwen2-7B-
+instruct,pooling=last`` swaps in gte-Qwen2-7B (a Qwen2 decoder, last-token pooling); the
+rules below cover it too. Heads, loss and schedule as configs/dinov2_llm.py (SAIL's).
+
+**Sharding.** NV-Embed-v2 is ~7.9B params (the Mistral and a ~0.5B pooler), ~15.7 GB in
+bfloat16: ``FROZEN_RULES`` split every text-tower matrix over the ``data`` axis along the model
+width (4,096: divisible by up to 4,096 devices). The Mistral's per-layer params are stacked on a
+leading layer axis (its scanned blocks, paths ``text/model/layers/...``; gte-Qwen2's are
+``text/layers/...``), which stays whole; the pooler's kernels (``text/pooler/...``) are 2-D;
+norms stay replicated. SigLIP So400m (0.4B) is replicated.
+
+Compile check for a pod from config files alone (needs libtpu)::
+
+    hf download nvidia/NV-Embed-v2 --include '*.json' 'tokenizer*' --local-dir /tmp/nvembed-config
+    hf download google/siglip2-so400m-patch14-384 --include '*.json' --local-dir /tmp/siglip2-config
+    python -m align_jax.aot --config=configs/siglip2_nvembed.py:image=/tmp/siglip2-config,text=/tmp/nvembed-config \\
+        --topology=v5e-256
+
+and on any machine with tiny config-only folders (tests/test_new_configs.py writes them)::
+
+    python -m align_jax.aot --config=configs/siglip2_nvembed.py:image=/tmp/tiny_siglip,text=/tmp/tiny_nvembed,size=16,length=12,batch=64,micro=2 \\
+        --topology=cpu:8
+"""
+
+from align_jax import config as config_lib
+
+_WIDE_IN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"  # kernels [D, out]
+_WIDE_OUT = r"(o_proj|down_proj)"  # kernels [in, D]
+# First match wins; paths are "text/<Flax param path>" (NV-Embed: text/model/..., text/pooler/...;
+# gte-Qwen2 and other decoders: text/layers/...).
+FROZEN_RULES = (
+    (rf"^text/(model/)?layers/{_WIDE_IN}/kernel$", (None, "data", None)),
+    (rf"^text/(model/)?layers/{_WIDE_OUT}/kernel$", (None, None, "data")),
+    (r"^text/(model/)?embed_tokens/embedding$", (None, "data")),
+    (r"^text/pooler/(to_q|to_k|to_v|ff_value|ff_gate)/kernel$", ("data", None)),
+    (r"^text/pooler/(to_out|ff_out)/kernel$", (None, "data")),
+    (r"^text/pooler/latents$", (None, "data")),
+)
+
+# The trainable GLU heads' wide dimension (8 x 4,096 on the text side) split over the data axis, in
+# the params and the optimiser state alike (as configs/dinov2_llm.py; not imported from it: an
+# installed align_jax ships the configs as align_jax.configs, where ``configs`` is not a package).
+GLU_PARAM_RULES = (
+    (r"/(gate|value)/kernel$", (None, "data")),
+    (r"/(gate|value)/bias$", ("data",)),
+    (r"/out/kernel$", ("data", None)),
+)
+
+
+def get_config(arg=None):
+  variant = config_lib.parse_arg(
+      arg, batch=32768, steps=15_500, micro=16, image="google/siglip2-so400m-patch14-384",
+      text="nvidia/NV-Embed-v2", pooling="latent", length=77, size=384, fsdp=True)
+  config = config_lib.pod_recipe_config(variant.steps, variant.batch)
+
+  m = config.model
+  m.image_encoder = variant.image
+  m.image_size = variant.size
+  m.image_pooling = "map"
+  m.text_encoder = variant.text
+  m.text_pooling = variant.pooling
+  m.max_text_length = variant.length
+  m.encoder_dtype = "bfloat16"
+  m.encoder_micro_batch = variant.micro
+  m.image_projector = "glu"
+  m.text_projector = "glu"
+  m.glu_hidden_mult = 8
+  m.embed_dim = 1024
+  m.dropout = 0.0
+
+  config.loss.name = "sigmoid"
+  config.loss.scale_init = 20.0
+  config.loss.scale_max = 100.0
+  config.loss.bias_init = -10.0
+
+  config.optim.learning_rate = 1e-3
+  config.optim.end_learning_rate = 1e-5
+  config.optim.warmup_steps = 1000
+  config.optim.weight_decay = 0.02
+
+  if variant.fsdp:
+    config.mesh.frozen_param_rules = FROZEN_RULES
+    config.mesh.param_rules = GLU_PARAM_RULES
+
+  config.evals.coco = dict(type="retrieval", every=0, batch_size=1024, ks=(1, 5, 10),
+                           data=dict(source="tfds", name="coco_captions", split="test",
+                                     num_workers=8))
+  return config
