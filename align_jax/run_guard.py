@@ -192,10 +192,8 @@ def join(address: str, identity: Identity, timeout: float) -> str:
   hello = json.dumps({"protocol": PROTOCOL, "identity": identity.to_json()}).encode() + b"\n"
   while True:
     try:
-      with socket.create_connection((host.strip("[]"), int(port)),
-                                    timeout=max(deadline - time.time(), 0.05)) as conn:
-        conn.sendall(hello)
-        line = _read_line(conn, deadline + 30)  # process 0 answers once all have come
+      conn = socket.create_connection((host.strip("[]"), int(port)),
+                                      timeout=max(deadline - time.time(), 0.05))
     except (ConnectionRefusedError, socket.timeout, ConnectionResetError):
       if time.time() > deadline:
         raise RunGuardError(
@@ -207,14 +205,23 @@ def join(address: str, identity: Identity, timeout: float) -> str:
     except OSError as error:
       raise RunGuardError(f"cannot reach --coordinator_address={address}: "
                           f"{error.strerror or error}") from None
-    try:
-      answer = json.loads(line)
-      ok = answer["ok"]
-    except (ValueError, KeyError, TypeError):
-      raise RunGuardError(
-          f"something other than this run's process 0 answers at --coordinator_address="
-          f"{address} (another run's coordinator?); pick a free port, the same on every "
-          "process") from None
-    if not ok:
-      raise RunGuardError(str(answer.get("error", "refused by process 0")))
-    return str(answer["run_id"])
+    # Connected: whatever listens there answers now. Process 0 replies with one JSON line once
+    # every process has come; anything else (another protocol, a reset, silence) is not it.
+    with conn:
+      try:
+        conn.sendall(hello)
+        line = _read_line(conn, deadline + 30)
+      except (OSError, socket.timeout):
+        line = b""
+    break
+  try:
+    answer = json.loads(line)
+    ok = answer["ok"]
+  except (ValueError, KeyError, TypeError):
+    raise RunGuardError(
+        f"something other than this run's process 0 answers at --coordinator_address="
+        f"{address} (another run's coordinator?); pick a free port, the same on every "
+        "process") from None
+  if not ok:
+    raise RunGuardError(str(answer.get("error", "refused by process 0")))
+  return str(answer["run_id"])

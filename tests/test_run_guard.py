@@ -5,6 +5,7 @@ coordination service's key-value store; the end-to-end cases with main.py are in
 tests/test_multiprocess_soak.py.
 """
 
+import contextlib
 import socket
 import threading
 import time
@@ -115,8 +116,11 @@ def _reuseport_listener():
         conn, _ = server.accept()
       except OSError:
         return
-      with conn:
-        conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # an HTTP/2 SETTINGS frame
+      with conn:  # as gRPC does: read the client's preface, answer in HTTP/2, close
+        conn.settimeout(5)
+        with contextlib.suppress(OSError):
+          conn.recv(4096)
+          conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # a SETTINGS frame
   threading.Thread(target=answer, daemon=True).start()
   return server
 
