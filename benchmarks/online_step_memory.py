@@ -30,17 +30,17 @@ from align_jax.encoders import tiny  # noqa: E402
 
 def write_encoders(root: str) -> tuple[str, str]:
   image = os.path.join(root, "dinov2_s")
-  tiny._save_model(image, transformers.Dinov2Config(
+  os.makedirs(image)
+  tiny.write_random_weights(image, transformers.Dinov2Config(
       hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
-      image_size=224), "Dinov2Model", "FlaxDinov2Model", "flax", seed=0)
+      image_size=224), seed=0)
   transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size=224,
                                  resample=3).save_pretrained(image)
-  text = os.path.join(root, "bert_minilm")
-  tok = tiny._wordpiece_tokenizer(text)
-  tiny._save_model(text, transformers.BertConfig(
-      vocab_size=len(tok), hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-      intermediate_size=1536, max_position_embeddings=128), "BertModel", "FlaxBertModel",
-      "flax", seed=0)
+  text = tiny.make_tiny_bert(os.path.join(root, "bert_minilm"), save_format="flax")  # tokenizer
+  vocab = len(transformers.AutoTokenizer.from_pretrained(text))
+  tiny.write_random_weights(text, transformers.BertConfig(
+      vocab_size=vocab, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+      intermediate_size=1536, max_position_embeddings=128), seed=0)
   return image, text
 
 

@@ -68,9 +68,15 @@ def _save_model(path: str, config: Any, torch_cls_name: str, save_format: str, s
     model = getattr(transformers, torch_cls_name)(config).eval()
     model.save_pretrained(path, safe_serialization=True)
   else:
-    state = random_state_dict(config.to_dict(), seed, flax_std)
-    weights.write_safetensors(state, os.path.join(path, weights.SINGLE))
-    config.save_pretrained(path)
+    write_random_weights(path, config, seed, flax_std)
+
+
+def write_random_weights(path: str, config: Any, seed: int, std: float = 0.02) -> None:
+  """Writes ``config`` (a transformers config) and seeded random weights for it to ``path``, as
+  ``model.safetensors`` under PyTorch names (:func:`random_state_dict`); no torch needed."""
+  weights.write_safetensors(random_state_dict(config.to_dict(), seed, std),
+                            os.path.join(path, weights.SINGLE))
+  config.save_pretrained(path)
 
 
 def random_state_dict(config: dict[str, Any], seed: int, std: float = 0.02
