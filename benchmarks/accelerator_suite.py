@@ -5,11 +5,12 @@
 
 Prints one markdown table (and writes its rows as JSON to ``--out``):
 
-* **loss** — ``jax.value_and_grad`` of ``align_jax.losses`` (softmax and sigmoid, ``blockwise``
+* **loss** — ``jax.value_and_grad`` of ``align_jax.objectives.contrastive`` (softmax and sigmoid,
+  ``blockwise``
   and ``gathered``) at 32k, 128k and 1M pairs, D = 1,024, float32 embeddings on one device. A
   case whose compiled memory (XLA's ``memory_analysis``: arguments + outputs + temporaries)
   exceeds the device's memory is reported as not fitting without being run.
-* **stored freeze-align** — the real train step (``align_jax.train.make_train_step``) of the
+* **stored freeze-align** — the real train step (``align_jax.train.loop.make_train_step``) of the
   freeze-align recipe (``configs/dinov2_roberta.py``: token projectors, d = 1,024, dropout 0.1,
   softmax loss, AdamW, projector micro-batches of 64) on stored float16 tokens of DINOv2-L at
   256 px (325 tokens) and RoBERTa-L (77 tokens, random lengths), at the largest batch that fits.
@@ -216,7 +217,7 @@ def _compile_loss(loss: str, impl: str, batch: int, dim: int, device):
   import jax
   import jax.numpy as jnp
 
-  from align_jax import losses
+  from align_jax.objectives import contrastive as losses
 
   fn, scalars = {"softmax": (losses.softmax_loss, (0.07,)),
                  "sigmoid": (losses.sigmoid_loss, (10.0, -10.0))}[loss]
@@ -324,7 +325,9 @@ class StepBench:
   def __init__(self, config, make_batch: Callable[[Any, int], dict]):
     import jax
 
-    from align_jax import model as model_lib, optim, sharding, step_builder, train
+    from align_jax.model import two_tower as model_lib
+    from align_jax.train import loop as train, optim, step as step_builder
+    from align_jax.parallel import mesh as sharding
 
     self.config = config
     self.make_batch = make_batch  # (key, batch) -> dict of arrays (traced under jit)
@@ -457,7 +460,7 @@ def stored_sail_case(deadline: Deadline, recorder: Recorder, smoke: bool) -> Non
   import jax
   import jax.numpy as jnp
 
-  from align_jax import config as config_lib
+  from align_jax.config import schema as config_lib
 
   widths, e = ((64, 32), 32) if smoke else ((2048, 1024), 1024)
   config = config_lib.default_config()
@@ -484,7 +487,7 @@ def online_case(deadline: Deadline, recorder: Recorder, smoke: bool) -> None:
   import jax.numpy as jnp
   import transformers
 
-  from align_jax.encoders import tiny
+  from align_jax.testing import tiny_checkpoints as tiny
 
   root = tempfile.mkdtemp(prefix="align_jax_suite_")
   image_dir, text_dir = os.path.join(root, "dinov2"), os.path.join(root, "roberta")

@@ -5,10 +5,11 @@
 
 For ``configs/dinov2_roberta.py`` (frozen DINOv2-L/14 at 256 px + RoBERTa-L at 77 tokens, token
 projectors, encoder and projector micro-batches of 64 rows per device, bf16 encoders) at each
-global batch and topology, compiles the real train step with ``align_jax.aot.compile_train_step``
-and records XLA's per-device memory, the compile time and analytic FLOPs. The encoder folders are
-written here: DINOv2-L's and RoBERTa-L's ``config.json`` (the published hub configs' shapes) and a
-small RoBERTa tokenizer (only the ids' shapes matter); no weights exist, and none are needed.
+global batch and topology, compiles the real train step with
+``align_jax.train.aot.compile_train_step`` and records XLA's per-device memory, the compile time and
+analytic FLOPs. The encoder folders are written here: DINOv2-L's and RoBERTa-L's ``config.json``
+(the published hub configs' shapes) and a small RoBERTa tokenizer (only the ids' shapes matter); no
+weights exist, and none are needed.
 
 Every row records the commit it was measured on (``commit``: the short hash, ``+dirty`` when
 tracked files differ from it), printed and shown in the table, so a row older than the code is
@@ -78,7 +79,7 @@ def source_commit(repo: str = REPO) -> str:
 def write_config_folders(root: str) -> tuple[str, str]:
   """DINOv2-L and RoBERTa-L folders holding only config.json (+ tokenizer files for text)."""
   import transformers
-  from align_jax.encoders import tiny
+  from align_jax.testing import tiny_checkpoints as tiny
   image, text = os.path.join(root, "dinov2-large"), os.path.join(root, "roberta-large")
   transformers.Dinov2Config(**DINOV2_LARGE).save_pretrained(image)
   tiny.save_roberta_tokenizer(text)
@@ -121,7 +122,7 @@ def analytic_flops(config, batch: int) -> dict:
 
 def analytic_row(topology: str, batch: int, config=None) -> dict:
   """The entry's numbers that need no compile: chips, FLOPs, roofline step time and run time."""
-  from align_jax import aot
+  from align_jax.train import aot
   config = recipe_config(batch, "", "") if config is None else config
   spec = aot.tpu_topology(topology)
   family = re.sub(r"^\d+x", "", topology).split("-")[0]
@@ -137,7 +138,7 @@ def analytic_row(topology: str, batch: int, config=None) -> dict:
 
 def run_one(topology: str, batch: int, image: str, text: str) -> dict:
   """Compiles one entry in this process; the row for the results file."""
-  from align_jax import aot
+  from align_jax.train import aot
   aot.prepare_process(topology)
   config = recipe_config(batch, image, text)
   row = {**analytic_row(topology, batch, config), "commit": source_commit(),

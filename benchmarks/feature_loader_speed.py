@@ -224,8 +224,8 @@ def train_step_table(folder: str, dim: int, batch: int, steps: int) -> None:
   """The train step fed by the loader vs the same step on one fixed batch, interleaved."""
   import jax
 
-  from align_jax import config as config_lib
-  from align_jax import train
+  from align_jax.config import schema as config_lib
+  from align_jax.train import loop as train
 
   config = config_lib.default_config()
   config.batch_size = batch

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from align_jax import ops, projectors  # noqa: E402
+from align_jax.model import ops, projectors  # noqa: E402
 
 B, D, E, MULT = 4096, 2048, 1024, 8
 # (K, M, N) of x^T @ g: GLU gate/value and out kernels, narrower and taller ones (tokens x width)

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from align_jax import losses  # noqa: E402
+from align_jax.objectives import contrastive as losses  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20

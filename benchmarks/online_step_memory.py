@@ -7,8 +7,8 @@ Builds a DINOv2-S/14-shaped image encoder (384 wide, 12 layers, 224 px, 257 toke
 MiniLM-L6-shaped BERT (384 wide, 6 layers, 77 tokens) as random Flax checkpoints in a temporary
 folder, loads them through align_jax.encoders like any hub checkpoint, and compiles the real
 train step (freeze-align token projectors on every token, d = 384, softmax loss) for one CPU
-device with ``align_jax.aot.compile_train_step``. XLA's memory analysis gives the step's temporary
-(activation) memory; nothing runs, so big batches cost only compile time.
+device with ``align_jax.train.aot.compile_train_step``. XLA's memory analysis gives the step's
+temporary (activation) memory; nothing runs, so big batches cost only compile time.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import transformers  # noqa: E402
 
-from align_jax import aot, config as config_lib  # noqa: E402
-from align_jax.encoders import tiny  # noqa: E402
+from align_jax.train import aot  # noqa: E402
+from align_jax.config import schema as config_lib
+from align_jax.testing import tiny_checkpoints as tiny  # noqa: E402
 
 
 def write_encoders(root: str) -> tuple[str, str]:

@@ -10,13 +10,13 @@ grad-norm and param-norm metrics), on random stored features in float32:
   * ``glu``: SAIL's GLU heads (LayerNorm, two Linear(D -> 8D) branches, relu6(a) * b,
     Linear(8D -> 1024)) on pooled features (2,048 image / 1,024 text) with the sigmoid loss.
 
-JAX runs the real step: ``align_jax.train.make_train_step`` and ``step_builder.init_state`` on a
-config, jitted with shardings and the state donated as ``build_trainer`` does, on one CPU device. PyTorch
-runs the same model and optimiser eagerly (``torch.optim.AdamW``, ``clip_grad_norm_``); its token
-projector is written as the paper's module is (every branch on every token), and a second PyTorch
-variant applies the same pooling trick as align_jax (``lin`` and ``fc2`` once per example), so the
-table separates the algorithm from the framework. Before timing, the initial JAX params are copied
-into PyTorch and the two losses compared with dropout off (same model).
+JAX runs the real step: ``align_jax.train.loop.make_train_step`` and ``step_builder.init_state`` on
+a config, jitted with shardings and the state donated as ``build_trainer`` does, on one CPU device.
+PyTorch runs the same model and optimiser eagerly (``torch.optim.AdamW``, ``clip_grad_norm_``); its
+token projector is written as the paper's module is (every branch on every token), and a second
+PyTorch variant applies the same pooling trick as align_jax (``lin`` and ``fc2`` once per example),
+so the table separates the algorithm from the framework. Before timing, the initial JAX params are
+copied into PyTorch and the two losses compared with dropout off (same model).
 
 Every variant runs one step per round, in turn (JAX, PyTorch, JAX, ...), so load from other
 processes hits them alike; after ``--warmup`` rounds (compilation), the median of ``--steps``
@@ -44,7 +44,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from align_jax import loss_kinds, model as model_lib, optim, sharding, step_builder, train  # noqa: E402
+from align_jax.objectives import kinds as loss_kinds  # noqa: E402
+from align_jax.model import two_tower as model_lib
+from align_jax.train import loop as train, optim, step as step_builder
+from align_jax.parallel import mesh as sharding
 from configs import dinov2_roberta  # noqa: E402
 
 LN_EPS = 1e-6  # flax.linen.LayerNorm's default

@@ -10,7 +10,7 @@ expect R@1 well above 0.5 at the end. Variants: ``configs/demo.py:steps=50`` (sh
 ``:loss=sigmoid`` (SigLIP loss).
 """
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 
 
 def get_config(arg=None):

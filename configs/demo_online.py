@@ -4,7 +4,7 @@
 
 A tiny random DINOv2 and a tiny random BERT (with a WordPiece tokenizer trained on the captions'
 words) are written as safetensors checkpoints (from align_jax's own modules) on first use, under ``$ALIGN_JAX_CACHE`` (default
-``$XDG_CACHE_HOME/align_jax`` or ``~/.cache/align_jax``; a private folder, align_jax.cache_dir),
+``$XDG_CACHE_HOME/align_jax`` or ``~/.cache/align_jax``; a private folder, align_jax.run.cache_dir),
 then loaded through ``align_jax.encoders`` exactly as ``facebook/dinov2-large`` would be. Images
 are rendered coloured shapes with captions ("a large red circle in the top left";
 align_jax.data.synthetic_images), decoded, augmented, normalised and
@@ -15,7 +15,7 @@ Nothing is downloaded.
     python main.py --config=configs/demo_online.py:hub=True,steps=300 --workdir=/tmp/align_demo_hub
 
 is the same demo with real models, for machines with the Hugging Face hub and TFDS downloads (the
-notebooks' hub path, :mod:`align_jax.demos`): ``facebook/dinov2-small`` +
+notebooks' hub path, :mod:`align_jax.testing.demos`): ``facebook/dinov2-small`` +
 ``sentence-transformers/all-MiniLM-L6-v2`` aligned on CIFAR-100 images captioned with their class
 names, evaluated zero-shot on CIFAR-10's ten unseen classes. Its variants: ``data_root`` (TFDS
 data and the caption manifest), ``num_train``, ``num_eval``, ``image_size``, ``batch``, and
@@ -24,14 +24,14 @@ data and the caption manifest), ``num_train``, ``num_eval``, ``image_size``, ``b
 
 import os
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 
 
 def tiny_encoders(cache_dir: str | None = None) -> tuple[str, str]:
   """Paths of the demo's tiny image and text checkpoints, written once (atomically) if missing."""
   from align_jax.data import synthetic_images
-  from align_jax.encoders import tiny
-  from align_jax import cache_dir as cache_lib  # private per-user folders (mode 0700)
+  from align_jax.testing import tiny_checkpoints as tiny
+  from align_jax.run import cache_dir as cache_lib  # private per-user folders (mode 0700)
   cache_dir = cache_lib.private_dir(cache_dir) if cache_dir else cache_lib.user_cache_dir()
   paths = {}
   for name, make in (
@@ -56,7 +56,7 @@ def get_config(arg=None):
                                  num_train=5000, num_eval=500, image_size=112, batch=128,
                                  image_encoder="", text_encoder="")
   if variant.hub:
-    from align_jax import demos
+    from align_jax.testing import demos
     return demos.hub_config(variant.steps, data_root=variant.data_root,
                             num_train=variant.num_train, num_eval=variant.num_eval,
                             image_size=variant.image_size, batch_size=variant.batch,

@@ -19,7 +19,7 @@ from the Hugging Face hub or local folders (``--config.model.image_encoder=/path
 without network or a local copy the run stops at once naming the missing model.
 """
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 
 
 def get_config(arg=None):

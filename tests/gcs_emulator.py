@@ -84,7 +84,7 @@ def gcs_bucket(monkeypatch):
 
 
 def _clear_client_caches() -> None:
-  from align_jax import storage  # pylint: disable=g-import-not-at-top
+  from align_jax.run import storage  # pylint: disable=g-import-not-at-top
   storage.clear_cache()
   try:
     import gcsfs  # pylint: disable=g-import-not-at-top

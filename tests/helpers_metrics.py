@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
-from align_jax import reporting, storage
+from align_jax.run import metrics as reporting, storage
 
 
 def rows(workdir: str) -> list[dict]:

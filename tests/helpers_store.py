@@ -11,7 +11,7 @@ from align_jax.data import feature_files
 
 
 def fingerprint(**model) -> dict:
-  """A fingerprint as ``align_jax.feature_store.fingerprint`` writes it, with the schema's default
+  """A fingerprint as ``align_jax.train.extract.fingerprint`` writes it, with the schema's default
   encoder settings (what a features config restates) unless ``model`` overrides them."""
   record = {
       "model": {"image_encoder": "/models/dinov2", "image_params": "a" * 64,

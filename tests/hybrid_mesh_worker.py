@@ -13,14 +13,15 @@ import types
 
 import jax
 
-from align_jax import distributed
+from align_jax.parallel import processes as distributed
 
 
 def main(address: str, process_id: int, steps: int, out: str) -> None:
   distributed.initialize(types.SimpleNamespace(  # as main.py's flags: gloo on CPU, bounded wait
       distributed=True, coordinator_address=address, num_processes=2, process_id=process_id,
       initialization_timeout=120))
-  from align_jax import sharding, train  # after initialize: jax sees all 8 devices
+  from align_jax.parallel import mesh as sharding  # after initialize: jax sees all 8 devices
+  from align_jax.train import loop as train
   from train_utils import tiny_config
 
   config = tiny_config(**{"model.dropout": 0.0, "mesh.dcn_shape": (2,)})

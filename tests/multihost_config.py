@@ -11,7 +11,7 @@ keep each process's image reads in stream order, so the tests can tell which pro
 
 import os
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 
 SHAPE_CLASSES = ["red", "green", "blue", "yellow", "purple"]
 NUM_TRAIN = 64
@@ -24,7 +24,7 @@ def write_data(root: str) -> None:
   from PIL import Image
 
   from align_jax.data import synthetic_images
-  from align_jax.encoders import tiny
+  from align_jax.testing import tiny_checkpoints as tiny
   tiny.make_tiny_dinov2(os.path.join(root, "models", "dinov2"), image_size=16, patch_size=4,
                         save_format="flax")
   tiny.make_tiny_bert(os.path.join(root, "models", "bert"), save_format="flax",

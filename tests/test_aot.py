@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import aot
-from align_jax import model as model_lib
+from align_jax.train import aot
+from align_jax.model import two_tower as model_lib
 from configs import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +119,7 @@ def test_tpu_topology_compiles_or_names_libtpu():
   """With libtpu the v5e-256 step compiles; without, the CLI names what is missing, no traceback."""
   env = dict(os.environ, XLA_FLAGS="")
   result = subprocess.run(
-      [sys.executable, "-m", "align_jax.aot", "--config=configs/demo.py", "--topology=v5e-256",
+      [sys.executable, "-m", "align_jax.train.aot", "--config=configs/demo.py", "--topology=v5e-256",
        "--config.batch_size=1024"], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
   if _tpu_description_available():
@@ -155,7 +155,7 @@ def _config_only(folder: str, dest) -> str:
 @pytest.fixture(scope="module")
 def checkpoint_pairs(tmp_path_factory):
   """Tiny DINOv2 (grid 7, patch 4) and BERT / RoBERTa: full folders and config-only copies."""
-  from align_jax.encoders import tiny
+  from align_jax.testing import tiny_checkpoints as tiny
   root = tmp_path_factory.mktemp("aot_encoders")
   full = {"dinov2": tiny.make_tiny_dinov2(str(root / "dinov2"), image_size=28, save_format="flax"),
           "bert": tiny.make_tiny_bert(str(root / "bert"), save_format="flax"),
@@ -274,7 +274,7 @@ def test_slices_in_the_topology_name():
 
 def _aot_cli(*args):
   env = dict(os.environ, XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  return subprocess.run([sys.executable, "-m", "align_jax.aot", "--config=configs/demo.py", *args],
+  return subprocess.run([sys.executable, "-m", "align_jax.train.aot", "--config=configs/demo.py", *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from align_jax import cache_dir
+from align_jax.run import cache_dir
 from align_jax.data import features, webdataset
 
 import helpers_data as hd

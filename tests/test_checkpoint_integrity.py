@@ -21,9 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from align_jax import checkpoint as checkpoint_lib
-from align_jax import checksums
-from align_jax import train
+from align_jax.run import checkpoint as checkpoint_lib
+from align_jax.run import checksums
+from align_jax.train import loop as train
 from configs import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,7 +266,7 @@ def test_readers_use_the_previous_checkpoint_and_leave_the_damaged_one(reference
   out = str(tmp_path / "export")
   result = _run(["main.py", *CLI_ARGS, "--mode=evaluate", f"--workdir={workdir}"]
                 if command == "evaluate" else
-                ["-m", "align_jax.export", f"--workdir={workdir}", f"--out={out}"])
+                ["-m", "align_jax.serving.export", f"--workdir={workdir}", f"--out={out}"])
   output = result.stdout
   assert result.returncode == 0, output[-3000:]
   _assert_no_noise(output)
@@ -310,7 +310,7 @@ def test_evaluate_with_no_restorable_checkpoint_ends_with_the_error_line(referen
 
 
 def test_checksums_are_sharding_independent(devices):
-  from align_jax import sharding
+  from align_jax.parallel import mesh as sharding
   x = np.arange(64 * 6, dtype=np.float32).reshape(64, 6) / 7
   mesh8 = sharding.make_mesh(("data",), (8,))
   tree = {"a": jax.device_put(x, sharding.batch_sharding(mesh8, ("data",))),
@@ -403,7 +403,8 @@ from gcs_emulator import gcs_bucket  # noqa: E402,F401  (pytest fixture)
 
 
 def test_damaged_checkpoint_on_gcs_is_moved_aside(gcs_bucket, devices, caplog):  # noqa: F811
-  from align_jax import sharding, storage
+  from align_jax.parallel import mesh as sharding
+  from align_jax.run import storage
   mesh = sharding.make_mesh(("data",), (8,))
   workdir = f"{gcs_bucket}/heal"
 

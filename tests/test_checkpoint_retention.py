@@ -2,7 +2,7 @@
 
 ``--config.keep_checkpoints=0`` used to delete every checkpoint (the one just saved included) and
 exit 0, so a rerun trained from step 0. It is refused in one line before anything runs, and
-:class:`align_jax.checkpoint.KeepNewest` (the orbax retention policy) keeps the highest step
+:class:`align_jax.run.checkpoint.KeepNewest` (the orbax retention policy) keeps the highest step
 whatever it is given.
 """
 
@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import checkpoint as checkpoint_lib
-from align_jax import config as config_lib
+from align_jax.run import checkpoint as checkpoint_lib
+from align_jax.config import schema as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -52,10 +52,10 @@ def test_bad_variant_and_missing_config_file(tmp_path):
 
 @pytest.mark.parametrize("command, flag", [
     (["main.py"], "--workdir"), (["main.py"], "--coordinator_address"),
-    (["-m", "align_jax.cli", "train"], "--workdir"),
-    (["-m", "align_jax.cli", "select"], "--image_encoders"),
-    (["-m", "align_jax.cli", "curate"], "--quota"),
-    (["-m", "align_jax.cli", "aot"], "--topology"),
+    (["-m", "align_jax.cli.main", "train"], "--workdir"),
+    (["-m", "align_jax.cli.main", "select"], "--image_encoders"),
+    (["-m", "align_jax.cli.main", "curate"], "--quota"),
+    (["-m", "align_jax.cli.main", "aot"], "--topology"),
 ])
 def test_help_lists_the_commands_flags(command, flag):
   result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
@@ -65,7 +65,7 @@ def test_help_lists_the_commands_flags(command, flag):
 
 
 def test_console_command_rejects_an_unknown_subcommand():
-  result = subprocess.run([sys.executable, "-m", "align_jax.cli", "fly"], cwd=REPO,
+  result = subprocess.run([sys.executable, "-m", "align_jax.cli.main", "fly"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "unknown command 'fly'; one of: train," in result.stderr
 
@@ -73,7 +73,7 @@ def test_console_command_rejects_an_unknown_subcommand():
 def _cli(*args, cwd):
   """``align-jax ARGS`` started in ``cwd`` (another folder than the clone), as an installed user."""
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return subprocess.run([sys.executable, "-m", "align_jax.cli", *args], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, "-m", "align_jax.cli.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -125,7 +125,7 @@ def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
       "error: no config file 'demoo'; give a path to a config .py file, or a packaged config by "
       "name: demo, demo_online, dinov2_llm, dinov2_roberta (e.g. --config=demo, or "
       "--config=NAME:variant)")
-  from align_jax import config_files
+  from align_jax.config import files as config_files
   monkeypatch.chdir(tmp_path)  # where configs/demo.py is not
   assert config_files.resolve("dinov2_roberta:batch=32768") == os.path.join(
       REPO, "configs", "dinov2_roberta.py") + ":batch=32768"

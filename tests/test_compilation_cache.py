@@ -9,7 +9,7 @@ import sys
 _SCRIPT = r"""
 import json, sys, time
 import jax, jax.numpy as jnp
-from align_jax import compilation_cache
+from align_jax.train import compilation_cache
 hits = []
 jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
@@ -49,7 +49,7 @@ def test_restart_loads_the_compiled_program_from_the_cache(tmp_path):
 
 def test_empty_path_leaves_the_cache_off():
   import jax
-  from align_jax import compilation_cache
+  from align_jax.train import compilation_cache
   before = jax.config.jax_compilation_cache_dir
   assert compilation_cache.enable("") is False
   assert jax.config.jax_compilation_cache_dir == before

@@ -2,8 +2,8 @@
 
 import pytest
 
-from align_jax import config as config_lib
-from align_jax import run_dir
+from align_jax.config import schema as config_lib
+from align_jax.run import reader as run_dir
 
 
 def test_required_keys_and_locking():

@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import pytest
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 from align_jax.data import pipeline, skip_log, transforms
 
 import helpers_data as hd

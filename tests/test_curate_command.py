@@ -11,7 +11,7 @@ import pytest
 import helpers_data
 from align_jax.analysis import curate
 from align_jax.data import sources
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Cosine scores vs prototypes A = e1, B = e2. Top-3 of A: rows 0, 1, 5 (3rd best 0.8); of B: rows
@@ -65,7 +65,7 @@ def test_command_with_a_text_encoder_uses_its_length_limit_and_shows_a_bar(tmp_p
   pool = _pool(tmp_path)
   bert = tiny.make_tiny_bert(str(tmp_path / "bert"), save_format="flax")
   np.save(tmp_path / "feats32.npy", np.random.default_rng(0).normal(size=(8, 32)).astype("f4"))
-  base = [sys.executable, "-m", "align_jax.cli", "curate", f"--pool={pool}",
+  base = [sys.executable, "-m", "align_jax.cli.main", "curate", f"--pool={pool}",
           f"--features={tmp_path / 'feats32.npy'}", f"--concepts={tmp_path / 'concepts.txt'}",
           f"--text_encoder={bert}", "--top_k=3", "--quota=2", "--chunk_size=3"]
   result = subprocess.run(base + [f"--out={tmp_path / 'a.jsonl'}"], cwd=REPO, capture_output=True,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 from align_jax.data import features, manifest, order, pipeline, readers, records, skip_log
 from align_jax.data import sources
 from align_jax.evaluate import datasets
@@ -288,7 +288,8 @@ def _modules():
 
 
 def _imports(path, modules):
-  """Modules of align_jax that ``path`` imports (anywhere, function-local imports too)."""
+  """Modules of align_jax that ``path`` imports (anywhere, function-local imports too), or names
+  as a string (``importlib.import_module("align_jax.x")``, a command table of module names)."""
   found = set()
   for node in ast.walk(ast.parse(open(path).read())):
     if isinstance(node, ast.Import):
@@ -297,6 +298,9 @@ def _imports(path, modules):
       for a in node.names:
         full = f"{node.module}.{a.name}"
         found.add(full if full in modules else node.module)
+    elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+          and node.value in modules and node.value != "align_jax"):  # not the logger's name
+      found.add(node.value)  # a module loaded by name: importlib, the cli's command table
   return {m for m in found if m in modules}
 
 

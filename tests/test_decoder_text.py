@@ -1,9 +1,10 @@
 """Decoder-LLM (Llama, Mistral, Gemma) and T5 / mT5 text encoders against transformers PyTorch.
 
-Tiny random checkpoints (align_jax.encoders.tiny) are saved by PyTorch as safetensors (and some by
-align_jax's own modules through the reverse name table, ``save_format="flax"``), loaded through ``TextEncoder`` and compared with the PyTorch model to 1e-4. Two
-references: the batched PyTorch model on the same padded ids (every real token), and PyTorch run
-on each text alone, unpadded (the pooled features: padding, on either side, must not change them).
+Tiny random checkpoints (align_jax.testing.tiny_checkpoints) are saved by PyTorch as safetensors
+(and some by align_jax's own modules through the reverse name table, ``save_format="flax"``), loaded
+through ``TextEncoder`` and compared with the PyTorch model to 1e-4. Two references: the batched
+PyTorch model on the same padded ids (every real token), and PyTorch run on each text alone,
+unpadded (the pooled features: padding, on either side, must not change them).
 """
 
 import os
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 from align_jax import encoders
-from align_jax.encoders import decoder, tiny, weights
+from align_jax.encoders import decoder, weights
+from align_jax.testing import tiny_checkpoints as tiny
 
 TOL = 1e-4
 TEXTS = [

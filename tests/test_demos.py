@@ -1,4 +1,4 @@
-"""The notebooks' two paths (align_jax.demos): the network check, and the hub path end to end.
+"""The notebooks' two paths (align_jax.testing.demos): the network check, and the hub path end to end.
 
 The hub path runs here with local stand-ins for what Colab downloads: tiny random checkpoints in
 place of ``facebook/dinov2-small`` / ``all-MiniLM-L6-v2`` (``image_encoder=`` / ``text_encoder=``
@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 import align_jax
-from align_jax import demos, train
+from align_jax.testing import demos
+from align_jax.train import loop as train
 from align_jax.data import synthetic_images
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 from align_jax.evaluate import templates
 from configs import demo_online
 from helpers_tfds import write_tfds

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from align_jax import distributed
+from align_jax.parallel import processes as distributed
 import multihost
 
 

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import model as model_lib, run_dir, train
+from align_jax.model import two_tower as model_lib
+from align_jax.run import reader as run_dir
+from align_jax.train import loop as train
 from train_utils import tiny_config
 
 

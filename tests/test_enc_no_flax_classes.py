@@ -21,7 +21,7 @@ import json, sys
 sys.modules["torch"] = None  # as if torch were not installed
 import numpy as np
 import align_jax
-from align_jax import model as model_lib
+from align_jax.model import two_tower as model_lib
 from configs import demo_online
 config = demo_online.get_config("cache=" + sys.argv[1])
 image = model_lib.build_encoder(config.model.image_encoder, config, "image")
@@ -67,6 +67,6 @@ def test_package_source_imports_no_torch_and_no_model_class():
         for n in names:
           if n == "torch" or n.startswith("torch.") or "modeling_" in n:
             found.append(f"{os.path.relpath(path, root)}: {n}")
-  # tiny.py's save_format="pt" writes the tests' PyTorch-saved checkpoints (torch imported inside
-  # that branch only; the demo and "flax" format never reach it).
-  assert found == ["encoders/tiny.py: torch"]
+  # testing/tiny_checkpoints.py's save_format="pt" writes the tests' PyTorch-saved checkpoints
+  # (torch imported inside that branch only; the demo and "flax" format never reach it).
+  assert found == ["testing/tiny_checkpoints.py: torch"]

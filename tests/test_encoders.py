@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 from align_jax import encoders
 from align_jax.encoders import pos_embed
 

@@ -22,10 +22,10 @@ from PIL import Image
 import align_jax
 import helpers_data as hd
 from helpers_tfds import write_tfds
-from align_jax import config as config_lib
-from align_jax import train
+from align_jax.config import schema as config_lib
+from align_jax.train import loop as train
 from align_jax.data import synthetic_images
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 from align_jax.evaluate import datasets, suite
 from align_jax.evaluate.templates import DATASET_TEMPLATES, TEMPLATES
 from train_utils import tiny_config

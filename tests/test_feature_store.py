@@ -6,7 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import feature_store, loss_kinds, model as model_lib, sharding
+from align_jax.train import extract as feature_store
+from align_jax.objectives import kinds as loss_kinds
+from align_jax.model import two_tower as model_lib
+from align_jax.parallel import mesh as sharding
 from align_jax.data import features, pipeline, factory
 from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
                          tiny_config, tiny_online_config)

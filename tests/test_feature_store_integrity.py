@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import feature_store, train
+from align_jax.train import extract as feature_store, loop as train
 from align_jax.data import feature_files, features, synthetic_images
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
                          tiny_online_config)
 

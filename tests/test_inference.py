@@ -20,8 +20,10 @@ import pytest
 from safetensors.numpy import load_file
 
 import align_jax
-from align_jax import export as export_lib
-from align_jax import inference, run_dir, train
+from align_jax.serving import export as export_lib
+from align_jax.serving import inference
+from align_jax.run import reader as run_dir
+from align_jax.train import loop as train
 from align_jax.evaluate import prompts
 from train_utils import tiny_config, tiny_online_config
 

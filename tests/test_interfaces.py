@@ -1,12 +1,12 @@
-"""The Protocols of align_jax.interfaces: every encoder kind and source satisfies them, as data."""
+"""The Protocols of align_jax.model.interfaces: every encoder kind and source satisfies them, as data."""
 
 import ml_collections
 import numpy as np
 import pytest
 
-from align_jax import interfaces, model as model_lib
+from align_jax.model import interfaces, two_tower as model_lib
 from align_jax.data import factory, features, pipeline, transforms
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 
 import helpers_data as hd
 from train_utils import tiny_config

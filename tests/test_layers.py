@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from align_jax import encoders
-from align_jax import model as model_lib
+from align_jax.model import two_tower as model_lib
 from align_jax.encoders import layers as layers_lib
-from align_jax.encoders import tiny
+from align_jax.testing import tiny_checkpoints as tiny
 from train_utils import tiny_config
 
 TOL = 1e-4

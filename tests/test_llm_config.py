@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import aot, feature_store, sharding
+from align_jax.train import aot, extract as feature_store
+from align_jax.parallel import mesh as sharding
 from align_jax.data import features, readers, synthetic_images
 from align_jax.data import records as records_lib
-from align_jax.encoders import TextEncoder, tiny
+from align_jax.encoders import TextEncoder
+from align_jax.testing import tiny_checkpoints as tiny
 from configs import dinov2_llm
 from train_utils import run_train_steps
 
@@ -94,7 +96,7 @@ def test_online_step_with_sharded_llm_on_eight_devices_equals_one(folders, devic
 
 @pytest.mark.slow
 def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(folders, devices):
-  """``python -m align_jax.aot --config=configs/dinov2_llm.py --topology=cpu:8`` on tiny models."""
+  """``python -m align_jax.train.aot --config=configs/dinov2_llm.py --topology=cpu:8`` on tiny models."""
   del devices
   config = _config(folders, batch=64, micro=2)
   report = aot.compile_train_step(config, "cpu:8")

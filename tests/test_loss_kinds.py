@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax import config as config_lib
-from align_jax import loss_kinds, sharding, variants
+from align_jax.config import schema as config_lib
+from align_jax.objectives import kinds as loss_kinds, variants
+from align_jax.parallel import mesh as sharding
 from train_utils import aligned_unit_pairs
 
 
@@ -175,7 +176,7 @@ def test_sigmoid_probabilities_match_numpy():
                                        ("sigmoid", {"log_scale", "bias"})])
 def test_model_init_keeps_the_checkpoint_layout(name, keys):
   """``params["logit"]`` keeps the names existing checkpoints and exports hold."""
-  from align_jax import model as model_lib
+  from align_jax.model import two_tower as model_lib
   from train_utils import tiny_config
   config = tiny_config(**{"loss.name": name})
   model = model_lib.build_model(config)

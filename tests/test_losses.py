@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from align_jax import losses
+from align_jax.objectives import contrastive as losses
 from train_utils import aligned_unit_pairs
 
 SCALARS = {"softmax": (0.07,), "sigmoid": (10.0, -4.0)}

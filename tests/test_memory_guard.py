@@ -28,8 +28,10 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import config as config_lib
-from align_jax import model as model_lib, ops, optim, sharding, step_builder, train
+from align_jax.config import schema as config_lib
+from align_jax.model import ops, two_tower as model_lib
+from align_jax.train import loop as train, optim, step as step_builder
+from align_jax.parallel import mesh as sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax import config as config_lib, projectors, train
+from align_jax.config import schema as config_lib
+from align_jax.model import projectors
+from align_jax.train import loop as train
 from configs import demo
 from train_utils import tiny_config
 

@@ -25,7 +25,7 @@ TIMEOUT = 240  # seconds for one run, on a loaded 2-core machine
 
 def _train_in_this_process(workdir):
   """The 1 process x 8 devices reference: what main.py does with DEMO, in the test process."""
-  from align_jax import train
+  from align_jax.train import loop as train
   from configs import demo
   config = demo.get_config(DEMO_VARIANT)
   apply_overrides(config, DEMO_OVERRIDES)
@@ -34,7 +34,7 @@ def _train_in_this_process(workdir):
 
 def _final_params(workdir):
   """The latest checkpoint's params, read onto this process's device whatever mesh saved them."""
-  from align_jax import run_dir
+  from align_jax.run import reader as run_dir
   return run_dir.restore_params(str(workdir))[0]
 
 
@@ -127,7 +127,7 @@ def _store(folder):
 @pytest.fixture(scope="module")
 def image_runs(image_root, tmp_path_factory):
   """The image-caption run as 1 process x 8 devices (in this process) and as 2 x 4 (main.py)."""
-  from align_jax import train
+  from align_jax.train import loop as train
   tmp = tmp_path_factory.mktemp("image_runs")
   one, two = tmp / "one", tmp / "two"
   train.train_and_evaluate(_image_config(image_root), str(one))
@@ -184,7 +184,7 @@ def test_evaluate_mode_two_processes_equals_one(image_root, image_runs, tmp_path
 @pytest.mark.slow
 def test_extract_features_two_processes_equals_one(image_root, tmp_path):
   """--mode=extract_features: per-process shards, one manifest, the same features per image."""
-  from align_jax import feature_store
+  from align_jax.train import extract as feature_store
   feature_store.extract_features(_image_config(image_root), str(tmp_path / "f1"))
   multihost.run_main([f"--config=tests/multihost_config.py:root={image_root}",
                       f"--workdir={tmp_path / 'f2'}", "--mode=extract_features"],
@@ -211,7 +211,7 @@ def test_sigkill_then_preemption_restarts_continue_the_same_trajectory(tmp_path)
                "--config.log_every=1", "--config.eval_every=30", "--config.eval_at_start=False",
                "--config.data.num_pairs=4096", "--config.checkpoint_every=10"]
   reference, run = tmp_path / "reference", tmp_path / "run"
-  from align_jax import train
+  from align_jax.train import loop as train
   from configs import demo
   config = demo.get_config(f"steps={steps}")
   config.batch_size, config.log_every, config.eval_every = 64, 1, 30
@@ -248,13 +248,14 @@ def test_sigkill_then_preemption_restarts_continue_the_same_trajectory(tmp_path)
   assert multihost.evals(run) == multihost.evals(reference)
   _assert_params_close(_final_params(reference), _final_params(run))
 
-  # python -m align_jax.export as 2 processes: process 0 writes the folder, as one process would.
-  from align_jax import export
+  # python -m align_jax.serving.export as 2 processes: process 0 writes the folder, as one process
+  # would.
+  from align_jax.serving import export
   from safetensors.numpy import load_file
   card = export.export(str(run), str(tmp_path / "export1"))
   multihost.run_main([f"--workdir={run}", f"--out={tmp_path / 'export2'}"], processes=2,
                      devices=4, logs=tmp_path / "d", timeout=TIMEOUT,
-                     program=("-m", "align_jax.export"))
+                     program=("-m", "align_jax.serving.export"))
   import json
   assert json.loads((tmp_path / "export2" / "align_jax_model.json").read_text()) == card
   one, two = (load_file(str(tmp_path / e / "projectors.safetensors"))

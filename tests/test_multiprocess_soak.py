@@ -56,7 +56,7 @@ def busy_cpus(count: int = 2, limit: float = 600):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """Losses and evaluations of the same run as 1 process x 8 devices, in this process."""
-  from align_jax import train
+  from align_jax.train import loop as train
   from configs import demo
   workdir = tmp_path_factory.mktemp("soak_reference")
   config = demo.get_config(VARIANT)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from align_jax import aot, config as config_lib, sharding
+from align_jax.train import aot
+from align_jax.config import schema as config_lib
+from align_jax.parallel import mesh as sharding
 import multihost
 from train_utils import run_train_steps, tiny_config
 

@@ -27,7 +27,7 @@ def _run(path, workdir, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as on Colab
   monkeypatch.setenv("ALIGN_JAX_CACHE", str(workdir / "cache"))
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the offline path (align_jax.demos.use_hub)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the offline path (align_jax.testing.demos.use_hub)
   monkeypatch.setenv("ALIGN_JAX_RUNS", str(workdir / "runs"))  # else a temporary folder
   notebook = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=TIMEOUT_S, kernel_name="python3",

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import sharding
+from align_jax.parallel import mesh as sharding
 from train_utils import run_train_steps, tiny_online_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax import ops
+from align_jax.model import ops
 
 
 def _value_and_grads(matmul, x, kernel, cotangent):

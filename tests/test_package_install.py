@@ -46,7 +46,7 @@ def _python(code: str, target, cwd) -> str:
 def test_installed_package_imports_from_any_folder(installed, tmp_path):
   out = _python(
       "import os, align_jax, align_jax.configs.demo_online as c\n"
-      "from align_jax import demos\n"
+      "from align_jax.testing import demos\n"
       "from align_jax.evaluate import suite\n"
       "print(align_jax.__file__)\n"
       "print(os.path.exists(suite.IMAGENET_CLASSES_FILE))\n"
@@ -91,7 +91,7 @@ def test_installed_command_finds_the_packaged_configs_by_name(installed, tmp_pat
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   assert "packaged config by name: demo, demo_online, dinov2_llm, dinov2_roberta" in bad.stderr
-  found = _python("from align_jax import config_files; print(config_files.resolve('demo:steps=2'))"
+  found = _python("from align_jax.config import files as config_files; print(config_files.resolve('demo:steps=2'))"
                   "; print(config_files.resolve('configs/dinov2_roberta.py'))", installed, tmp_path)
   assert found.splitlines() == [f"{installed}/align_jax/configs/demo.py:steps=2",
                                 f"{installed}/align_jax/configs/dinov2_roberta.py"]
@@ -106,4 +106,4 @@ def test_runtime_requirements_hold_no_test_tools():
   runtime, test = names("requirements.txt"), names("tests/requirements.txt")
   assert "pytest" in test and not runtime & {"pytest", "nbclient", "torch", "tensorboard",
                                              "gcp-storage-emulator"}
-  assert "matplotlib" in runtime  # the pictures (align_jax.plotting)
+  assert "matplotlib" in runtime  # the pictures (align_jax.analysis.plotting)

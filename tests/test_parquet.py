@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.data import factory, parquet, pipeline, readers, records, skip_log, transforms
 from align_jax.evaluate import datasets
 

@@ -1,4 +1,4 @@
-"""align_jax.plotting: a run's curves from metrics.jsonl, the CKA heat-map, `align-jax plot`."""
+"""align_jax.analysis.plotting: a run's curves from metrics.jsonl, the CKA heat-map, `align-jax plot`."""
 
 import os
 import subprocess
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_jax import plotting, reporting
+from align_jax.analysis import plotting
+from align_jax.run import metrics as reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ def test_series_are_the_metrics_rows(tmp_path):
 def test_plot_command_writes_the_png(tmp_path):
   workdir = _run(tmp_path)
   env = {**os.environ, "PYTHONPATH": REPO}
-  result = subprocess.run([sys.executable, "-m", "align_jax.cli", "plot", workdir], cwd=tmp_path,
+  result = subprocess.run([sys.executable, "-m", "align_jax.cli.main", "plot", workdir], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == f"wrote {workdir}/curves.png"

@@ -10,7 +10,8 @@ import numpy as np
 
 import multihost
 import train_utils
-from align_jax import preemption, train
+from align_jax.parallel import preemption
+from align_jax.train import loop as train
 
 VARIANT = "steps=100"
 OVERRIDES = {"batch_size": 64, "log_every": 1, "eval_every": 40, "eval_at_start": False,
@@ -29,7 +30,7 @@ def _demo_config():
 
 
 def _params(workdir):
-  from align_jax import run_dir
+  from align_jax.run import reader as run_dir
   return run_dir.restore_params(str(workdir))[0]
 
 

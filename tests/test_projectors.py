@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax import config as config_lib, ops, projectors
+from align_jax.config import schema as config_lib
+from align_jax.model import ops, projectors
 
 RNG = np.random.default_rng(0)
 

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from align_jax import reporting, storage, tb_events
+from align_jax.run import metrics as reporting, storage, tb_events
 
 from gcs_emulator import gcs_bucket  # noqa: F401  (pytest fixture)
 from helpers_metrics import assert_tensorboard_equals_metrics, rows as _rows, tensorboard

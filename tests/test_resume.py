@@ -25,7 +25,7 @@ def _losses(workdir):
 
 
 def _final_params(workdir):
-  from align_jax import run_dir
+  from align_jax.run import reader as run_dir
   return run_dir.restore_params(workdir).params
 
 

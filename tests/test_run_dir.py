@@ -1,4 +1,4 @@
-"""align_jax.run_dir: checkpoint steps, params at a step (exactly the trained ones), the config."""
+"""align_jax.run.reader: checkpoint steps, params at a step (exactly the trained ones), the config."""
 
 import json
 import os
@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import checkpoint as checkpoint_lib
-from align_jax import config as config_lib
-from align_jax import run_dir, sharding, step_builder, train
+from align_jax.run import checkpoint as checkpoint_lib
+from align_jax.config import schema as config_lib
+from align_jax.run import reader as run_dir
+from align_jax.parallel import mesh as sharding
+from align_jax.train import loop as train, step as step_builder
 from train_utils import tiny_config
 
 

@@ -1,4 +1,4 @@
-"""One coordinator port, one run (align_jax.run_guard) and the lost-peer watch (align_jax.peer_watch).
+"""One coordinator port, one run (align_jax.parallel.run_guard) and the lost-peer watch (align_jax.parallel.peer_watch).
 
 Pure Python: real sockets on free localhost ports, and an in-memory stand-in for the
 coordination service's key-value store; the end-to-end cases with main.py are in
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from align_jax import peer_watch, run_guard
+from align_jax.parallel import peer_watch, run_guard
 import multihost
 
 

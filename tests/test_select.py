@@ -12,7 +12,8 @@ from PIL import Image
 
 from align_jax.analysis import cka, select
 from align_jax.data import synthetic_images
-from align_jax.encoders import ImageEncoder, TextEncoder, tiny
+from align_jax.encoders import ImageEncoder, TextEncoder
+from align_jax.testing import tiny_checkpoints as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +129,7 @@ def test_text_length_defaults_to_the_encoders_limit(encoders, tmp_path):
 
 def test_command_line_without_max_text_length_and_with_too_many(encoders, tmp_path):
   images, texts = encoders
-  base = [sys.executable, "-m", "align_jax.cli", "select", "--source=synthetic_shapes",
+  base = [sys.executable, "-m", "align_jax.cli.main", "select", "--source=synthetic_shapes",
           "--num_images=8", f"--image_encoders={images[0]}", f"--text_encoders={texts[0]}",
           "--batch_size=8"]
   result = subprocess.run(base + [f"--out={tmp_path / 'a'}"], cwd=REPO, capture_output=True,

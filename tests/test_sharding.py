@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from align_jax import sharding, train
+from align_jax.parallel import mesh as sharding
+from align_jax.train import loop as train
 from train_utils import tiny_config
 
 

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from align_jax import run_dir, train
+from align_jax.run import reader as run_dir
+from align_jax.train import loop as train
 from align_jax.evaluate import standalone
 from train_utils import tiny_config
 

@@ -1,10 +1,12 @@
-"""align_jax.step_builder: abstract (AOT) and real (training) inputs are the same, batch spec."""
+"""align_jax.train.step: abstract (AOT) and real (training) inputs are the same, batch spec."""
 
 import jax
 import numpy as np
 import pytest
 
-from align_jax import model as model_lib, optim, sharding, step_builder, train
+from align_jax.model import two_tower as model_lib
+from align_jax.train import loop as train, optim, step as step_builder
+from align_jax.parallel import mesh as sharding
 from align_jax.data import factory as data_factory
 from train_utils import tiny_config, tiny_online_config
 

@@ -1,4 +1,4 @@
-"""align_jax.storage: the same answers for local paths and gs:// URLs (against the GCS emulator).
+"""align_jax.run.storage: the same answers for local paths and gs:// URLs (against the GCS emulator).
 
 Every function is checked on a local folder and on the in-memory emulator with the same
 expectations, so a run directory behaves the same wherever it lives; plus the one-line, bounded
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from align_jax import storage
+from align_jax.run import storage
 
 from gcs_emulator import gcs_bucket  # noqa: F401  (pytest fixture)
 
@@ -174,7 +174,7 @@ def test_no_emulator_no_credentials_fails_in_one_line(tmp_path):
          if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS",
                       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
   env["PYTHONPATH"] = REPO
-  code = ("import sys\nfrom align_jax import storage\ntry:\n"
+  code = ("import sys\nfrom align_jax.run import storage\ntry:\n"
           "  storage.check_writable('gs://align-jax-no-such-bucket-7f3a/run')\n"
           "except storage.StorageError as e:\n  sys.exit(f'error: {e}')\n")
   start = time.time()
@@ -236,7 +236,7 @@ def test_a_full_disk_names_the_path_and_the_fix(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_run_on_a_full_disk_stops_before_the_build_naming_the_workdir(tmp_path, monkeypatch,
                                                                         devices):
-  from align_jax import train
+  from align_jax.train import loop as train
   from train_utils import tiny_config
   run = tmp_path / "run"
   run.mkdir()

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax import sharding, train
+from align_jax.parallel import mesh as sharding
+from align_jax.train import loop as train
 from helpers_metrics import assert_tensorboard_equals_metrics, tensorboard
 from train_utils import tiny_config
 

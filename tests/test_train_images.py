@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import helpers_data
-from align_jax import train
+from align_jax.train import loop as train
 from train_utils import tiny_online_config
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from align_jax import train
+from align_jax.train import loop as train
 from align_jax.data import feature_files
 
 import helpers_store as hs
@@ -101,7 +101,7 @@ def test_a_store_that_disagrees_with_the_config_is_refused(tmp_path):
 
 def test_stored_features_with_an_encoder_named_are_refused(tmp_path):
   """Was ``KeyError: 'pixel_values'`` from inside the step's build."""
-  from align_jax.encoders import tiny
+  from align_jax.testing import tiny_checkpoints as tiny
   encoder = tiny.make_tiny_dinov2(str(tmp_path / "tiny_dinov2"), image_size=16, patch_size=4,
                                   save_format="flax")
   store = hs.write_store(tmp_path / "a", hs.fingerprint())

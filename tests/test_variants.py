@@ -1,4 +1,4 @@
-"""align_jax.variants against plain numpy implementations of the papers' equations.
+"""align_jax.objectives.variants against plain numpy implementations of the papers' equations.
 
 Values and gradients (float64 numpy references; gradients by central finite differences of the
 numpy reference), 8 sharded devices against one, the config errors, and the CPU demo learning
@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax import config as config_lib
-from align_jax import losses, sharding, train, variants
+from align_jax.config import schema as config_lib
+from align_jax.objectives import contrastive as losses, variants
+from align_jax.parallel import mesh as sharding
+from align_jax.train import loop as train
 from align_jax.data import features as features_data
 from train_utils import apply_overrides, tiny_config
 

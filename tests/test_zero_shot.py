@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 import helpers_data as hd
-from align_jax import config as config_lib
-from align_jax import interfaces, ops
-from align_jax import model as model_lib
-from align_jax import run_dir, sharding, train
+from align_jax.config import schema as config_lib
+from align_jax.model import interfaces, ops
+from align_jax.model import two_tower as model_lib
+from align_jax.run import reader as run_dir
+from align_jax.parallel import mesh as sharding
+from align_jax.train import loop as train
 from align_jax.data import factory, synthetic_images
 from align_jax.evaluate import datasets, metrics, prompts, standalone
 from align_jax.evaluate.zero_shot import ZeroShotEvaluator

@@ -1,6 +1,6 @@
 """A tiny training config shared by the trainer tests (synthetic world, demo encoders)."""
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 
 
 def apply_overrides(config, overrides: dict) -> None:
@@ -18,7 +18,7 @@ def run_train_steps(config, mesh, n):
   copied to the host before the first step)."""
   import jax
   import numpy as np
-  from align_jax import train
+  from align_jax.train import loop as train
   trainer = train.build_trainer(config, mesh)
   frozen_before = jax.tree.map(np.array, trainer.frozen)
   state, losses = trainer.state, []
@@ -53,7 +53,7 @@ def tiny_config(**overrides):
 def tiny_online_config(root):
   """A config whose frozen encoders are tiny random HF Flax checkpoints written under ``root``."""
   from align_jax.data import synthetic_images
-  from align_jax.encoders import tiny
+  from align_jax.testing import tiny_checkpoints as tiny
   image = tiny.make_tiny_dinov2(f"{root}/dinov2", image_size=16, patch_size=4, save_format="flax")
   text = tiny.make_tiny_bert(f"{root}/bert", save_format="flax",
                              corpus=[" ".join(synthetic_images.vocabulary())] * 4)
@@ -69,7 +69,7 @@ def tiny_online_config(root):
 
 def extract_small_shards(config, out, **kwargs):
   """``--mode=extract_features`` into ``out`` with one global batch per shard, float32."""
-  from align_jax import feature_store
+  from align_jax.train import extract as feature_store
   return feature_store.extract_features(config, str(out), shard_batches=1, dtype="float32",
                                         **kwargs)
 
@@ -77,7 +77,7 @@ def extract_small_shards(config, out, **kwargs):
 def extract_interrupted_after_one_shard(config, out, monkeypatch) -> None:
   """An extraction into ``out`` that crashes while writing its second shard (one is complete)."""
   import pytest
-  from align_jax import feature_store
+  from align_jax.train import extract as feature_store
   flush, calls = feature_store._ShardWriter.flush, []
 
   def crash_on_second(self, index):

@@ -28,7 +28,8 @@ import numpy as np
 
 from absl import flags as absl_flags
 
-from align_jax import cli, distributed
+from align_jax.cli import absl_app
+from align_jax.parallel import processes as distributed
 from align_jax.analysis import curation, text_length
 
 logger = logging.getLogger("align_jax")
@@ -145,7 +146,7 @@ def define_flags() -> None:
 
 def run() -> None:
   """Console entry point (``python -m align_jax.analysis.curate``, ``align-jax curate``)."""
-  cli.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
+  absl_app.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ from PIL import Image
 
 from absl import flags as absl_flags
 
-from align_jax import cli, distributed, plotting
+from align_jax.cli import absl_app
+from align_jax.parallel import processes as distributed
+from align_jax.analysis import plotting
 from align_jax.analysis import cka, text_length
 from align_jax.data import readers
 from align_jax.data import records
@@ -218,7 +220,7 @@ def write_overrides(rows: list[dict], out_dir: str) -> str:
 
 def write_heatmap(rows: list[dict], image_names: Sequence[str], text_names: Sequence[str],
                   path: str) -> str:
-  """PNG of final-layer linear CKA (:func:`align_jax.plotting.cka_heatmap`): one row per image
+  """PNG of final-layer linear CKA (:func:`align_jax.analysis.plotting.cka_heatmap`): one row per image
   encoder, one column per text encoder, full names, values in the cells, a colour bar."""
   value = {(r["image_encoder"], r["text_encoder"]): r["linear_cka"] for r in rows}
   grid = [[value[(i, t)] for t in text_names] for i in image_names]
@@ -320,7 +322,7 @@ def define_flags() -> None:
 
 def run() -> None:
   """Console entry point (``python -m align_jax.analysis.select``, ``align-jax select``)."""
-  cli.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
+  absl_app.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
 
 
 if __name__ == "__main__":

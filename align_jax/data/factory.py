@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from align_jax import interfaces, storage
+from align_jax.model import interfaces
+from align_jax.run import storage
 from align_jax.data import features
 
 ARRAY_SOURCES = ("synthetic", "features")

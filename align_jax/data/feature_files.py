@@ -1,6 +1,6 @@
 """The files of a feature store, read back checked: manifest, fingerprint, shard shapes and digests.
 
-A store written by :mod:`align_jax.feature_store` is a folder (local, or a URL such as
+A store written by :mod:`align_jax.train.extract` is a folder (local, or a URL such as
 ``gs://bucket/feats``)::
 
     manifest.json      format, fingerprint, split, counts, per-row shapes, every shard's files
@@ -24,7 +24,7 @@ and memory-mapped from there; each copy is hashed while it downloads, so its dig
 verified. ``CACHE`` is ``data.feature_cache_dir``, default ``<cache root>/feature_stores``
 (``$ALIGN_JAX_CACHE``, else ``$XDG_CACHE_HOME/align_jax``, else ``~/.cache/align_jax``): a private
 folder, made with mode 0700, and refused if it is a symlink or another user could write it
-(:mod:`align_jax.cache_dir`), since the digests recorded there are trusted. A plain folder with
+(:mod:`align_jax.run.cache_dir`), since the digests recorded there are trusted. A plain folder with
 ``image.npy`` / ``text.npy`` (no manifest) has nothing to check against; at a URL it is read into
 memory.
 """
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from align_jax import cache_dir as cache_lib
-from align_jax import storage
+from align_jax.run import cache_dir as cache_lib
+from align_jax.run import storage
 
 FORMAT = "align_jax.feature_store/2"
 MANIFEST = "manifest.json"
@@ -55,7 +55,7 @@ class FeatureStoreError(ValueError):
 
 
 def default_cache_dir() -> str:
-  """``<cache root>/feature_stores``, made private (mode 0700; :mod:`align_jax.cache_dir`)."""
+  """``<cache root>/feature_stores``, made private (mode 0700; :mod:`align_jax.run.cache_dir`)."""
   return cache_lib.user_cache_dir("feature_stores")
 
 

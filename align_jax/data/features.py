@@ -1,7 +1,7 @@
 """Pairs held in arrays: stored encoder features (memory-mapped .npy) and the synthetic demo world.
 
 Both are served by :class:`ArrayPairSource`, the simplest implementation of the source interface
-every training input follows (:class:`align_jax.interfaces.PairSource`):
+every training input follows (:class:`align_jax.model.interfaces.PairSource`):
 
 * ``next(source)`` -> this process's rows of the next global batch, ``{"image": {...}, "text": {...}}``;
 * ``get_state()`` / ``set_state(state)`` -> a JSON dict saved in each checkpoint, so a resumed run
@@ -27,7 +27,7 @@ pairs always share a batch.
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
-:mod:`align_jax.feature_store` (shards + manifest, several captions per image), whose every shard
+:mod:`align_jax.train.extract` (shards + manifest, several captions per image), whose every shard
 is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
 ``gs://`` are read through verified local copies). Rows are copied with one sorted ``np.take``
 per file and batch into recycled output buffers (see :class:`_BatchBuffers`): 0.6-1.5M pooled
@@ -44,7 +44,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.data import feature_files
 from align_jax.data import order as order_lib
 
@@ -160,8 +160,8 @@ class ArrayPairSource:
   captions: each step takes one of them, chosen from (seed, position); otherwise text i is the
   caption of image i. With ``captions_per_image`` k > 1 each image brings k captions: text rows
   [n * k], image-major (k cyclically consecutive captions from a random start: distinct when the
-  image has >= k, repeated when it has fewer), for the multi-positive losses (align_jax.variants).
-  The order is described in the module docstring.
+  image has >= k, repeated when it has fewer), for the multi-positive losses
+  (align_jax.objectives.variants). The order is described in the module docstring.
   """
 
   def __init__(self, image: dict, text: dict, *, global_batch_size: int, seed: int,
@@ -282,7 +282,7 @@ def load_stored_features(path: str, *, split: str = "", verify: str = "once",
   """Opens stored features -> (image features, text features, text_to_image or None).
 
   ``path`` (local or a URL such as ``gs://...``) is either a feature store written by
-  :mod:`align_jax.feature_store` (``manifest.json`` and shards: every shard's shapes, sizes and
+  :mod:`align_jax.train.extract` (``manifest.json`` and shards: every shard's shapes, sizes and
   digests are checked against the manifest, and ``split``, if given, must be the store's split;
   :mod:`align_jax.data.feature_files`), or a plain folder with ``image.npy`` / ``text.npy`` (one
   caption per image). Local files are memory-mapped.

@@ -17,7 +17,7 @@ import dataclasses
 import json
 from typing import Any, Iterator, Mapping
 
-from align_jax import storage
+from align_jax.run import storage
 
 
 @dataclasses.dataclass(frozen=True)

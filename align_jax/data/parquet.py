@@ -3,7 +3,7 @@
 COCO, Flickr30k and most evaluation sets on the Hugging Face Hub are Parquet files (``data/
 test-00000-of-00001.parquet``): one row per image, an image column and a caption (or label)
 column. ``data.source = "parquet"`` reads them directly, locally or on gs://
-(:mod:`align_jax.storage`), as a random-access record list like the manifest and WebDataset
+(:mod:`align_jax.run.storage`), as a random-access record list like the manifest and WebDataset
 readers, so the order, the split between processes, the exact resume and the skip counting are
 the pipeline's own (:mod:`align_jax.data.pipeline`, :mod:`align_jax.data.order`).
 
@@ -40,7 +40,7 @@ import logging
 import threading
 from typing import Any, Sequence
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.data import records
 from align_jax.data import skip_log
 

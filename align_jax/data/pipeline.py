@@ -288,7 +288,7 @@ def make_pair_source(data_config: Any, *, global_batch_size: int, seed: int,
       worker and per worker's threads; each is ~0.8 MB at 256 px, so not a whole batch),
       ``max_image_pixels``, ``min_image_size`` and ``max_consecutive_skips`` (0: min(records,
       10,000); that many bad records in a row means the source is broken, and the run stops with
-      a ValueError naming it). Keys it leaves out take the schema's values (``align_jax.config``).
+      a ValueError naming it). Keys it leaves out take the schema's values (``align_jax.config.schema``).
     global_batch_size: examples per step over all processes; divisible by the process count.
     seed: fixes the per-epoch order, caption choice and augmentation.
     image_transform: from ``transforms.make_image_transform`` (train or eval to match ``train``).

@@ -7,8 +7,8 @@ It lives apart from the readers themselves (:mod:`align_jax.data.sources`,
 :mod:`align_jax.data.synthetic_images`), which all build on
 :mod:`align_jax.data.records`, so the module graph has no cycle.
 
-Every key a reader takes comes from the schema (:func:`align_jax.config.default_config`): a data
-config that leaves a key out (a test's or a command's partial ``ConfigDict``) gets the schema's
+Every key a reader takes comes from the schema (:func:`align_jax.config.schema.default_config`): a
+data config that leaves a key out (a test's or a command's partial ``ConfigDict``) gets the schema's
 value, never a second default written here (:func:`with_schema`).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from align_jax import config as config_lib
+from align_jax.config import schema as config_lib
 from align_jax.data import parquet
 from align_jax.data import records
 from align_jax.data import sources

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.data import skip_log
 
 

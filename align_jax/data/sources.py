@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.data import manifest
 from align_jax.data import records
 from align_jax.data import tfds_names

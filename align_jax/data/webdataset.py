@@ -8,7 +8,7 @@ for a URL): random access gives a seeded global shuffle and an exact resume with
 stream.
 
 Shards are local paths or URLs (``gs://bucket/shards-{00000..00099}.tar``, globs included), read
-through :mod:`align_jax.storage`. Only uncompressed tars can be read by offset (img2dataset's
+through :mod:`align_jax.run.storage`. Only uncompressed tars can be read by offset (img2dataset's
 default output). A shard that cannot be opened is skipped and counted (``unreadable_shard``); a
 truncated shard keeps the samples stored before the damage (``truncated_shard``).
 """
@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from align_jax import cache_dir as cache_lib
-from align_jax import storage
+from align_jax.run import cache_dir as cache_lib
+from align_jax.run import storage
 from align_jax.data import skip_log
 from align_jax.data.records import RawRecord, SkipRecord
 
@@ -118,10 +118,10 @@ class WebDatasetReader:
   The index (a ``[n, 6]`` int64 table and the keys) is saved as ``.npy`` files under
   ``index_cache_dir`` and memory-mapped, so grain workers share one copy in the page cache instead
   of each unpickling its own (about 60 bytes per sample), and a restart reuses it. The default is
-  the private per-user folder ``<cache>/wds_index`` (:mod:`align_jax.cache_dir`; data buckets are
-  often read-only); a local ``index_cache_dir`` must be private too, since an index planted there
-  would be trusted. A URL ``index_cache_dir`` (shared by the hosts of a pod) is read into memory
-  instead.
+  the private per-user folder ``<cache>/wds_index`` (:mod:`align_jax.run.cache_dir`; data buckets
+  are often read-only); a local ``index_cache_dir`` must be private too, since an index planted
+  there would be trusted. A URL ``index_cache_dir`` (shared by the hosts of a pod) is read into
+  memory instead.
   """
 
   def __init__(self, urls: str | Sequence[str], *, caption_key: str = "caption",

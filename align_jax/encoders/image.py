@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from align_jax import interfaces
+from align_jax.model import interfaces
 from align_jax.encoders import hub
 from align_jax.encoders import image_processing
 from align_jax.encoders import layers as layers_lib
@@ -150,7 +150,7 @@ class ImageEncoder:
         deepest one asked for are run.
       abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give
         (position embeddings at the resampled grid), from ``config.json`` alone: no weights file is
-        needed or read. For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
+        needed or read. For ahead-of-time compiles (align_jax.train.aot); ``apply`` needs real params.
     """
     pooling_lib.check_pooling(pooling, pooling_lib.IMAGE_POOLINGS, "image")
     dtype = compute_dtype(dtype)

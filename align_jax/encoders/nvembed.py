@@ -58,7 +58,7 @@ from align_jax.encoders import stack
 from align_jax.encoders import weights as weights_lib
 from align_jax.encoders.attention import attention
 from align_jax.encoders.weights import Rule
-from align_jax.ops import masked_mean
+from align_jax.model.ops import masked_mean
 
 MODEL_TYPES = ("nvembed",)
 # "latent" is what NV-Embed was trained with; "mean" and "tokens" read the bidirectional

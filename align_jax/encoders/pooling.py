@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from align_jax.ops import masked_mean  # the one definition, shared with the projectors
+from align_jax.model.ops import masked_mean  # the one definition, shared with the projectors
 
 IMAGE_POOLINGS = ("cls", "mean", "cls+mean_patch", "tokens", "map")
 TEXT_POOLINGS = ("cls", "mean", "tokens", "last", "latent")  # latent: NV-Embed only

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from align_jax import interfaces
+from align_jax.model import interfaces
 from align_jax.encoders import bert
 from align_jax.encoders import decoder
 from align_jax.encoders import hub
@@ -182,7 +182,7 @@ class TextEncoder:
         gives the same features (NV-Embed: its config's ``padding_side``, right).
       abstract: ``params`` are ``jax.ShapeDtypeStruct``s, the shapes and dtypes loading would give,
         from ``config.json`` (and the tokenizer files) alone: no weights file is needed or read.
-        For ahead-of-time compiles (align_jax.aot); ``apply`` needs real params.
+        For ahead-of-time compiles (align_jax.train.aot); ``apply`` needs real params.
       bidirectional: decoders attend to every real token (LLM2Vec / NV-Embed style) instead of
         causally; NV-Embed always does.
     """

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.data import manifest
 from align_jax.data import parquet
 from align_jax.data import records

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from align_jax import sharding
+from align_jax.parallel import mesh as sharding
 
 
 def host_gather(x) -> np.ndarray:

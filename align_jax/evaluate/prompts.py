@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from align_jax import storage
+from align_jax.run import storage
 from align_jax.evaluate.templates import TEMPLATES
 
 __all__ = ["TEMPLATES", "class_embeddings", "load_descriptions", "template_list"]

@@ -5,7 +5,7 @@
 is ``evaluate_checkpoint(config, workdir, step)``: it restores the trainable params (projectors and
 logit params) of ``DIR/checkpoints/<step>`` onto the mesh (by default the latest; if that one is
 damaged, the newest that restores, named in one warning line and nothing moved: see
-:func:`align_jax.run_dir.restore_params`), rebuilds the
+:func:`align_jax.run.reader.restore_params`), rebuilds the
 frozen encoders from the config (they are never checkpointed), runs every evaluator of
 ``config.evals`` exactly as training does, and writes ``DIR/eval_results.json``::
 
@@ -25,10 +25,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from align_jax import config as config_lib
-from align_jax import model as model_lib
-from align_jax import run_dir, sharding, step_builder
-from align_jax import storage
+from align_jax.config import schema as config_lib
+from align_jax.model import two_tower as model_lib
+from align_jax.run import reader as run_dir
+from align_jax.parallel import mesh as sharding
+from align_jax.train import step as step_builder
+from align_jax.run import storage
 from align_jax.evaluate import evaluators as evaluators_lib
 
 logger = logging.getLogger("align_jax")
@@ -59,7 +61,7 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     FileNotFoundError: no checkpoint (at ``step``) in ``workdir/checkpoints``.
-    align_jax.checkpoint.CheckpointError: the checkpoint at ``step`` is damaged, or none restores.
+    align_jax.run.checkpoint.CheckpointError: the checkpoint at ``step`` is damaged, or none restores.
     ValueError: the config is invalid.
   """
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh

@@ -69,7 +69,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from align_jax import distributed, interfaces, storage
+from align_jax.parallel import processes as distributed
+from align_jax.model import interfaces
+from align_jax.run import storage
 from align_jax.evaluate import datasets
 from align_jax.evaluate.templates import TEMPLATES
 
@@ -210,7 +212,7 @@ def load_run_config(workdir: str):
   if not storage.isfile(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's folder (every "
                             "run writes config.json next to checkpoints/).")
-  from align_jax import run_dir  # orbax and jax: only once a run is read
+  from align_jax.run import reader as run_dir  # orbax and jax: only once a run is read
   return run_dir.read_config(workdir)
 
 

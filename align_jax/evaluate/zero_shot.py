@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from align_jax import interfaces
+from align_jax.model import interfaces
 from align_jax.data import factory, readers, records
 from align_jax.evaluate import datasets, embedding, metrics, prompts
 

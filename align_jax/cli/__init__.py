@@ -1,0 +1,1 @@
+"""The command lines: the align-jax dispatcher, the training command and the shared absl runner."""

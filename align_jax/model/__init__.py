@@ -1,0 +1,1 @@
+"""The two-tower model: frozen encoders + trainable projectors, and the encoder protocols."""

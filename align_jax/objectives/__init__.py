@@ -1,0 +1,1 @@
+"""The contrastive objectives: the losses, the loss kinds and their variants."""

@@ -1,0 +1,1 @@
+"""The run directory: storage (local or gs://), checkpoints, checksums, metrics, read-back."""
