@@ -61,7 +61,5 @@ def get_config(arg=None):
         (r"layers/(attn/|mlp/)?(q|k|v|o|fc1|fc2|query|key|value|attention_out|intermediate|"
          r"output)/kernel$", (None, "data", None)),)
 
-  config.evals.coco = dict(type="retrieval", every=0, batch_size=1024, ks=(1, 5, 10),
-                           data=dict(source="tfds", name="coco_captions", split="test",
-                                     num_workers=8))
+  config.evals.coco = config_lib.coco_retrieval_eval()
   return config

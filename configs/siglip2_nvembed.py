@@ -51,15 +51,6 @@ FROZEN_RULES = (
     (r"^text/pooler/latents$", (None, "data")),
 )
 
-# The trainable GLU heads' wide dimension (8 x 4,096 on the text side) split over the data axis, in
-# the params and the optimiser state alike (as configs/dinov2_llm.py; not imported from it: an
-# installed align_jax ships the configs as align_jax.configs, where ``configs`` is not a package).
-GLU_PARAM_RULES = (
-    (r"/(gate|value)/kernel$", (None, "data")),
-    (r"/(gate|value)/bias$", ("data",)),
-    (r"/out/kernel$", ("data", None)),
-)
-
 
 def get_config(arg=None):
   variant = config_lib.parse_arg(
@@ -76,27 +67,11 @@ def get_config(arg=None):
   m.max_text_length = variant.length
   m.encoder_dtype = "bfloat16"
   m.encoder_micro_batch = variant.micro
-  m.image_projector = "glu"
-  m.text_projector = "glu"
-  m.glu_hidden_mult = 8
-  m.embed_dim = 1024
-  m.dropout = 0.0
-
-  config.loss.name = "sigmoid"
-  config.loss.scale_init = 20.0
-  config.loss.scale_max = 100.0
-  config.loss.bias_init = -10.0
-
-  config.optim.learning_rate = 1e-3
-  config.optim.end_learning_rate = 1e-5
-  config.optim.warmup_steps = 1000
-  config.optim.weight_decay = 0.02
+  config_lib.use_sail_heads(config)
 
   if variant.fsdp:
     config.mesh.frozen_param_rules = FROZEN_RULES
-    config.mesh.param_rules = GLU_PARAM_RULES
+    config.mesh.param_rules = config_lib.SAIL_GLU_PARAM_RULES
 
-  config.evals.coco = dict(type="retrieval", every=0, batch_size=1024, ks=(1, 5, 10),
-                           data=dict(source="tfds", name="coco_captions", split="test",
-                                     num_workers=8))
+  config.evals.coco = config_lib.coco_retrieval_eval()
   return config

@@ -1,6 +1,6 @@
 """configs/dinov2_llm.py with tiny random checkpoints: a decoder-LLM text tower, FSDP-sharded.
 
-The config's rules (``LLM_FROZEN_RULES``, ``GLU_PARAM_RULES``) are applied as written; the tiny
+The config's rules (``LLM_FROZEN_RULES``, ``SAIL_GLU_PARAM_RULES``) are applied as written; the tiny
 Llama's width (32) divides the 8 simulated devices, as Mistral-7B's 4,096 divides a pod's.
 """
 

@@ -197,6 +197,41 @@ def pod_recipe_config(total_steps: int, batch_size: int) -> ml_collections.Confi
   config.data.num_workers = 16
   return config
 
+
+# SAIL's GLU heads' wide dimension (8 x the input width) split over the data axis, in the params
+# and the optimiser state alike (config.mesh.param_rules of the 7B-text-tower recipes).
+SAIL_GLU_PARAM_RULES = (
+    (r"/(gate|value)/kernel$", (None, "data")),
+    (r"/(gate|value)/bias$", ("data",)),
+    (r"/out/kernel$", ("data", None)),
+)
+
+
+def use_sail_heads(config: ml_collections.ConfigDict) -> None:
+  """SAIL's trainable side on ``config`` (RECIPES section 2): GLU projectors (8x wide, 1,024-d
+  embeddings, no dropout), the sigmoid loss (scale 20 capped at 100, bias -10), and AdamW 1e-3
+  decaying to 1e-5 after 1,000 warm-up steps, weight decay 0.02."""
+  m = config.model
+  m.image_projector = m.text_projector = "glu"
+  m.glu_hidden_mult = 8
+  m.embed_dim = 1024
+  m.dropout = 0.0
+  config.loss.name = "sigmoid"
+  config.loss.scale_init = 20.0
+  config.loss.scale_max = 100.0
+  config.loss.bias_init = -10.0
+  config.optim.learning_rate = 1e-3
+  config.optim.end_learning_rate = 1e-5
+  config.optim.warmup_steps = 1000
+  config.optim.weight_decay = 0.02
+
+
+def coco_retrieval_eval() -> dict:
+  """The pod recipes' evaluator: COCO 5k (Karpathy test, TFDS ``coco_captions``) image<->text
+  recall@1/5/10, at the end of the run (``every=0``)."""
+  return dict(type="retrieval", every=0, batch_size=1024, ks=(1, 5, 10),
+              data=dict(source="tfds", name="coco_captions", split="test", num_workers=8))
+
 def parse_arg(arg: str | None, **defaults):
   """Parses a config variant string such as ``"steps=10,loss=sigmoid"`` (the part after ``:``).
 
