@@ -245,9 +245,7 @@ def rules(cfg: DecoderConfig) -> list[Rule]:
 
 def abstract_params(cfg: DecoderConfig, num_layers_to_run: int | None = None) -> dict[str, Any]:
   """Shapes of the module's float32 params when it runs ``num_layers_to_run`` layers."""
-  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-  module = DecoderModel(cfg, num_layers_to_run=num_layers_to_run)
-  return jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
+  return stack.text_param_shapes(DecoderModel(cfg, num_layers_to_run=num_layers_to_run))
 
 
 def load_params(state: Mapping[str, np.ndarray], cfg: DecoderConfig,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 
 def layers_to_run(num_layers: int, num_layers_to_run: int | None) -> int:
@@ -27,3 +29,10 @@ def scanned(block: type[nn.Module], count: int, broadcast_args: int) -> Any:
   takes ``broadcast_args`` arguments shared by every step and returns ``(carry, per-step y)``."""
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast,) * broadcast_args, length=count)
+
+
+def text_param_shapes(module: nn.Module) -> dict[str, Any]:
+  """A text module's float32 param shapes (``jax.ShapeDtypeStruct``s), traced on a dummy
+  ``(input_ids, attention_mask)`` of shape [1, 2]: nothing is computed or allocated."""
+  ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  return jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
