@@ -32,7 +32,7 @@ from typing import Any, Callable
 logger = logging.getLogger("align_jax")
 
 DEFAULT_TIMEOUT = 10  # seconds without a sign of life before a peer counts as lost
-_BEATS_PER_TIMEOUT = 5
+_BEATS_PER_TIMEOUT = 10  # a lost peer is named between 0.9 and 1.2 timeouts after its last beat
 
 
 def _no_progress() -> str:

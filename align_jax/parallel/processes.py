@@ -57,6 +57,10 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 DEFAULT_TIMEOUT = 300  # seconds; jax.distributed.initialize's own default
 _WATCHDOG_MARGIN = 5  # seconds jax's own timeout is set beyond ours, so ours fires first
+# jax's heartbeat timeout, in --peer_timeout units: the service counts it from the last heartbeat
+# it received, which can be half a timeout before a peer dies, so at 1x + 5 s (tried first) jax
+# sometimes aborted first (12.5 s after a SIGKILL, against our 10-12 s); at 3x it cannot.
+_JAX_HEARTBEAT_TIMEOUTS = 3
 _FLAG_NAMES = ("distributed", "coordinator_address", "num_processes", "process_id",
                "initialization_timeout", "peer_timeout")
 
@@ -280,7 +284,7 @@ def initialize(values: Any = None, identity: tuple | None = None) -> bool:
         coordinator_address=settings.coordinator_address, num_processes=settings.num_processes,
         process_id=settings.process_id,
         initialization_timeout=settings.timeout + _WATCHDOG_MARGIN,
-        heartbeat_timeout_seconds=settings.peer_timeout + _WATCHDOG_MARGIN)
+        heartbeat_timeout_seconds=_JAX_HEARTBEAT_TIMEOUTS * settings.peer_timeout)
     run_id = _agree_on_identity(workdir, config_hash, settings.num_processes, run_id)
   except run_guard.RunGuardError as error:
     raise DistributedError(str(error)) from None
