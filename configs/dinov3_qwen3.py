@@ -36,15 +36,7 @@ def get_config(arg=None):
       text="Qwen/Qwen3-Embedding-0.6B", pooling="last", length=77, size=224)
   config = config_lib.pod_recipe_config(variant.steps, variant.batch)
 
-  m = config.model
-  m.image_encoder = variant.image
-  m.image_size = variant.size
-  m.image_pooling = "cls+mean_patch"
-  m.text_encoder = variant.text
-  m.text_pooling = variant.pooling
-  m.max_text_length = variant.length
-  m.encoder_dtype = "bfloat16"
-  m.encoder_micro_batch = variant.micro
+  config_lib.use_frozen_encoders(config, variant, image_pooling="cls+mean_patch")
   config_lib.use_sail_heads(config)
 
   config.evals.coco = config_lib.coco_retrieval_eval()

@@ -58,15 +58,7 @@ def get_config(arg=None):
       text="nvidia/NV-Embed-v2", pooling="latent", length=77, size=384, fsdp=True)
   config = config_lib.pod_recipe_config(variant.steps, variant.batch)
 
-  m = config.model
-  m.image_encoder = variant.image
-  m.image_size = variant.size
-  m.image_pooling = "map"
-  m.text_encoder = variant.text
-  m.text_pooling = variant.pooling
-  m.max_text_length = variant.length
-  m.encoder_dtype = "bfloat16"
-  m.encoder_micro_batch = variant.micro
+  config_lib.use_frozen_encoders(config, variant, image_pooling="map")
   config_lib.use_sail_heads(config)
 
   if variant.fsdp:

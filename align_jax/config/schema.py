@@ -207,6 +207,18 @@ SAIL_GLU_PARAM_RULES = (
 )
 
 
+def use_frozen_encoders(config: ml_collections.ConfigDict, variant: ml_collections.ConfigDict,
+                        image_pooling: str) -> None:
+  """The frozen towers of a pod recipe from its variant (``image``, ``size``, ``text``,
+  ``pooling``, ``length``, ``micro``): hub ids or folders, run in bfloat16 in micro-batches."""
+  m = config.model
+  m.image_encoder, m.image_size, m.image_pooling = variant.image, variant.size, image_pooling
+  m.text_encoder, m.text_pooling = variant.text, variant.pooling
+  m.max_text_length = variant.length
+  m.encoder_dtype = "bfloat16"
+  m.encoder_micro_batch = variant.micro
+
+
 def use_sail_heads(config: ml_collections.ConfigDict) -> None:
   """SAIL's trainable side on ``config`` (RECIPES section 2): GLU projectors (8x wide, 1,024-d
   embeddings, no dropout), the sigmoid loss (scale 20 capped at 100, bias -10), and AdamW 1e-3
