@@ -9,7 +9,6 @@ from whichever module calls it (align_jax, orbax), so a multi-process test can c
 """
 
 import os
-import runpy
 import sys
 import threading
 
@@ -29,8 +28,5 @@ def _install(record: str) -> None:
 
 
 if __name__ == "__main__":
-  _install(os.path.abspath(sys.argv[1]))
-  script = sys.argv[2]
-  sys.argv = sys.argv[2:]
-  sys.path[0] = os.path.dirname(os.path.abspath(script))
-  runpy.run_path(script, run_name="__main__")
+  import write_audit  # beside this file: sys.path[0]
+  write_audit.run_wrapped(_install)

@@ -46,9 +46,15 @@ def _install(record: str) -> None:
   sys.addaudithook(hook)
 
 
-if __name__ == "__main__":
-  _install(os.path.abspath(sys.argv[1]))
+def run_wrapped(install) -> None:
+  """``python WRAPPER RECORD SCRIPT ARGS...``: ``install(RECORD)``, then runs SCRIPT as
+  ``__main__`` with ARGS (shared by this audit and tests/collective_audit.py)."""
+  install(os.path.abspath(sys.argv[1]))
   script = sys.argv[2]
   sys.argv = sys.argv[2:]
   sys.path[0] = os.path.dirname(os.path.abspath(script))
   runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+  run_wrapped(_install)
