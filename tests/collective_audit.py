@@ -9,7 +9,6 @@ from whichever module calls it (align_jax, orbax), so a multi-process test can c
 """
 
 import os
-import sys
 import threading
 
 
