@@ -123,8 +123,8 @@ def test_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert result.stderr.strip() == (
       "error: no config file 'demoo'; give a path to a config .py file, or a packaged config by "
-      "name: demo, demo_online, dinov2_llm, dinov2_roberta (e.g. --config=demo, or "
-      "--config=NAME:variant)")
+      "name: demo, demo_online, dinov2_llm, dinov2_roberta, dinov3_qwen3, siglip2_nvembed (e.g. "
+      "--config=demo, or --config=NAME:variant)")
   from align_jax.config import files as config_files
   monkeypatch.chdir(tmp_path)  # where configs/demo.py is not
   assert config_files.resolve("dinov2_roberta:batch=32768") == os.path.join(

@@ -90,7 +90,8 @@ def test_installed_command_finds_the_packaged_configs_by_name(installed, tmp_pat
   bad = subprocess.run([command, "train", "--config=configs/demoo.py", f"--workdir={tmp_path}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
-  assert "packaged config by name: demo, demo_online, dinov2_llm, dinov2_roberta" in bad.stderr
+  assert ("packaged config by name: demo, demo_online, dinov2_llm, dinov2_roberta, dinov3_qwen3, "
+          "siglip2_nvembed") in bad.stderr
   found = _python("from align_jax.config import files as config_files; print(config_files.resolve('demo:steps=2'))"
                   "; print(config_files.resolve('configs/dinov2_roberta.py'))", installed, tmp_path)
   assert found.splitlines() == [f"{installed}/align_jax/configs/demo.py:steps=2",
