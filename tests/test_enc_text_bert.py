@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.encoders import bert, weights
+from align_jax.encoders import bert
+from helpers_parity import load, max_rel, save_random_models
 
 TOL = 1e-5
 BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
@@ -32,32 +33,11 @@ VARIANTS = {
 PAD = {"bert": 0, "roberta": 1, "xlm-roberta": 1, "mpnet": 1, "clip": 0, "siglip": 0}
 
 
-def _rel(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, torch):
-  import transformers
-  torch.manual_seed(0)
-  root = tmp_path_factory.mktemp("enc_bert")
-  made = {}
-  for name, (config_class, model_class, extra) in VARIANTS.items():
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**COMMON,
-                                                                                  **extra))
-    with torch.no_grad():  # random LayerNorm / bias values, so each is exercised
-      for key, value in model.named_parameters():
-        if "norm" in key.lower() or key.endswith("bias"):
-          value.normal_(0.0, 0.5)
-    folder = str(root / name)
-    model.save_pretrained(folder, safe_serialization=True)
-    made[name] = folder
-  return made
-
-
-def _load(folder):
-  return weights.read_config(folder), weights.read_state_dict(folder)
+  # random LayerNorm / bias values, so each is exercised
+  return save_random_models(tmp_path_factory.mktemp("enc_bert"), VARIANTS, COMMON,
+                            lambda key: (0.0, 0.5) if "norm" in key.lower() or key.endswith("bias") else None, torch)
 
 
 def _batch(name, lengths=LENGTHS, seed=0):
@@ -88,7 +68,7 @@ def _torch(torch, folder, name, ids, mask):
 
 
 def _run(folder, ids, mask, dtype=jnp.float32, num_layers_to_run=None):
-  config, flat = _load(folder)
+  config, flat = load(folder)
   model = bert.build(config, dtype=dtype, num_layers_to_run=num_layers_to_run)
   params = bert.load_params(flat, bert.read_config(config), num_layers_to_run,
                             dtype=None if dtype == jnp.float32 else jnp.bfloat16)
@@ -107,14 +87,14 @@ def test_text_tower_matches_pytorch(checkpoints, torch, name):
   assert len(out["hidden_states"]) == len(hidden) == n + 1
   # Layers 0..N-1 are transformers' hidden_states; layer N is the final output (last_hidden_state,
   # after CLIP / SigLIP's final norm).
-  errors = [_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"][:n], hidden)]
-  errors.append(_rel(np.asarray(out["hidden_states"][n])[real], last[real]))
+  errors = [max_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"][:n], hidden)]
+  errors.append(max_rel(np.asarray(out["hidden_states"][n])[real], last[real]))
   assert max(errors) <= TOL, errors
   report = {"hidden": max(errors)}
   if name == "siglip":
-    report["cls(head)"] = _rel(bert.pool(model, out, ids, mask, "cls")["pooled"], pooled)
+    report["cls(head)"] = max_rel(bert.pool(model, out, ids, mask, "cls")["pooled"], pooled)
   if name == "clip":
-    report["cls(eos)"] = _rel(bert.pool(model, out, ids, mask, "cls")["pooled"], pooled)
+    report["cls(eos)"] = max_rel(bert.pool(model, out, ids, mask, "cls")["pooled"], pooled)
   # Pooled features against PyTorch on each text alone.
   alone = [_torch(torch, checkpoints[name], name, t[None].astype(np.int32),
                   np.ones((1, len(t)), np.int32))[1][0] for t in texts]
@@ -122,11 +102,11 @@ def test_text_tower_matches_pytorch(checkpoints, torch, name):
                         ("cls", lambda a: a[-1] if name == "clip" else a[0])):
     if pooling == "cls" and name == "siglip":
       continue  # its head reads the last *position*, padding included (compared above)
-    report[pooling] = _rel(bert.pool(model, out, ids, mask, pooling)["pooled"],
+    report[pooling] = max_rel(bert.pool(model, out, ids, mask, pooling)["pooled"],
                            np.stack([pick(a) for a in alone]))
   tokens = bert.pool(model, out, ids, mask, "tokens")
   np.testing.assert_array_equal(np.asarray(tokens["mask"]), real)
-  report["tokens"] = max(_rel(np.asarray(tokens["tokens"])[row][real[row]], a)
+  report["tokens"] = max(max_rel(np.asarray(tokens["tokens"])[row][real[row]], a)
                          for row, a in enumerate(alone))
   print(f"{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
   assert max(report.values()) <= TOL, report
@@ -138,26 +118,26 @@ def test_num_layers_to_run_and_bfloat16(checkpoints, torch):
   real = mask.astype(bool)
   _, out = _run(checkpoints["mpnet"], ids, mask, num_layers_to_run=2)
   assert len(out["hidden_states"]) == 3
-  assert _rel(np.asarray(out["last_hidden_state"])[real], hidden[2][real]) <= TOL
+  assert max_rel(np.asarray(out["last_hidden_state"])[real], hidden[2][real]) <= TOL
   _, half = _run(checkpoints["mpnet"], ids, mask, dtype=jnp.bfloat16)
   assert half["last_hidden_state"].dtype == jnp.bfloat16
-  error = _rel(np.asarray(half["last_hidden_state"].astype(jnp.float32))[real], hidden[-1][real])
+  error = max_rel(np.asarray(half["last_hidden_state"].astype(jnp.float32))[real], hidden[-1][real])
   print(f"mpnet bfloat16: rel error {error:.1e}")
   assert error <= BF16_TOL
 
 
 def test_wrapped_checkpoints_and_bad_input(checkpoints):
-  config, flat = _load(checkpoints["roberta"])
+  config, flat = load(checkpoints["roberta"])
   cfg = bert.read_config(config)
   plain = bert.load_params(flat, cfg)
   wrapped = bert.load_params({"roberta." + k: v for k, v in flat.items()}, cfg)
   np.testing.assert_array_equal(plain["layers"]["query"]["kernel"],
                                 wrapped["layers"]["query"]["kernel"])
-  clip_config, clip_flat = _load(checkpoints["clip"])
+  clip_config, clip_flat = load(checkpoints["clip"])
   full = {"model_type": "clip", "text_config": clip_config, "vision_config": {}}
   assert bert.build(full).config == bert.build(clip_config).config
   with pytest.raises(ValueError, match="not a bert text checkpoint"):
-    bert.load_params(clip_flat, bert.read_config(_load(checkpoints["bert"])[0]))
+    bert.load_params(clip_flat, bert.read_config(load(checkpoints["bert"])[0]))
   with pytest.raises(ValueError, match="supported: bert, roberta"):
     bert.build(dict(config, model_type="electra"))
   with pytest.raises(ValueError, match="exceed .* max_position_embeddings 64"):

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.encoders import decoder, weights
+from align_jax.encoders import decoder
 from helpers_nvembed import torch_latent_pooler
+from helpers_parity import load, max_rel, save_random_models
 
 TOL = 1e-5
 BF16_TOL = 5e-2  # bfloat16 params and compute against the float32 PyTorch model
@@ -39,32 +40,11 @@ VARIANTS = {
 }
 
 
-def _rel(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, torch):
-  import transformers
-  torch.manual_seed(0)
-  root = tmp_path_factory.mktemp("enc_decoders")
-  made = {}
-  for name, (config_class, model_class, extra) in VARIANTS.items():
-    config = getattr(transformers, config_class)(**BASE, **extra)
-    model = getattr(transformers, model_class)(config)
-    with torch.no_grad():  # random norm weights, so (1 + w) vs w and q/k norms are exercised
-      for key, value in model.named_parameters():
-        if "norm" in key:
-          value.normal_(0.0, 0.5)
-    folder = str(root / name)
-    model.save_pretrained(folder, safe_serialization=True)
-    made[name] = folder
-  return made
-
-
-def _load(folder):
-  return weights.read_config(folder), weights.read_state_dict(folder)
+  # random norm weights, so (1 + w) vs w and q/k norms are exercised
+  return save_random_models(tmp_path_factory.mktemp("enc_decoders"), VARIANTS, BASE,
+                            lambda key: (0.0, 0.5) if "norm" in key else None, torch)
 
 
 def _torch_model(torch, folder, name):
@@ -109,7 +89,7 @@ _COMPILED = {}  # one compiled forward per checkpoint and setting (left / right 
 def _run(folder, ids, mask, dtype=jnp.float32, **build_kwargs):
   key = (folder, jnp.dtype(dtype).name, tuple(sorted(build_kwargs.items())))
   if key not in _COMPILED:
-    config, flat = _load(folder)
+    config, flat = load(folder)
     model = decoder.build(config, dtype=dtype, **build_kwargs)
     params = decoder.load_params(flat, decoder.read_config(config),
                                  build_kwargs.get("num_layers_to_run"),
@@ -129,9 +109,9 @@ def test_decoder_matches_pytorch(checkpoints, torch, name, side):
   want = _torch_hidden(torch, model, ids, mask)
   real = mask.astype(bool)
   assert len(out["hidden_states"]) == len(want) == BASE["num_hidden_layers"] + 1
-  errors = [_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"], want)]
+  errors = [max_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"], want)]
   assert max(errors) <= TOL, errors
-  assert _rel(np.asarray(out["last_hidden_state"])[real], want[-1][real]) <= TOL
+  assert max_rel(np.asarray(out["last_hidden_state"])[real], want[-1][real]) <= TOL
   print(f"decoder {name} {side}-padded: max rel error {max(errors):.1e}")
   # Pooled features equal PyTorch on each text alone, whatever the padding side.
   alone = [_torch_hidden(torch, model, t[None].astype(np.int32),
@@ -139,13 +119,13 @@ def test_decoder_matches_pytorch(checkpoints, torch, name, side):
   last = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "last")["pooled"]
   mean = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "mean")["pooled"]
   tokens = decoder.pool(out["last_hidden_state"], jnp.asarray(mask), "tokens")
-  assert _rel(last, np.stack([a[-1] for a in alone])) <= TOL
-  assert _rel(mean, np.stack([a.mean(0) for a in alone])) <= TOL
-  print(f"decoder {name} {side}: last {_rel(last, np.stack([a[-1] for a in alone])):.1e} "
-        f"mean {_rel(mean, np.stack([a.mean(0) for a in alone])):.1e}")
+  assert max_rel(last, np.stack([a[-1] for a in alone])) <= TOL
+  assert max_rel(mean, np.stack([a.mean(0) for a in alone])) <= TOL
+  print(f"decoder {name} {side}: last {max_rel(last, np.stack([a[-1] for a in alone])):.1e} "
+        f"mean {max_rel(mean, np.stack([a.mean(0) for a in alone])):.1e}")
   np.testing.assert_array_equal(np.asarray(tokens["mask"]), real)
   for row, a in enumerate(alone):
-    assert _rel(np.asarray(tokens["tokens"])[row][real[row]], a) <= TOL
+    assert max_rel(np.asarray(tokens["tokens"])[row][real[row]], a) <= TOL
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
@@ -155,24 +135,24 @@ def test_bidirectional_matches_pytorch_with_a_full_mask(checkpoints, torch, name
   want = _torch_hidden(torch, _torch_model(torch, checkpoints[name], name), ids, mask,
                        bidirectional=True)
   real = mask.astype(bool)
-  assert max(_rel(np.asarray(h)[real], w[real])
+  assert max(max_rel(np.asarray(h)[real], w[real])
              for h, w in zip(out["hidden_states"], want)) <= TOL
   causal = _run(checkpoints[name], ids, mask)
-  assert _rel(causal["last_hidden_state"], out["last_hidden_state"]) > 1e-2  # not a no-op
+  assert max_rel(causal["last_hidden_state"], out["last_hidden_state"]) > 1e-2  # not a no-op
 
 
 def test_num_layers_to_run_returns_that_hidden_layer_and_loads_only_its_layers(checkpoints, torch):
   ids, mask, _ = _batch("left")
-  config, flat = _load(checkpoints["qwen3"])
+  config, flat = load(checkpoints["qwen3"])
   params = decoder.load_params(flat, decoder.read_config(config), num_layers_to_run=2)
   assert params["layers"]["q_proj"]["kernel"].shape[0] == 2 and "norm" not in params
   out = _run(checkpoints["qwen3"], ids, mask, num_layers_to_run=2)
   want = _torch_hidden(torch, _torch_model(torch, checkpoints["qwen3"], "qwen3"), ids, mask)
   real = mask.astype(bool)
   assert len(out["hidden_states"]) == 3
-  assert _rel(np.asarray(out["last_hidden_state"])[real], want[2][real]) <= TOL
+  assert max_rel(np.asarray(out["last_hidden_state"])[real], want[2][real]) <= TOL
   zero = _run(checkpoints["qwen3"], ids, mask, num_layers_to_run=0)
-  assert _rel(np.asarray(zero["last_hidden_state"])[real], want[0][real]) <= TOL
+  assert max_rel(np.asarray(zero["last_hidden_state"])[real], want[0][real]) <= TOL
 
 
 @pytest.mark.parametrize("name", ["llama3_scaling", "gemma"])
@@ -182,7 +162,7 @@ def test_bfloat16_is_close_to_float32_pytorch(checkpoints, torch, name):
   assert out["last_hidden_state"].dtype == jnp.bfloat16
   want = _torch_hidden(torch, _torch_model(torch, checkpoints[name], name), ids, mask)
   real = mask.astype(bool)
-  error = _rel(np.asarray(out["last_hidden_state"].astype(jnp.float32))[real], want[-1][real])
+  error = max_rel(np.asarray(out["last_hidden_state"].astype(jnp.float32))[real], want[-1][real])
   print(f"decoder {name} bfloat16: rel error {error:.1e}")
   assert error <= BF16_TOL
 
@@ -203,7 +183,7 @@ def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
 
 def test_transformers5_rope_parameters_give_the_same_frequencies(checkpoints):
   from align_jax.encoders import rope
-  config, _ = _load(checkpoints["llama3_scaling"])  # saved in 4.x's or 5.x's form
+  config, _ = load(checkpoints["llama3_scaling"])  # saved in 4.x's or 5.x's form
   params = config.get("rope_parameters") or dict(config["rope_scaling"],
                                                  rope_theta=config["rope_theta"])
   base = {k: v for k, v in config.items()
@@ -218,7 +198,7 @@ def test_transformers5_rope_parameters_give_the_same_frequencies(checkpoints):
 
 
 def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
-  config, flat = _load(checkpoints["llama"])
+  config, flat = load(checkpoints["llama"])
   cfg = decoder.read_config(config)
   plain = decoder.load_params(flat, cfg)
   prefixed = decoder.load_params({"model." + k: v for k, v in flat.items()}, cfg)
@@ -235,7 +215,7 @@ def test_prefixed_state_dicts_load_and_bad_input_is_named(checkpoints):
 
 def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
   from align_jax.encoders import nvembed
-  mistral_config, mistral_state = _load(checkpoints["mistral_window"])
+  mistral_config, mistral_state = load(checkpoints["mistral_window"])
   rng = np.random.default_rng(1)
   width, heads, head_dim, latents = BASE["hidden_size"], 2, 16, 6
   pooler = {"latents": rng.normal(size=(latents, width)),
@@ -278,9 +258,9 @@ def test_nvembed_bidirectional_mistral_and_latent_pooling(checkpoints, torch):
                                                   "mistral_window"), ids, mask,
                               bidirectional=True)[-1]
   real = mask.astype(bool)
-  assert _rel(np.asarray(tokens["last_hidden_state"])[real], want_tokens[real]) <= TOL
+  assert max_rel(np.asarray(tokens["last_hidden_state"])[real], want_tokens[real]) <= TOL
   want = torch_latent_pooler(torch, state, want_tokens, pool_mask, heads)
-  error = _rel(ours, want)
+  error = max_rel(ours, want)
   print(f"nvembed latent pooling: rel error {error:.1e}")
   assert error <= TOL
   np.testing.assert_allclose(np.linalg.norm(np.asarray(ours), axis=-1), 1.0, rtol=1e-6)

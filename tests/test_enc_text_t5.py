@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.encoders import t5, weights
+from align_jax.encoders import t5
 from align_jax.encoders.relative_position import relative_position_buckets
+from helpers_parity import load, max_rel, save_random_models
 
 TOL = 1e-5
 BF16_TOL = 5e-2
@@ -30,32 +31,11 @@ VARIANTS = {
 }
 
 
-def _rel(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, torch):
-  import transformers
-  torch.manual_seed(0)
-  root = tmp_path_factory.mktemp("enc_t5")
-  made = {}
-  for name, (config_class, model_class, extra) in VARIANTS.items():
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**COMMON,
-                                                                                  **extra))
-    with torch.no_grad():
-      for key, value in model.named_parameters():
-        if "layer_norm" in key:
-          value.normal_(1.0, 0.5)
-    folder = str(root / name)
-    model.save_pretrained(folder, safe_serialization=True)
-    made[name] = folder
-  return made
-
-
-def _load(folder):
-  return weights.read_config(folder), weights.read_state_dict(folder)
+  # random layer-norm weights
+  return save_random_models(tmp_path_factory.mktemp("enc_t5"), VARIANTS, COMMON,
+                            lambda key: (1.0, 0.5) if "layer_norm" in key else None, torch)
 
 
 def _batch(seed=0):
@@ -81,7 +61,7 @@ def _torch_hidden(torch, folder, name, ids, mask):
 
 
 def _run(folder, ids, mask, dtype=jnp.float32, num_layers_to_run=None):
-  config, flat = _load(folder)
+  config, flat = load(folder)
   model = t5.build(config, dtype=dtype, num_layers_to_run=num_layers_to_run)
   params = t5.load_params(flat, t5.read_config(config), num_layers_to_run,
                           dtype=None if dtype == jnp.float32 else jnp.bfloat16)
@@ -90,7 +70,7 @@ def _run(folder, ids, mask, dtype=jnp.float32, num_layers_to_run=None):
 
 
 def test_a_checkpoint_with_only_the_tied_embedding_copy_loads(checkpoints):
-  config, flat = _load(checkpoints["t5"])
+  config, flat = load(checkpoints["t5"])
   cfg = t5.read_config(config)
   moved = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v
            for k, v in flat.items()}
@@ -110,15 +90,15 @@ def test_t5_encoder_matches_pytorch(checkpoints, torch, name):
   want = _torch_hidden(torch, checkpoints[name], name, ids, mask)
   real = mask.astype(bool)
   assert len(out["hidden_states"]) == len(want) == COMMON["num_layers"] + 1
-  errors = [_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"], want)]
+  errors = [max_rel(np.asarray(h)[real], w[real]) for h, w in zip(out["hidden_states"], want)]
   report = {"hidden": max(errors)}
   alone = [_torch_hidden(torch, checkpoints[name], name, t[None].astype(np.int32),
                          np.ones((1, len(t)), np.int32))[-1][0] for t in texts]
   for pooling, pick in (("mean", lambda a: a.mean(0)), ("last", lambda a: a[-1])):
-    report[pooling] = _rel(t5.pool(out["last_hidden_state"], jnp.asarray(mask), pooling)["pooled"],
+    report[pooling] = max_rel(t5.pool(out["last_hidden_state"], jnp.asarray(mask), pooling)["pooled"],
                            np.stack([pick(a) for a in alone]))
   tokens = t5.pool(out["last_hidden_state"], jnp.asarray(mask), "tokens")
-  report["tokens"] = max(_rel(np.asarray(tokens["tokens"])[row][real[row]], a)
+  report["tokens"] = max(max_rel(np.asarray(tokens["tokens"])[row][real[row]], a)
                          for row, a in enumerate(alone))
   print(f"{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
   assert max(report.values()) <= TOL, report
@@ -130,15 +110,15 @@ def test_num_layers_to_run_and_bfloat16(checkpoints, torch):
   real = mask.astype(bool)
   out = _run(checkpoints["mt5"], ids, mask, num_layers_to_run=1)
   assert len(out["hidden_states"]) == 2
-  assert _rel(np.asarray(out["last_hidden_state"])[real], want[1][real]) <= TOL
+  assert max_rel(np.asarray(out["last_hidden_state"])[real], want[1][real]) <= TOL
   half = _run(checkpoints["mt5"], ids, mask, dtype=jnp.bfloat16)
-  error = _rel(np.asarray(half["last_hidden_state"].astype(jnp.float32))[real], want[-1][real])
+  error = max_rel(np.asarray(half["last_hidden_state"].astype(jnp.float32))[real], want[-1][real])
   print(f"mt5 bfloat16: rel error {error:.1e}")
   assert error <= BF16_TOL
 
 
 def test_bad_input_is_named(checkpoints):
-  config, flat = _load(checkpoints["t5"])
+  config, flat = load(checkpoints["t5"])
   with pytest.raises(ValueError, match="supported: t5, mt5"):
     t5.build(dict(config, model_type="bart"))
   with pytest.raises(ValueError, match="not a T5 encoder checkpoint"):
