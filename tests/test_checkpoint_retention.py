@@ -17,6 +17,7 @@ import pytest
 
 from align_jax.run import checkpoint as checkpoint_lib
 from align_jax.config import schema as config_lib
+from align_jax.train import validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def test_keep_below_one_is_refused_in_one_line(keep):
   config = config_lib.default_config()
   config.keep_checkpoints = keep
   with pytest.raises(ValueError, match=rf"keep_checkpoints must be >= 1 \(got {keep}\)"):
-    config_lib.validate(config, num_batch_devices=1)
+    validation.validate(config, num_batch_devices=1)
   with pytest.raises(ValueError, match=rf"keep_checkpoints must be >= 1 \(got {keep}\)") as error:
     checkpoint_lib.KeepNewest(keep)
   assert "\n" not in str(error.value)

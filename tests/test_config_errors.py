@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import pytest
 
-from align_jax.config import schema as config_lib
+from align_jax.config import errors, schema as config_lib
 from align_jax.data import pipeline, skip_log, transforms
 
 import helpers_data as hd
@@ -49,6 +49,25 @@ def test_unknown_top_level_key_inside_a_config_file(tmp_path):
   assert line == f"error: unknown config key 'batchsize' in {path}:6; did you mean 'batch_size'?"
 
 
+def test_unknown_nested_keys_set_in_a_config_file_are_named_with_the_first_ones_line(tmp_path):
+  """Found by comparing the loaded tree with the schema, the line from the file's source."""
+  path = _config_file(tmp_path, "  config = demo.get_config()\n  config.optim.warmup_steps = 5\n"
+                                "  config.model.img_encoder = 'x'\n  config.data.sorce = 'y'\n"
+                                "  return config\n")
+  line = _first_error_line(_main(f"--config={path}", f"--workdir={tmp_path}/w"))
+  assert line == (f"error: unknown config key 'model.img_encoder' in {path}:7; did you mean "
+                  "'model.image_encoder'? (also unknown: 'data.sorce')")
+
+
+def test_unknown_key_read_by_a_config_file(tmp_path):
+  path = _config_file(tmp_path, "  config = demo.get_config()\n"
+                                "  config.optim.warmup_steps = config.optim.warmup\n"
+                                "  return config\n")
+  line = _first_error_line(_main(f"--config={path}", f"--workdir={tmp_path}/w"))
+  assert line == (f"error: unknown config key 'optim.warmup' in {path}:6; did you mean "
+                  "'optim.warmup_steps'?")
+
+
 def test_config_file_with_a_syntax_error_gives_file_line_and_message(tmp_path):
   path = tmp_path / "broken.py"
   path.write_text("def get_config(arg=None)\n  return None\n")
@@ -69,6 +88,7 @@ def test_error_raised_by_a_config_file_gives_file_line(tmp_path):
     ("--config.lr=1e-3", "unknown config key 'lr'; did you mean 'optim.learning_rate'?"),
     ("--config.model.img_encoder=x",
      "unknown config key 'model.img_encoder'; did you mean 'model.image_encoder'?"),
+    ("--config.data.sorce=x", "unknown config key 'data.sorce'; did you mean 'data.source'?"),
 ])
 def test_unknown_command_line_key_gets_did_you_mean(tmp_path, flag, expected):
   line = _first_error_line(_main("--config=configs/demo.py", flag, f"--workdir={tmp_path}/w"))
@@ -84,11 +104,11 @@ def test_bogus_data_source_names_the_source_and_its_choices(tmp_path):
 
 
 def test_suggestions():
-  assert config_lib.suggest_key("optim.lr") == "optim.learning_rate"
-  assert config_lib.suggest_key("optim.wd") == "optim.weight_decay"
-  assert config_lib.suggest_key("data.sorce") == "data.source"
-  assert config_lib.suggest_key("lr") == "optim.learning_rate"
-  assert config_lib.suggest_key("zzz.qqq") is None
+  assert errors.suggest_key("optim.lr") == "optim.learning_rate"
+  assert errors.suggest_key("optim.wd") == "optim.weight_decay"
+  assert errors.suggest_key("data.sorce") == "data.source"
+  assert errors.suggest_key("lr") == "optim.learning_rate"
+  assert errors.suggest_key("zzz.qqq") is None
   assert config_lib.key_exists("optim.learning_rate") and config_lib.key_exists("evals.x.y")
   assert not config_lib.key_exists("optim.lr")
 

@@ -39,8 +39,7 @@ def _np_sigmoid_loss(img, txt, scale, bias):
   return np.sum(np.log1p(np.exp(-labels * logits))) / img.shape[0]
 
 
-def test_names_are_the_config_schema_losses():
-  assert loss_kinds.NAMES == config_lib.LOSSES
+def test_every_name_builds_its_kind():
   for name in loss_kinds.NAMES:
     kind = loss_kinds.get(_loss_config(name=name))
     assert kind.name == name and isinstance(kind, loss_kinds.LossKind)

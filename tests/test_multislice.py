@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh
 
 from align_jax.train import aot
-from align_jax.config import schema as config_lib
+from align_jax.train import validation
 from align_jax.parallel import mesh as sharding
 import multihost
 from train_utils import run_train_steps, tiny_config
@@ -109,8 +109,8 @@ def test_empty_dcn_shape_is_one_slice_or_all_slices_along_the_batch_axis():
 def test_validate_checks_the_dcn_shape_form():
   config = tiny_config(**{"mesh.dcn_shape": (2, 1)})
   with pytest.raises(ValueError, match=r"mesh.dcn_shape \(2, 1\) must be \(\) or one positive"):
-    config_lib.validate(config, 8)
-  config_lib.validate(tiny_config(**{"mesh.dcn_shape": (2,)}), 8)
+    validation.validate(config, 8)
+  validation.validate(tiny_config(**{"mesh.dcn_shape": (2,)}), 8)
 
 
 def _hybrid_cpu_mesh(devices):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from align_jax.config import schema as config_lib
+from align_jax.train import validation
 from align_jax.objectives import contrastive as losses, variants
 from align_jax.parallel import mesh as sharding
 from align_jax.train import loop as train
@@ -373,16 +374,16 @@ def test_demo_learns_with_structure(devices):
 ])
 def test_variant_config_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(tiny_config(**overrides), 8)
+    validation.validate(tiny_config(**overrides), 8)
 
 
 def test_variants_are_off_by_default():
   config = config_lib.default_config()
   assert config.model.fusemix_alpha == 0 and config.data.captions_per_image == 1
   assert config.loss.cwcl_weight == 0 and config.loss.structure_weight == 0
-  config_lib.validate(config, 8)
+  validation.validate(config, 8)
   # Structure with the (default) blockwise loss is allowed: the regulariser is added on top.
-  config_lib.validate(tiny_config(**{"loss.structure_weight": 1.0, "loss.impl": "blockwise"}), 8)
+  validation.validate(tiny_config(**{"loss.structure_weight": 1.0, "loss.impl": "blockwise"}), 8)
 
 
 @pytest.mark.slow

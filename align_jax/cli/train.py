@@ -19,13 +19,16 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
 from align_jax.cli import absl_app
+from align_jax.config import errors as config_errors
 from align_jax.config import files as config_files
+from align_jax.config import schema as config_schema
 from align_jax.parallel import processes as distributed
 
 FLAGS = flags.FLAGS
@@ -46,48 +49,48 @@ flags.adopt_module_key_flags(distributed)  # ... listed by --help with main.py's
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _config_file_frame(error: BaseException):
-  """(file, line) of the innermost frame of the error inside a config file, or None.
+def _config_file_line(error: BaseException, config_file: str | None) -> int | None:
+  """The line of ``config_file`` where ``error`` was raised (the traceback's innermost entry in
+  that file), or None when it was raised elsewhere."""
+  if not config_file:
+    return None
+  entries = [entry for entry in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(entry.filename) == os.path.abspath(config_file)]
+  return entries[-1].lineno if entries else None
 
-  A config file is any frame outside installed packages, the standard library and align_jax.
+
+def _config_file(argv) -> str | None:
+  """The config file ``--config=FILE[:variant]`` names (names already resolved to paths)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):].partition(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].partition(":")[0]
+  return None
+
+
+def _unknown_key_error(error: BaseException, argv) -> str | None:
+  """The one line for an AttributeError / KeyError of flag parsing that is an unknown key, or None.
+
+  Either ``--config.<key>=...`` names a key the schema lacks (found by comparing each override
+  with the schema), or the config file reads one (``x = config.optim.lr``): its ``file:line`` and
+  dotted path come from the file's source (:func:`align_jax.config.errors.read_key_path`). A key
+  the file *sets* does not raise here: the file is loaded unlocked and compared with the schema
+  after parsing (:func:`parse_flags`).
   """
-  import traceback
-  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-  found = None
-  for frame, line in traceback.walk_tb(error.__traceback__):
-    name = frame.f_code.co_filename
-    if not any(part in name for part in ("site-packages", "importlib", "<frozen")) and (
-        not os.path.abspath(name).startswith(package)):
-      found = (name, line)
-  return found
-
-
-def _unknown_key_message(error: BaseException, argv) -> str:
-  """``unknown config key 'optim.lr'; did you mean 'optim.learning_rate'?`` with the full key."""
-  from align_jax.config import schema as config_lib
-  import traceback
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([\w.]+)", arg)
+    if match and not config_schema.key_exists(match.group(1)):
+      return config_errors.unknown_key_message([match.group(1)])
   text = str(error).replace("\\n", "\n").replace("\\'", "'")
   quoted = re.search(r"""Key ["']([^"']+)["']|^["']+([^"']+)["']+$""", text.strip())
   leaf = next((g for g in quoted.groups() if g), None) if quoted else None
-  where = _config_file_frame(error)
-  path = None
-  if where is not None:  # raised by a config file: its ConfigDict block tells the full key
-    blocks = [f.f_locals.get("self") for f, _ in traceback.walk_tb(error.__traceback__)]
-    block = next((b for b in reversed(blocks) if isinstance(b, ml_collections.ConfigDict)), None)
-    prefix = config_lib.block_path(block) if block is not None else None
-    if leaf and prefix is not None:
-      path = f"{prefix}.{leaf}" if prefix else leaf
-  else:  # --config.<key>=...: the flag whose key is not in the schema
-    for arg in argv[1:]:
-      match = re.match(r"--config\.([\w.]+)", arg)
-      if match and not config_lib.key_exists(match.group(1)):
-        path = match.group(1)
-        break
-  path = path or leaf or text
-  suggestion = config_lib.suggest_key(path)
-  location = f" in {where[0]}:{where[1]}" if where is not None else ""
-  return f"unknown config key {path!r}{location}" + (
-      f"; did you mean {suggestion!r}?" if suggestion else "")
+  if leaf is None:
+    return None
+  file = _config_file(argv)
+  if file and _config_file_line(error, file) is not None:
+    return config_errors.unknown_key_message([config_errors.read_key_path(file, leaf)], file)
+  return config_errors.unknown_key_message([leaf])
 
 
 def resolve_config_names(argv: list[str]) -> list[str]:
@@ -103,29 +106,51 @@ def resolve_config_names(argv: list[str]) -> list[str]:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with config errors (unknown key, bad file, bad variant) as one line."""
+  """absl's flag parsing, with config errors (unknown key, bad file, bad variant) as one line.
+
+  The config file is loaded unlocked (:func:`align_jax.config.schema.built_unlocked`), then its
+  keys are compared with the schema: an unknown one is named by its full dotted path and the
+  file's line, found in the file's source (:mod:`align_jax.config.errors`); then it is locked as
+  the schema is.
+  """
   try:
     argv = resolve_config_names(argv)
   except ValueError as error:
     sys.exit(f"error: {error}")
   try:
-    return FLAGS(argv)
+    with config_schema.built_unlocked():
+      rest = FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-except
-    text = str(error).replace("\\n", "\n").replace("\\'", "'")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(error, (AttributeError, KeyError)):  # a key the locked config does not have
-      message = _unknown_key_message(error, argv)
-    elif isinstance(error, SyntaxError):
-      message = (f"could not load --config: {error.filename}:{error.lineno}: "
-                 f"SyntaxError: {error.msg}")
-    elif isinstance(error, flags.Error) or _config_file_frame(error) is None:
-      # config_flags wraps errors from get_config() in a traceback: keep the last line.
-      message = lines[-1] if "Traceback" in text else " ".join(lines)
-    else:  # any other error raised while running the config file
-      file, line = _config_file_frame(error)
-      message = f"could not load --config: {file}:{line}: {type(error).__name__}: {' '.join(lines)}"
-    sys.exit(f"error: {message}\n(see --helpfull, and the keys in "
-             "align_jax/config/schema.py:default_config)")
+    sys.exit(f"error: {_flag_error_message(error, argv)}\n" + _SEE_KEYS)
+  config = FLAGS.config
+  if isinstance(config, ml_collections.ConfigDict):
+    unknown = config_schema.unknown_keys(config)
+    if unknown:
+      sys.exit(f"error: {config_errors.unknown_key_message(unknown, _config_file(argv))}\n"
+               + _SEE_KEYS)
+    config_schema.lock(config)
+  return rest
+
+
+_SEE_KEYS = "(see --helpfull, and the keys in align_jax/config/schema.py:default_config)"
+
+
+def _flag_error_message(error: BaseException, argv) -> str:
+  """One line for an error of absl's flag parsing or of running the config file."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(error, (AttributeError, KeyError)):
+    message = _unknown_key_error(error, argv)
+    if message is not None:
+      return message
+  file = _config_file(argv)
+  line = _config_file_line(error, file)
+  if isinstance(error, SyntaxError):
+    return f"could not load --config: {error.filename}:{error.lineno}: SyntaxError: {error.msg}"
+  if isinstance(error, flags.Error) or line is None:
+    # config_flags wraps errors from get_config() in a traceback: keep the last line.
+    return lines[-1] if "Traceback" in text else " ".join(lines)
+  return f"could not load --config: {file}:{line}: {type(error).__name__}: {' '.join(lines)}"
 
 
 def load_config():
@@ -137,9 +162,9 @@ def load_config():
     except Exception as error:  # pylint: disable=broad-except
       lines = [line.strip() for line in str(error).splitlines() if line.strip()]
       sys.exit(f"error: could not load --config: {' '.join(lines[-2:])}")
-  from align_jax.config import schema as config_lib
+  from align_jax.train import validation
   try:
-    config_lib.check_choices(config)  # e.g. --config.data.source=bogus, before anything is built
+    validation.check_choices(config)  # e.g. --config.data.source=bogus, before anything is built
   except ValueError as error:
     sys.exit(f"error: {error}")
   return config

@@ -1,27 +1,30 @@
 """The configuration schema: every key a training run understands, with its default.
 
 Config files in ``configs/`` start from :func:`default_config` and change what they need. The
-returned ConfigDict is *locked*, so a misspelt key in a config file or on the command line
-(``--config.batchsize=8``) raises at once with the list of valid keys, instead of being silently
-ignored. :func:`validate` then checks the values against each other and the device mesh, and names
-the fix for each problem.
+returned ConfigDict is *locked*, so a misspelt key (``config.batchsize = 8``) raises at once
+instead of being silently added. The command line loads ``--config`` files inside
+:func:`built_unlocked` and then compares the whole tree with the schema (:func:`unknown_keys`), so
+it can name every unknown key by its full dotted path and the file's line
+(:mod:`align_jax.config.errors`). The values are checked against each other and the device mesh by
+:mod:`align_jax.config.checks`, with the checks each package registers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import ml_collections
 
 
-LOSSES = ("softmax", "sigmoid")
-# config.data.source: arrays (align_jax.data.features) or raw images + captions (data.pipeline)
-SOURCES = ("synthetic", "features", "tfds", "webdataset", "manifest", "parquet",
-           "synthetic_shapes")
-VERIFY_FEATURES = ("once", "always", "size")
-STORE_DTYPES = ("float16", "float32")
+# False inside built_unlocked(): default_config() then returns an unlocked ConfigDict
+_LOCKED = contextvars.ContextVar("align_jax_config_schema_locked", default=True)
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Returns the locked base config; the freeze-align recipe's optimiser settings are the defaults."""
+  """Returns the locked base config (unlocked inside :func:`built_unlocked`); the freeze-align
+  recipe's optimiser settings are the defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
@@ -176,9 +179,31 @@ def default_config() -> ml_collections.ConfigDict:
   # Evaluators by name: each a ConfigDict with type (retrieval), every (steps; 0 = eval_every),
   # prefix (metric key prefix) and the evaluator's own keys. Free-form, so not locked.
   c.evals = ml_collections.ConfigDict()
-  c.lock()
-  c.evals.unlock()
-  return c
+  return lock(c) if _LOCKED.get() else c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks ``config`` as :func:`default_config` does: every block but the free-form ``evals``."""
+  config.lock()
+  config.evals.unlock()
+  return config
+
+
+@contextlib.contextmanager
+def built_unlocked() -> Iterator[None]:
+  """Inside, :func:`default_config` (and every config file built on it) returns an unlocked dict.
+
+  A locked dict raises inside the config file at the first unknown key, where only the leaf name
+  (``lr``) is known; finding its block would mean reading the file's stack frames. Built unlocked,
+  the file runs to the end, and the loader (``align_jax.cli.train``) compares the result with the
+  schema (:func:`unknown_keys`), which names every unknown key by its full dotted path, then locks
+  it (:func:`lock`). Outside, library and notebook users keep the locked dict that raises at once.
+  """
+  token = _LOCKED.set(False)
+  try:
+    yield
+  finally:
+    _LOCKED.reset(token)
 
 
 
@@ -270,30 +295,6 @@ def parse_arg(arg: str | None, **defaults):
   return result
 
 
-def _choice_problems(config: ml_collections.ConfigDict) -> list[str]:
-  problems = []
-  for key, choices in (("data.source", SOURCES), ("loss.name", LOSSES),
-                       ("data.verify_features", VERIFY_FEATURES),
-                       ("extract.dtype", STORE_DTYPES)):
-    block, leaf = key.split(".")
-    value = config[block][leaf]
-    if value not in choices:
-      what = {"data.source": "data source", "loss.name": "loss"}.get(key, key)
-      problems.append(f"unknown {what} {value!r}: set --config.{key} to one of "
-                      f"{', '.join(repr(c) for c in choices)}")
-  return problems
-
-
-def check_choices(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError (one line) if a key with a fixed set of values has another one.
-
-  Needs no devices, so ``main.py`` runs it for every mode before anything is built.
-  """
-  problems = _choice_problems(config)
-  if problems:
-    raise ValueError("; ".join(problems))
-
-
 def key_exists(path: str) -> bool:
   """Whether a dotted key (``"optim.learning_rate"``) is in the schema; ``evals.*`` is free-form."""
   node = default_config()
@@ -306,147 +307,21 @@ def key_exists(path: str) -> bool:
   return True
 
 
-def _initials(name: str) -> str:
-  return "".join(word[0] for word in name.split("_") if word)
 
 
-def _close_match(word: str, candidates: list[str]) -> str | None:
-  """A misspelling (difflib) or initials (``lr`` -> ``learning_rate``) of one candidate."""
-  import difflib
-  if len(word) >= 2:
-    by_initials = [c for c in candidates if "_" in c and _initials(c) == word.lower()]
-    if len(by_initials) == 1:
-      return by_initials[0]
-  close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-  return close[0] if close else None
+def unknown_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """The dotted keys set in ``config`` that the schema lacks, sorted (``evals.*`` is free-form;
+  below an unknown key nothing more is listed)."""
+  found = []
 
+  def walk(node, schema, prefix):
+    for key in node.keys():
+      path = prefix + key
+      if key not in schema:
+        found.append(path)
+      elif (path != "evals" and isinstance(node[key], ml_collections.ConfigDict)
+            and isinstance(schema[key], ml_collections.ConfigDict)):
+        walk(node[key], schema[key], path + ".")
 
-def _abbreviation_of(word: str, candidates: list[str]) -> str | None:
-  """The shortest candidate with the same first letter and ``word``'s letters in order."""
-  def is_subsequence(short, long):
-    letters = iter(long)
-    return all(ch in letters for ch in short)
-  if len(word) < 2:
-    return None
-  found = sorted((c for c in candidates if c[0] == word[0] and
-                  is_subsequence(word.lower(), c.lower())), key=len)
-  return found[0] if found else None
-
-
-def suggest_key(path: str) -> str | None:
-  """The existing dotted key closest to an unknown one: ``optim.lr`` -> ``optim.learning_rate``,
-  ``batchsize`` -> ``batch_size``, ``lr`` -> ``optim.learning_rate`` (searched in every block)."""
-  node, prefix = default_config(), []
-  parts = path.split(".")
-  for part in parts[:-1]:
-    if part in node and isinstance(node[part], ml_collections.ConfigDict):
-      node, prefix = node[part], prefix + [part]
-    else:
-      break
-  leaf = parts[len(prefix)]
-  local = list(node.keys())
-  everywhere = {}
-  for block, value in default_config().items():
-    if isinstance(value, ml_collections.ConfigDict):
-      for key in value.keys():
-        everywhere.setdefault(key, f"{block}.{key}")
-  for finder in (_close_match, _abbreviation_of):
-    match = finder(leaf, local)
-    if match is not None:
-      return ".".join(prefix + [match])
-    match = finder(leaf, list(everywhere))
-    if match is not None:
-      return everywhere[match]
-  return None
-
-
-def block_path(node: ml_collections.ConfigDict) -> str | None:
-  """The dotted path of a block of the schema, recognised by its keys ("" for the root)."""
-  keys = set(node.keys())
-  default = default_config()
-  if keys == set(default.keys()):
-    return ""
-  for name, value in default.items():
-    if isinstance(value, ml_collections.ConfigDict) and name != "evals" and (
-        set(value.keys()) == keys):
-      return name
-  return None
-
-
-def validate(config: ml_collections.ConfigDict, num_batch_devices: int, num_processes: int = 1):
-  """Checks values against each other and the mesh; raises ValueError naming the fix.
-
-  ``num_batch_devices`` is how many ways the mesh splits the batch (``sharding.num_batch_shards``:
-  the batch axes' sizes, ICI x DCN on a multi-slice mesh).
-  """
-  problems = _choice_problems(config)
-  for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-    if config[key] <= 0:
-      problems.append(f"{key} must be positive (got {config[key]}): set --config.{key}=N")
-  if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
-    problems.append(f"keep_checkpoints must be >= 1 (got {config.keep_checkpoints}): retention "
-                    "always keeps the newest checkpoint; set --config.keep_checkpoints=N")
-  if config.batch_size % num_batch_devices:
-    nearest = max(num_batch_devices, config.batch_size // num_batch_devices * num_batch_devices)
-    problems.append(
-        f"batch_size {config.batch_size} is not divisible by the {num_batch_devices} devices "
-        f"that split the batch (mesh axes {tuple(config.mesh.batch_axes)}); use a multiple of "
-        f"{num_batch_devices}, e.g. --config.batch_size={nearest}")
-  if config.batch_size % num_processes:
-    problems.append(f"batch_size {config.batch_size} is not divisible by the {num_processes} "
-                    "processes; use a multiple of the process count")
-  if not 0 < config.loss.temperature_min <= config.loss.temperature_init <= (
-      config.loss.temperature_max):
-    problems.append("need 0 < loss.temperature_min <= loss.temperature_init <= "
-                    "loss.temperature_max")
-  if not config.optim.learning_rate > 0:
-    problems.append(f"optim.learning_rate must be > 0 (got {config.optim.learning_rate}): set "
-                    "--config.optim.learning_rate, e.g. 1e-3 (the default)")
-  if config.optim.warmup_steps < 0:
-    problems.append("optim.warmup_steps must be >= 0")
-  dcn_shape, axes = tuple(config.mesh.dcn_shape), tuple(config.mesh.axes)
-  if dcn_shape and (len(dcn_shape) != len(axes) or dcn_shape.count(-1) > 1
-                    or any(s < 1 and s != -1 for s in dcn_shape)):
-    example = (2,) + (1,) * (len(axes) - 1)
-    problems.append(f"mesh.dcn_shape {dcn_shape} must be () or one positive size (at most one -1) "
-                    f"per mesh axis {axes}, e.g. --config.mesh.dcn_shape='{example}' for 2 slices "
-                    f"along {axes[0]!r}")
-  problems += _variant_problems(config)
-  for name, evaluator in config.evals.items():
-    if "type" not in evaluator:
-      problems.append(f"evaluator {name!r} has no type: set config.evals.{name}.type")
-  if problems:
-    raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
-
-
-def _variant_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """align_jax.objectives.variants' config problems, one line each naming the key and the fix."""
-  problems = []
-  m, d, l = config.model, config.data, config.loss
-  if m.fusemix_alpha < 0:
-    problems.append(f"model.fusemix_alpha must be >= 0 (0 = off; got {m.fusemix_alpha})")
-  if m.fusemix_alpha > 0 and "tokens" in (m.image_pooling, m.text_pooling):
-    problems.append("model.fusemix_alpha needs pooled features: set model.image_pooling / "
-                    "model.text_pooling to cls or mean (not tokens), or model.fusemix_alpha=0")
-  if d.shuffle_block_rows < 1:
-    problems.append(f"data.shuffle_block_rows must be >= 1 (got {d.shuffle_block_rows})")
-  if d.captions_per_image < 1 or d.num_captions < 1:
-    problems.append(f"data.captions_per_image and data.num_captions must be >= 1 (got "
-                    f"{d.captions_per_image}, {d.num_captions})")
-  if not 0 <= l.cwcl_weight <= 1:
-    problems.append(f"loss.cwcl_weight must be in [0, 1] (0 = off, 1 = CWCL; got {l.cwcl_weight})")
-  if l.cwcl_weight > 0 and l.name != "softmax":
-    problems.append("loss.cwcl_weight is for the softmax loss: set loss.name=softmax or "
-                    "loss.cwcl_weight=0")
-  if l.cwcl_weight > 0 and d.captions_per_image > 1:
-    problems.append("loss.cwcl_weight and data.captions_per_image > 1 cannot be combined: "
-                    "set one of them off")
-  if (d.captions_per_image > 1 or l.cwcl_weight > 0) and l.impl == "blockwise":
-    problems.append("data.captions_per_image > 1 and loss.cwcl_weight use a gathered loss: set "
-                    "loss.impl=gathered (or leave it empty)")
-  if l.structure_weight < 0:
-    problems.append(f"loss.structure_weight must be >= 0 (0 = off; got {l.structure_weight})")
-  if l.structure_levels < 1 or l.structure_temperature <= 0:
-    problems.append("loss.structure_levels must be >= 1 and loss.structure_temperature > 0")
-  return problems
-
+  walk(config, default_config(), "")
+  return sorted(found)

@@ -14,9 +14,11 @@ import ml_collections
 
 from align_jax.model import interfaces
 from align_jax.run import storage
-from align_jax.data import features
+from align_jax.data import features, readers
 
 ARRAY_SOURCES = ("synthetic", "features")
+# every data.source: the array sources, then the image-caption readers' (readers.READERS)
+SOURCES = ARRAY_SOURCES + tuple(readers.READERS)
 
 
 def is_array_source(data_config) -> bool:

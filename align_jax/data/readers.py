@@ -14,7 +14,7 @@ value, never a second default written here (:func:`with_schema`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
@@ -52,30 +52,51 @@ def _require(data: ml_collections.ConfigDict, key: str) -> Any:
   return value
 
 
+def _tfds(data: ml_collections.ConfigDict) -> records.RecordReader:
+  return sources.TfdsReader(
+      _require(data, "name"), split=data.split, data_dir=data.data_dir or None,
+      image_key=data.image_key or "image", caption_key=data.caption_key or "captions/text")
+
+
+def _webdataset(data: ml_collections.ConfigDict) -> records.RecordReader:
+  return webdataset.WebDatasetReader(
+      _require(data, "urls"), caption_key=data.caption_key or "caption",
+      index_cache_dir=data.index_cache_dir or None)
+
+
+def _manifest(data: ml_collections.ConfigDict) -> records.RecordReader:
+  return sources.ManifestReader(
+      _require(data, "path"), image_root=data.image_root, image_key=data.image_key or "image",
+      caption_key=data.caption_key or "caption")
+
+
+def _parquet(data: ml_collections.ConfigDict) -> records.RecordReader:
+  return parquet.ParquetReader(
+      _require(data, "path"), image_root=data.image_root, image_key=data.image_key or "image",
+      caption_key=data.caption_key or "caption")
+
+
+def _synthetic_shapes(data: ml_collections.ConfigDict) -> records.RecordReader:
+  return synthetic_images.ShapesReader(split=data.split, num_records=int(data.num_pairs),
+                                       seed=int(data.data_seed))
+
+
+# data.source -> the reader built from a schema-filled data config: the image-caption sources
+READERS: dict[str, Callable[[ml_collections.ConfigDict], records.RecordReader]] = {
+    "tfds": _tfds,
+    "webdataset": _webdataset,
+    "manifest": _manifest,
+    "parquet": _parquet,
+    "synthetic_shapes": _synthetic_shapes,
+}
+
+
 def make_reader(data_config: Any) -> records.RecordReader:
-  """The reader named by ``data_config.source``: tfds, webdataset, manifest, parquet or
-  synthetic_shapes."""
+  """The reader named by ``data_config.source``, one of :data:`READERS`."""
   data = with_schema(data_config)
-  source = data.source
-  if source == "tfds":
-    return sources.TfdsReader(
-        _require(data, "name"), split=data.split, data_dir=data.data_dir or None,
-        image_key=data.image_key or "image", caption_key=data.caption_key or "captions/text")
-  if source == "webdataset":
-    return webdataset.WebDatasetReader(
-        _require(data, "urls"), caption_key=data.caption_key or "caption",
-        index_cache_dir=data.index_cache_dir or None)
-  if source == "manifest":
-    return sources.ManifestReader(
-        _require(data, "path"), image_root=data.image_root, image_key=data.image_key or "image",
-        caption_key=data.caption_key or "caption")
-  if source == "parquet":
-    return parquet.ParquetReader(
-        _require(data, "path"), image_root=data.image_root, image_key=data.image_key or "image",
-        caption_key=data.caption_key or "caption")
-  if source == "synthetic_shapes":
-    return synthetic_images.ShapesReader(split=data.split, num_records=int(data.num_pairs),
-                                         seed=int(data.data_seed))
-  raise ValueError(f"unknown data.source {source!r}; expected 'tfds', 'webdataset', 'manifest', "
-                   "'parquet' or 'synthetic_shapes' (stored features and the synthetic latent "
-                   "world are built by align_jax.data.features)")
+  build = READERS.get(data.source)
+  if build is None:
+    raise ValueError(f"unknown data.source {data.source!r}; expected one of "
+                     f"{', '.join(repr(name) for name in READERS)} (stored features and the "
+                     "synthetic latent world are built by align_jax.data.features)")
+  return build(data)

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from align_jax.config import schema as config_lib
+from align_jax.train import validation
 from align_jax.model import two_tower as model_lib
 from align_jax.run import reader as run_dir
 from align_jax.parallel import mesh as sharding
@@ -65,7 +65,7 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str,
     ValueError: the config is invalid.
   """
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
-  config_lib.validate(config, sharding.num_batch_shards(mesh, tuple(config.mesh.batch_axes)),
+  validation.validate(config, sharding.num_batch_shards(mesh, tuple(config.mesh.batch_axes)),
                       jax.process_count())
   # Read straight onto the mesh, laid out by the training run's parameter rules.
   params, step, folder = run_dir.restore_params(

@@ -50,7 +50,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from align_jax.cli import absl_app
-from align_jax.config import schema as config_lib
+from align_jax.train import validation
 from align_jax.model import two_tower as model_lib
 from align_jax.train import optim, step as step_builder
 from align_jax.parallel import mesh as sharding
@@ -275,7 +275,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str,
   batch_axes = tuple(config.mesh.batch_axes)
   num_processes = len({d.process_index for d in devices})
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  config_lib.validate(config, sharding.num_batch_shards(mesh, batch_axes), num_processes)
+  validation.validate(config, sharding.num_batch_shards(mesh, batch_axes), num_processes)
   model = model_lib.build_model(config, mesh, abstract=True)
   tx = optim.make_optimizer(config)
   built = step_builder.build(config, mesh, model, tx,

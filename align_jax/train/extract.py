@@ -54,6 +54,7 @@ from align_jax.data import factory, feature_files, features
 logger = logging.getLogger("align_jax")
 MANIFEST = feature_files.MANIFEST
 FINGERPRINT = feature_files.FINGERPRINT
+STORE_DTYPES = ("float16", "float32")  # config.extract.dtype: the stored arrays' dtype
 FeatureStoreError = feature_files.FeatureStoreError
 
 # The data keys that select which records a source yields (everything else -- threads, prefetch,
@@ -329,8 +330,9 @@ def extract_features(config: ml_collections.ConfigDict, out_dir: str, *,
   """
   shard_batches = shard_batches or config.extract.shard_batches
   dtype = dtype or config.extract.dtype
-  if dtype not in ("float16", "float32"):
-    raise ValueError(f"config.extract.dtype is {dtype!r}; use 'float16' or 'float32'")
+  if dtype not in STORE_DTYPES:
+    raise ValueError(f"config.extract.dtype is {dtype!r}; use one of "
+                     f"{', '.join(repr(d) for d in STORE_DTYPES)}")
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
   batch_axes = tuple(config.mesh.batch_axes)
   batch_size = batch_size or config.batch_size

@@ -27,7 +27,7 @@ from clu import parameter_overview
 
 from align_jax.run import checkpoint as checkpoint_lib
 from align_jax.train import compilation_cache
-from align_jax.config import schema as config_lib
+from align_jax.train import validation
 from align_jax.train import extract as feature_store
 from align_jax.model import interfaces
 from align_jax.parallel import peer_watch, preemption, processes as distributed
@@ -115,7 +115,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
   """Validates the config and builds mesh, model, input, frozen params, state and jitted step."""
   mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
   batch_axes = tuple(config.mesh.batch_axes)
-  config_lib.validate(config, sharding.num_batch_shards(mesh, batch_axes), jax.process_count())
+  validation.validate(config, sharding.num_batch_shards(mesh, batch_axes), jax.process_count())
   data_features.check_feature_encoders(config)  # stored features: no encoder runs again
   model = model_lib.build_model(config, mesh)
   tx = optim.make_optimizer(config)
