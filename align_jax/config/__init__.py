@@ -1,1 +1,1 @@
-"""The configuration: the schema of every key with its default, and config files by name."""
+"""The configuration: the schema, the checks registry, the error lines, and config files by name."""
