@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from align_jax.config import schema as config_lib
-from align_jax.objectives import kinds as loss_kinds, variants
+from align_jax.objectives import kinds as loss_kinds, multi_positive
 from align_jax.parallel import mesh as sharding
 from train_utils import aligned_unit_pairs
 
@@ -130,16 +130,19 @@ def test_multi_positive_loss_is_the_variant(name):
   img, _ = aligned_unit_pairs(6, 5)
   _, txt = aligned_unit_pairs(12, 5, seed=1)
   args = kind.loss_args(kind.init_params())
-  got = float(kind.multi_positive_loss(jnp.float32(img), jnp.float32(txt), args, 2))
+  got = float(multi_positive.multi_positive_loss(kind, jnp.float32(img), jnp.float32(txt), args,
+                                                  2))
   if name == "softmax":
-    want = float(variants.multi_positive_softmax_loss(jnp.float32(img), jnp.float32(txt), 0.2, 2))
+    want = float(multi_positive.multi_positive_softmax_loss(jnp.float32(img), jnp.float32(txt),
+                                                            0.2, 2))
   else:
-    want = float(variants.multi_positive_sigmoid_loss(jnp.float32(img), jnp.float32(txt), 4.0,
+    want = float(multi_positive.multi_positive_sigmoid_loss(jnp.float32(img), jnp.float32(txt), 4.0,
                                                       -2.0, 2))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   # k = 1 is the plain loss
   img, txt = aligned_unit_pairs(8, 5, seed=2)
-  one = float(kind.multi_positive_loss(jnp.float32(img), jnp.float32(txt), args, 1))
+  one = float(multi_positive.multi_positive_loss(kind, jnp.float32(img), jnp.float32(txt), args,
+                                                  1))
   ref = _np_softmax_loss(img, txt, 0.2) if name == "softmax" else _np_sigmoid_loss(img, txt, 4.0,
                                                                                   -2.0)
   np.testing.assert_allclose(one, ref, rtol=2e-5)

@@ -1,4 +1,5 @@
-"""align_jax.objectives.variants against plain numpy implementations of the papers' equations.
+"""The seed papers' variants (align_jax.train.fusemix; align_jax.objectives.multi_positive, cwcl,
+structure) against plain numpy implementations of the papers' equations.
 
 Values and gradients (float64 numpy references; gradients by central finite differences of the
 numpy reference), 8 sharded devices against one, the config errors, and the CPU demo learning
@@ -16,8 +17,9 @@ import pytest
 
 from align_jax.config import schema as config_lib
 from align_jax.train import validation
-from align_jax.objectives import contrastive as losses, variants
+from align_jax.objectives import contrastive as losses, cwcl, multi_positive, structure
 from align_jax.parallel import mesh as sharding
+from align_jax.train import fusemix
 from align_jax.train import loop as train
 from align_jax.data import features as features_data
 from train_utils import apply_overrides, tiny_config
@@ -61,12 +63,12 @@ def test_fusemix_matches_numpy_per_device_with_shared_lambda_and_perm(devices):
   text = {"pooled": rng.normal(size=(64, 3)).astype(np.float32)}  # 2 captions per image
   put = lambda t: sharding.host_to_global(t, sharding.batch_sharding(mesh, ("data",)))
   state_rng, step = jax.random.PRNGKey(7), jnp.asarray(3)
-  mixer = jax.jit(variants.make_feature_mixer(config, mesh))
+  mixer = jax.jit(fusemix.make_feature_mixer(config, mesh))
   got_image, got_text = mixer(state_rng, step, put(image), put(text))
 
   key = jax.random.fold_in(jax.random.fold_in(state_rng, 3), 0x46D)
   want_image, want_text = np.zeros((32, 5)), np.zeros((64, 3))
-  lams, draws = [], jax.jit(lambda k: variants.fusemix_draws(k, 0.4, 4))
+  lams, draws = [], jax.jit(lambda k: fusemix.fusemix_draws(k, 0.4, 4))
   for d in range(8):  # each device: its 4 images (8 captions), its own λ and permutation
     lam, perm = draws(jax.random.fold_in(key, d))
     lam, perm = float(lam), np.asarray(perm)
@@ -88,16 +90,16 @@ def test_fusemix_gradient_and_beta_distribution():
   x = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
   w = np.random.default_rng(2).normal(size=(6, 4))
   lam, perm = 0.3, np.array([2, 0, 1, 5, 3, 4])
-  grad = jax.grad(lambda x: jnp.sum(w * variants.mix_rows({"pooled": x}, lam, perm)["pooled"]))(x)
+  grad = jax.grad(lambda x: jnp.sum(w * fusemix.mix_rows({"pooled": x}, lam, perm)["pooled"]))(x)
   f = lambda x: np.sum(w * (lam * x + (1 - lam) * x[perm]))
   np.testing.assert_allclose(np.asarray(grad), _numeric_grad(f, x.astype(np.float64)), atol=1e-5)
   keys = jax.random.split(jax.random.PRNGKey(0), 2000)
-  lams = np.asarray(jax.jit(jax.vmap(lambda k: variants.fusemix_draws(k, 0.4, 3)[0]))(keys))
+  lams = np.asarray(jax.jit(jax.vmap(lambda k: fusemix.fusemix_draws(k, 0.4, 3)[0]))(keys))
   # Beta(α, α): mean 1/2, variance 1 / (4 (2α + 1)) = 0.1389 at α = 0.4.
   assert abs(lams.mean() - 0.5) < 0.02
   assert abs(lams.var() - 1 / (4 * 1.8)) < 0.012
   with pytest.raises(ValueError, match="fusemix_alpha needs pooled"):
-    variants.mix_rows({"tokens": x[None], "mask": np.ones((1, 6), bool)}, lam, perm)
+    fusemix.mix_rows({"tokens": x[None], "mask": np.ones((1, 6), bool)}, lam, perm)
 
 
 # --------------------------------------------------------------------------- demo runs
@@ -147,10 +149,10 @@ def test_multi_positive_losses_match_numpy(devices, name):
   b, k, d = 8, 3, 5
   img, txt = _unit(rng, b, d), _unit(rng, b * k, d)
   if name == "softmax":
-    fn = lambda i, t: variants.multi_positive_softmax_loss(i, t, 0.2, k)
+    fn = lambda i, t: multi_positive.multi_positive_softmax_loss(i, t, 0.2, k)
     ref = lambda i, t: _np_multi_softmax(i, t, 0.2, k)
   else:
-    fn = lambda i, t: variants.multi_positive_sigmoid_loss(i, t, 4.0, -2.0, k)
+    fn = lambda i, t: multi_positive.multi_positive_sigmoid_loss(i, t, 4.0, -2.0, k)
     ref = lambda i, t: _np_multi_sigmoid(i, t, 4.0, -2.0, k)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   value, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(f32(img), f32(txt))
@@ -163,9 +165,9 @@ def test_multi_positive_losses_match_numpy(devices, name):
   mesh = sharding.make_mesh(("data",), (8,))
   put = lambda x: jax.device_put(f32(x), sharding.batch_sharding(mesh, ("data",)))
   if name == "softmax":
-    sharded = lambda i, t: variants.multi_positive_softmax_loss(i, t, 0.2, k, mesh=mesh)
+    sharded = lambda i, t: multi_positive.multi_positive_softmax_loss(i, t, 0.2, k, mesh=mesh)
   else:
-    sharded = lambda i, t: variants.multi_positive_sigmoid_loss(i, t, 4.0, -2.0, k, mesh=mesh)
+    sharded = lambda i, t: multi_positive.multi_positive_sigmoid_loss(i, t, 4.0, -2.0, k, mesh=mesh)
   value8, grads8 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(put(img), put(txt))
   np.testing.assert_allclose(float(value8), float(value), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(grads8[1]), np.asarray(g_txt), atol=1e-6)
@@ -174,9 +176,10 @@ def test_multi_positive_losses_match_numpy(devices, name):
 def test_one_caption_per_image_is_the_plain_loss():
   rng = np.random.default_rng(4)
   img, txt = (jnp.asarray(_unit(rng, 16, 6), jnp.float32) for _ in range(2))
-  np.testing.assert_allclose(float(variants.multi_positive_softmax_loss(img, txt, 0.1, 1)),
+  np.testing.assert_allclose(float(multi_positive.multi_positive_softmax_loss(img, txt, 0.1, 1)),
                              float(losses.softmax_loss(img, txt, 0.1, impl="gathered")), rtol=1e-6)
-  np.testing.assert_allclose(float(variants.multi_positive_sigmoid_loss(img, txt, 10.0, -5.0, 1)),
+  np.testing.assert_allclose(float(multi_positive.multi_positive_sigmoid_loss(img, txt, 10.0,
+                                                                              -5.0, 1)),
                              float(losses.sigmoid_loss(img, txt, 10.0, -5.0, impl="gathered")),
                              rtol=1e-6)
 
@@ -281,7 +284,7 @@ def test_cwcl_matches_numpy(devices, alpha):
   img, txt = _unit(rng, b, d), _unit(rng, b, d)
   x, y = rng.normal(size=(b, 7)), rng.normal(size=(b, 6))  # frozen features (unnormalised)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  fn = lambda i, t: variants.cwcl_softmax_loss(i, t, f32(x), f32(y), 0.3, alpha)
+  fn = lambda i, t: cwcl.cwcl_softmax_loss(i, t, f32(x), f32(y), 0.3, alpha)
   ref = lambda i, t: _np_cwcl(i, t, x, y, 0.3, alpha)
   value, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(f32(img), f32(txt))
   np.testing.assert_allclose(float(value), ref(img, txt), rtol=1e-5)
@@ -290,9 +293,9 @@ def test_cwcl_matches_numpy(devices, alpha):
   np.testing.assert_allclose(np.asarray(g_txt), _numeric_grad(lambda a: ref(img, a), txt),
                              rtol=1e-3, atol=1e-5)
   # The weights: (1 + cos) / 2, rows sum to one; and α = 0 is CLIP's loss.
-  w = np.asarray(variants.cwcl_weights(f32(y)))
+  w = np.asarray(cwcl.cwcl_weights(f32(y)))
   np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(float(variants.cwcl_softmax_loss(f32(img), f32(txt), f32(x), f32(y),
+  np.testing.assert_allclose(float(cwcl.cwcl_softmax_loss(f32(img), f32(txt), f32(x), f32(y),
                                                               0.3, 0.0)),
                              float(losses.softmax_loss(f32(img), f32(txt), 0.3, impl="gathered")),
                              rtol=1e-6)
@@ -325,7 +328,7 @@ def test_structure_matches_numpy(levels):
   rng = np.random.default_rng(6)
   x, z = rng.normal(size=(10, 7)), rng.normal(size=(10, 4))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  fn = lambda z_: variants.structure_regularizer(f32(x), z_, levels, 0.5)
+  fn = lambda z_: structure.structure_regularizer(f32(x), z_, levels, 0.5)
   value, grad = jax.value_and_grad(fn)(f32(z))
   np.testing.assert_allclose(float(value), _np_structure(x, z, levels, 0.5), rtol=1e-4)
   want = _numeric_grad(lambda a: _np_structure(x, a, levels, 0.5), z)
@@ -333,10 +336,10 @@ def test_structure_matches_numpy(levels):
   assert float(value) > 1e-3
   # Same geometry (any rotation and scale of the frozen features) -> zero.
   rotation = np.linalg.qr(rng.normal(size=(7, 7)))[0]
-  same = float(variants.structure_regularizer(f32(x), f32(3.0 * x @ rotation), levels, 0.5))
+  same = float(structure.structure_regularizer(f32(x), f32(3.0 * x @ rotation), levels, 0.5))
   assert abs(same) < 1e-6
   # The frozen side gets no gradient.
-  g_frozen = jax.grad(lambda x_: variants.structure_regularizer(x_, f32(z), levels, 0.5))(f32(x))
+  g_frozen = jax.grad(lambda x_: structure.structure_regularizer(x_, f32(z), levels, 0.5))(f32(x))
   assert not np.any(np.asarray(g_frozen))
 
 

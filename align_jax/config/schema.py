@@ -70,9 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   # resume on a store with another one is refused (align_jax.train.extract.check_training_store)
   c.data.store_fingerprint = ml_collections.FieldReference(None, field_type=object)
   # features / synthetic sources: shuffle blocks of this many consecutive pairs (1 = every pair
-  # independently). 16 reads pooled stores ~2x faster (contiguous rows); the pairs of one block
-  # then always share a batch, so keep 1 for stores written in a correlated order
-  # (align_jax.data.order)
+  # independently). Larger blocks read pooled stores faster (contiguous rows; benchmarks/README.md,
+  # "Stored-feature loader speed"); the pairs of one block then always share a batch, so keep 1
+  # for stores written in a correlated order (align_jax.data.order)
   c.data.shuffle_block_rows = 1
   # synthetic source: a shared latent seen through two different fixed nonlinear views
   c.data.num_pairs = 8192
@@ -84,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_seed = 1234  # the synthetic world; fixed so every run sees the same data
   c.data.num_captions = 1  # synthetic source: noisy text views (captions) per latent
   # captions of each image in a training batch (text rows [B * k], image-major); > 1 labels every
-  # one of them positive (align_jax.objectives.variants: SAIL's multi-positive sigmoid,
+  # one of them positive (align_jax.objectives.multi_positive: SAIL's multi-positive sigmoid,
   # multi-positive softmax)
   c.data.captions_per_image = 1
 
@@ -120,10 +120,11 @@ def default_config() -> ml_collections.ConfigDict:
   # gradients, optimiser state and the loss stay float32)
   c.model.projector_dtype = "float32"
   # PRNG for the dropout masks (align_jax.model.two_tower.DROPOUT_RNG_IMPLS): the state's key stays
-  # a threefry key; each step's key is turned into one of this implementation. "rbg" is faster than
-  # threefry2x32 on CPU/GPU/TPU; masks then depend on the mesh (same mesh: exact resume)
+  # a threefry key; each step's key is turned into one of this implementation. "rbg" draws masks
+  # faster than threefry2x32 (benchmarks/README.md, "Train step on stored features vs PyTorch");
+  # masks then depend on the mesh (same mesh: exact resume)
   c.model.dropout_rng_impl = "rbg"
-  # FuseMix (align_jax.objectives.variants.fusemix): mixup of the frozen features, λ ~ Beta(α, α); 0
+  # FuseMix (align_jax.train.fusemix): mixup of the frozen features, λ ~ Beta(α, α); 0
   # = off
   c.model.fusemix_alpha = 0.0
 
@@ -137,7 +138,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.scale_init = 10.0
   c.loss.scale_max = 100.0
   c.loss.bias_init = -10.0
-  # align_jax.objectives.variants: CWCL soft targets (softmax loss; 0 = off, 1 = the paper's loss)
+  # align_jax.objectives.cwcl / .structure: CWCL soft targets (softmax loss; 0 = off, 1 = the paper's loss)
   # and the STRUCTURE regulariser (weight 0 = off; hierarchy levels; similarity temperature)
   c.loss.cwcl_weight = 0.0
   c.loss.structure_weight = 0.0

@@ -22,17 +22,16 @@ undo a sort, and on many hosts process ``p`` reads mostly the ``p``-th ``1/P`` o
 each host's page cache needs about its share of the store. Each epoch's permutation is computed
 once and kept (4 bytes per pair). ``shuffle_block_rows = R > 1`` (``data.shuffle_block_rows``)
 permutes blocks of ``R`` consecutive pairs instead (:mod:`align_jax.data.order`), so each batch
-reads runs of ``R`` rows: the gather of pooled rows 1.8x faster, at the price that a block's
-pairs always share a batch.
+reads runs of ``R`` rows: a faster gather of pooled rows (benchmarks/README.md, "Stored-feature
+loader speed"), at the price that a block's pairs always share a batch.
 
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
 :mod:`align_jax.train.extract` (shards + manifest, several captions per image), whose every shard
 is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
 ``gs://`` are read through verified local copies). Rows are copied with one sorted ``np.take``
-per file and batch into recycled output buffers (see :class:`_BatchBuffers`): 0.6-1.5M pooled
-D = 1,024 float16 pairs per CPU-second from the page cache, 2.7-4.7x the loader before them
-(benchmarks/README.md, "Stored-feature loader speed"); memory-mapped files far larger than RAM
+per file and batch into recycled output buffers (see :class:`_BatchBuffers`; the rates:
+benchmarks/README.md, "Stored-feature loader speed"); memory-mapped files far larger than RAM
 train at disk speed.
 """
 
@@ -161,7 +160,7 @@ class ArrayPairSource:
   caption of image i. With ``captions_per_image`` k > 1 each image brings k captions: text rows
   [n * k], image-major (k cyclically consecutive captions from a random start: distinct when the
   image has >= k, repeated when it has fewer), for the multi-positive losses
-  (align_jax.objectives.variants). The order is described in the module docstring.
+  (align_jax.objectives.multi_positive). The order is described in the module docstring.
   """
 
   def __init__(self, image: dict, text: dict, *, global_batch_size: int, seed: int,

@@ -15,7 +15,8 @@ which the losses do not see; image sources replace a bad record by the process's
   block's records kept together in record order; with ``R = 1`` it is the record permutation
   above, unchanged. Still a pure function of (seed, position) and still every record once per
   epoch, but the records of one block always share a batch (when ``R`` divides the batch):
-  contiguous reads, ~2x the gather rate from memory for 2 KiB rows (benchmarks/README.md).
+  contiguous reads, a faster gather from memory (benchmarks/README.md, "Stored-feature loader
+  speed").
 * Processes: the global batch that starts at position ``s`` (``B = P * b`` rows) is cut into
   ``P`` contiguous slices of ``b``; process ``p`` takes the one from ``s + p * b``
   (:func:`process_start`). Within an epoch the processes' records are disjoint and together

@@ -5,8 +5,8 @@ described in :mod:`align_jax.model.projectors`) needs one masked mean, used when
 its tokens (:mod:`align_jax.encoders.pooling`) and when a projector pools token features: it lives
 here, in a module that depends on neither side.
 
-:func:`matmul` is the projectors' ``x @ W`` with a gradient XLA:CPU computes fast (its docstring
-has the measurement).
+:func:`matmul` is the projectors' ``x @ W`` with a gradient XLA:CPU computes fast (the
+measurements: benchmarks/README.md, "Train step on stored features vs PyTorch").
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-# XLA:CPU's matmul contracting the left operand's first axis (``x^T @ g``) runs at 0.5-0.8x the
-# speed of the same product with ``x^T`` copied first, once ``g`` has >= this many columns; below
-# it the copy costs more than it saves (benchmarks/glu_projector_grad.py, "x^T @ g" table).
+# XLA:CPU's matmul contracting the left operand's first axis (``x^T @ g``) is slower than the
+# same product with ``x^T`` copied first once ``g`` has >= this many columns; below it the copy
+# can cost more than it saves (benchmarks/README.md, "Train step on stored features vs PyTorch",
+# the "x^T @ g" table of benchmarks/glu_projector_grad.py).
 CPU_TRANSPOSE_COPY_MIN_COLUMNS = 2048
 
 
@@ -54,7 +55,8 @@ def matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   Only how the kernel's gradient ``x^T @ g`` is computed differs, and only on CPU with a wide
   kernel (N >= ``CPU_TRANSPOSE_COPY_MIN_COLUMNS``): ``x^T`` is materialised first (a copy of the
   activation, small next to the product), which makes SAIL's GLU kernel gradients
-  (``[4096, 2048]^T @ [4096, 16384]``) 2x faster in XLA:CPU. Other platforms take autodiff's form.
+  (``[4096, 2048]^T @ [4096, 16384]``) faster in XLA:CPU (benchmarks/README.md, "Train step on
+  stored features vs PyTorch"). Other platforms take autodiff's form.
   """
   return jnp.dot(x, kernel)
 

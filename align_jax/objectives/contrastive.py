@@ -25,13 +25,15 @@ Two implementations (``impl``):
     share, one copy of the visiting share and one block in flight (no second copy to receive
     into). Memory O(B D / n + block_size^2).
 
-``DEFAULT_IMPL`` is ``"blockwise"``, measured with ``benchmarks/loss_memory.py`` (recorded in
-benchmarks/README.md): 1M pairs on 8 devices at D = 1024 take ~1.0 GiB (softmax) / ~0.5 GiB
-(sigmoid) of loss + grad scratch per device (2.6 GiB before the ring passed blocks one at a
-time), against ~9k and ~17k pairs for "gathered" within 1 GiB (12 GiB at 32k on one device).
-Its step time was 0.6x of gathered at 16k on one CPU device and within noise of it at 1k-4k.
-``DEFAULT_BLOCK_SIZE`` = 1024: at 4k it was as fast as 512 (within noise) and faster than 256 or
-2048; accelerators favour the larger tile.
+``DEFAULT_IMPL`` is ``"blockwise"``: its memory grows with the rows a device holds, not with the
+square of the global batch, so the batch sizes the recipes train at fit where the gathered logits
+would not, at a step time no slower than gathered's. ``DEFAULT_BLOCK_SIZE`` = 1024 is the tile
+the CPU measurements favoured, and accelerators favour the larger tile. The measurements are in
+benchmarks/README.md, "Loss memory and speed" (``benchmarks/loss_memory.py``).
+
+The gathered pieces the other objectives build on (:mod:`align_jax.objectives.multi_positive`,
+:mod:`align_jax.objectives.cwcl`) are public here: :func:`similarities`, :func:`row_sharded`
+and :func:`soft_target_softmax_loss`.
 """
 
 import functools
@@ -40,7 +42,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 IMPLS = ("gathered", "blockwise")
 DEFAULT_IMPL = "blockwise"
@@ -174,12 +176,12 @@ def _ring_loop(block_step, carry, moving, axes, last_home):
   blocks. The ring passes them on block by block: as soon as block j has been processed it is
   sent to the next device, and the block received from the previous device takes its slot (an
   in-place update). A device therefore holds one copy of the moving arrays plus one block in
-  flight, where sending the arrays whole needs a second full copy to receive into (1M pairs on 8
-  devices at D = 1024: 1.0 GiB of softmax scratch instead of 2.5; benchmarks/README.md). Every
-  row's and column's arithmetic runs in the same order as before (only the scalar sums visit the
-  tiles in another order), so results agree to float rounding. After the
-  last device's blocks only the `last_home` entries travel, one more hop, which brings them back
-  to the device that owns them; they are returned.
+  flight, where sending the arrays whole needs a second full copy to receive into (the scratch
+  this saves: benchmarks/README.md, "Loss memory and speed"). Every row's and column's
+  arithmetic runs in the same order as before (only the scalar sums visit the tiles in another
+  order), so results agree to float rounding. After the last device's blocks only the
+  `last_home` entries travel, one more hop, which brings them back to the device that owns them;
+  they are returned.
   """
   send, n = _ring(axes)
   nb = jax.tree.leaves(moving)[0].shape[0]
@@ -456,3 +458,39 @@ def shard_loss(loss_fn: Callable[..., jax.Array], mesh: Mesh,
     return fn(img, txt, *scalars)
 
   return sharded
+
+
+# --------------------------------------------------------------------------- soft targets, gathered
+#
+# The losses with several positives per image or soft targets
+# (align_jax.objectives.multi_positive, align_jax.objectives.cwcl) are written on the global
+# (sharded) arrays inside the jitted step: XLA all-gathers the other tower and the logits are
+# constrained to be row-sharded, the "gathered" form above without shard_map.
+
+
+def similarities(img: jax.Array, txt: jax.Array) -> jax.Array:
+  """``img @ txt.T`` in float32: [B, M] cosine similarities of unit rows [B, D] and [M, D]."""
+  return img.astype(jnp.float32) @ txt.astype(jnp.float32).T
+
+
+def row_sharded(x: jax.Array, mesh: Mesh | None, batch_axes: Sequence[str]) -> jax.Array:
+  """``x`` constrained to rows sharded over ``batch_axes`` of ``mesh`` (as is without a mesh)."""
+  if mesh is None:
+    return x
+  spec = P(tuple(batch_axes), *([None] * (x.ndim - 1)))
+  return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def soft_target_softmax_loss(logits: jax.Array, targets_i2t: jax.Array,
+                             targets_t2i: jax.Array) -> jax.Array:
+  """Softmax cross-entropy against target distributions, both directions, averaged.
+
+      ½ [ mean_i CE(targets_i2t[i], softmax(logits[i, :]))
+          + mean_j CE(targets_t2i[j], softmax(logits[:, j])) ]
+
+  ``logits`` [B, M]; ``targets_i2t`` [B, M] and ``targets_t2i`` [M, B], rows summing to one. With
+  one-hot targets on the diagonal it is :func:`softmax_loss` (gathered).
+  """
+  i2t = -jnp.sum(targets_i2t * jax.nn.log_softmax(logits, axis=1), axis=1)
+  t2i = -jnp.sum(targets_t2i * jax.nn.log_softmax(logits.T, axis=1), axis=1)
+  return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))

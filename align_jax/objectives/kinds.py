@@ -12,15 +12,18 @@ model, the trainer, inference and export ask it instead of testing for parameter
   ``train/<name>``); ``host_loss_args(logit)`` the same as Python floats (inference, model card).
 * ``sharded_loss(mesh, batch_axes)``: ``(z_image, z_text, loss args) -> scalar`` over the global
   batch under ``shard_map`` (:mod:`align_jax.objectives.contrastive`, with ``loss.impl`` / ``loss.block_size``).
-* ``multi_positive_loss(...)``: the same loss with ``k`` positive captions per image
-  (:mod:`align_jax.objectives.variants`).
+* ``logits(similarity, args)``: the loss's logits from cosine similarities ``img @ txt.T``, in
+  any array module: what the losses built on a kind score
+  (:mod:`align_jax.objectives.multi_positive`, :mod:`align_jax.objectives.cwcl`), so they take
+  the logit scale from the kind instead of reading its arguments by name.
 * ``probabilities(image_emb, class_emb, args)``: zero-shot class probabilities computed as the
   loss scores a pair (softmax over classes, or one sigmoid per class).
 
     kind = loss_kinds.get(config.loss)        # SoftmaxLoss or SigmoidLoss, bound to config.loss
     params["logit"] = kind.init_params()
 
-The names are ``NAMES``; ``align_jax.config.schema.LOSSES`` lists the same ones (a test checks).
+The names are ``NAMES``: ``align_jax.objectives.config_checks`` registers them as the choices of
+``loss.name``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from align_jax.objectives import contrastive as losses, variants
+from align_jax.objectives import contrastive as losses
 
 
 class LossKind(abc.ABC):
@@ -60,6 +63,11 @@ class LossKind(abc.ABC):
   @abc.abstractmethod
   def _args(self, logit: Mapping[str, Any], xp) -> dict:
     """The loss arguments from the logit params, with array module ``xp`` (jnp or np)."""
+
+  @abc.abstractmethod
+  def logits(self, similarity: Any, args: Mapping[str, Any]) -> Any:
+    """The loss's logits from cosine similarities ``similarity`` (``img @ txt.T``, any array
+    module) and its ``loss_args``."""
 
   @abc.abstractmethod
   def probabilities(self, image_emb: Any, class_emb: Any, args: Mapping[str, float]
@@ -103,11 +111,6 @@ class LossKind(abc.ABC):
     names = self.arg_names
     return lambda zi, zt, args: sharded(zi, zt, *(args[n] for n in names))
 
-  @abc.abstractmethod
-  def multi_positive_loss(self, zi, zt, args: Mapping[str, Any], k: int, *, mesh=None,
-                          batch_axes=("data",)):
-    """The loss with ``k`` captions per image, all positives (:mod:`align_jax.objectives.variants`)."""
-
 
 class SoftmaxLoss(LossKind):
   """CLIP's symmetric InfoNCE; learns ``log_temperature``, clipped to [temperature_min, _max]."""
@@ -129,14 +132,14 @@ class SoftmaxLoss(LossKind):
   def _loss_function(self):
     return losses.softmax_loss
 
-  def multi_positive_loss(self, zi, zt, args, k, *, mesh=None, batch_axes=("data",)):
-    return variants.multi_positive_softmax_loss(zi, zt, args["temperature"], k, mesh=mesh,
-                                                batch_axes=batch_axes)
+  def logits(self, similarity, args):
+    """``similarity / temperature``."""
+    return similarity / args["temperature"]
 
   def probabilities(self, image_emb, class_emb, args):
     """``softmax(image_emb @ class_emb.T / temperature)`` over classes (rows sum to 1)."""
-    logits = np.asarray(image_emb, np.float64) @ np.asarray(class_emb, np.float64).T
-    logits = logits / args["temperature"]
+    logits = self.logits(np.asarray(image_emb, np.float64) @ np.asarray(class_emb, np.float64).T,
+                         args)
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -162,14 +165,15 @@ class SigmoidLoss(LossKind):
   def _loss_function(self):
     return losses.sigmoid_loss
 
-  def multi_positive_loss(self, zi, zt, args, k, *, mesh=None, batch_axes=("data",)):
-    return variants.multi_positive_sigmoid_loss(zi, zt, args["scale"], args["bias"], k,
-                                                mesh=mesh, batch_axes=batch_axes)
+  def logits(self, similarity, args):
+    """``scale * similarity + bias``."""
+    return args["scale"] * similarity + args["bias"]
 
   def probabilities(self, image_emb, class_emb, args):
     """``sigmoid(scale * image_emb @ class_emb.T + bias)``: one independent probability per class."""
-    logits = np.asarray(image_emb, np.float64) @ np.asarray(class_emb, np.float64).T
-    return (1.0 / (1.0 + np.exp(-(args["scale"] * logits + args["bias"])))).astype(np.float32)
+    logits = self.logits(np.asarray(image_emb, np.float64) @ np.asarray(class_emb, np.float64).T,
+                         args)
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
 KINDS: dict[str, type[LossKind]] = {cls.name: cls for cls in (SoftmaxLoss, SigmoidLoss)}

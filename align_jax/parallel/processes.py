@@ -59,7 +59,7 @@ DEFAULT_TIMEOUT = 300  # seconds; jax.distributed.initialize's own default
 _WATCHDOG_MARGIN = 5  # seconds jax's own timeout is set beyond ours, so ours fires first
 # jax's heartbeat timeout, in --peer_timeout units: the service counts it from the last heartbeat
 # it received, which can be half a timeout before a peer dies, so at 1x + 5 s (tried first) jax
-# sometimes aborted first (12.5 s after a SIGKILL, against our 10-12 s); at 3x it cannot.
+# sometimes aborted before our watchdog spoke; at 3x it cannot.
 _JAX_HEARTBEAT_TIMEOUTS = 3
 _FLAG_NAMES = ("distributed", "coordinator_address", "num_processes", "process_id",
                "initialization_timeout", "peer_timeout")

@@ -38,7 +38,8 @@ from align_jax.run import metrics as reporting
 from align_jax.parallel import mesh as sharding
 from align_jax.run import reader as run_dir, storage
 from align_jax.train import step as step_builder
-from align_jax.objectives import variants
+from align_jax.objectives import objective as objective_lib
+from align_jax.train import fusemix
 from align_jax.data import factory as data_factory
 from align_jax.data import features as data_features
 from align_jax.evaluate import evaluators as evaluators_lib
@@ -52,10 +53,11 @@ def make_train_step(model: model_lib.AlignModel, tx: optax.GradientTransformatio
                     config: ml_collections.ConfigDict, mesh):
   """Returns the pure ``train_step(state, frozen, batch) -> (state, metrics)``."""
   kind = loss_kinds.get(config.loss)  # the loss and its logit params (align_jax.objectives.kinds)
-  # align_jax.objectives.variants (each off by default): FuseMix on the frozen features; the
-  # objective (multi-positive / CWCL losses, STRUCTURE); the kind's sharded loss when all are off.
-  mix_features = variants.make_feature_mixer(config, mesh)
-  objective_fn = variants.make_objective(config, mesh, kind)
+  # Each off by default: FuseMix on the frozen features (align_jax.train.fusemix); the objective
+  # (align_jax.objectives.objective: multi-positive / CWCL losses, STRUCTURE), the kind's sharded
+  # loss when all are off.
+  mix_features = fusemix.make_feature_mixer(config, mesh)
+  objective_fn = objective_lib.make_objective(config, mesh, kind)
   schedule = optim.learning_rate_schedule(config)
 
   def train_step(state: step_builder.TrainState, frozen: dict, batch: dict):
