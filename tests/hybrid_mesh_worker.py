@@ -19,7 +19,9 @@ from align_jax.parallel import processes as distributed
 def main(address: str, process_id: int, steps: int, out: str) -> None:
   distributed.initialize(types.SimpleNamespace(  # as main.py's flags: gloo on CPU, bounded wait
       distributed=True, coordinator_address=address, num_processes=2, process_id=process_id,
-      initialization_timeout=120))
+      initialization_timeout=120),
+      # both processes run one config; their command lines differ only in per-process arguments
+      identity=distributed.command_identity(config_text=f"hybrid_mesh_worker steps={steps}"))
   from align_jax.parallel import mesh as sharding  # after initialize: jax sees all 8 devices
   from align_jax.train import loop as train
   from train_utils import tiny_config

@@ -24,6 +24,8 @@ from align_jax.parallel import mesh as sharding
 
 # config.model.dropout_rng_impl: jax PRNG implementations for the dropout masks
 DROPOUT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# XLA's RngBitGenerator: the SPMD partitioner computes its output whole on every device.
+UNPARTITIONED_RNG_IMPLS = ("rbg", "unsafe_rbg")
 
 
 def dropout_key(rng: jax.Array, impl: str) -> jax.Array:
@@ -124,13 +126,19 @@ class AlignModel:
     chunk value, dropout masks included, is ever made for all devices' rows (issue 24: XLA does
     not partition rbg's RngBitGenerator). Each chunk's dropout key is folded from the global
     index of its first row: masks depend on the mesh and the micro-batch, not on the step's
-    other inputs, and a resume on the same mesh draws the same ones.
+    other inputs, and a resume on the same mesh draws the same ones. Training with an rbg dropout
+    PRNG on a mesh runs per device even without micro-batches (one chunk per device, not
+    rematerialised), for the same reason; threefry masks GSPMD partitions, so those runs keep
+    the global loop-free path and its mesh-independent masks.
     """
     def apply(params, feats, key):
       rngs = {"dropout": key} if key is not None else None
       return module.apply({"params": params}, feats, train=train, rngs=rngs)
 
-    if not self.projector_micro_batch or self.mesh is None:
+    # rbg masks drawn for the whole batch would sit whole on every device (issue 24): with
+    # dropout, such a run's projectors go per device even without micro-batches.
+    unpartitioned_masks = rng is not None and self.dropout_rng_impl in UNPARTITIONED_RNG_IMPLS
+    if self.mesh is None or not (self.projector_micro_batch or unpartitioned_masks):
       return ops.l2_normalize(apply(params, features, rng))
 
     def chunk(shared, inputs):
@@ -139,7 +147,8 @@ class AlignModel:
 
     rows = jnp.arange(jax.tree.leaves(features)[0].shape[0])
     z = sharding.map_micro_batches_per_device(
-        jax.checkpoint(chunk), (params, rng), (features, rows),
+        jax.checkpoint(chunk) if self.projector_micro_batch else chunk,
+        (params, rng), (features, rows),
         micro_batch=self.projector_micro_batch, mesh=self.mesh, batch_axes=self.batch_axes)
     return ops.l2_normalize(z)
 
