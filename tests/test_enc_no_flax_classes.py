@@ -21,11 +21,11 @@ import json, sys
 sys.modules["torch"] = None  # as if torch were not installed
 import numpy as np
 import align_jax
-from align_jax.model import two_tower as model_lib
+from align_jax.encoders import factory as encoder_factory
 from configs import demo_online
 config = demo_online.get_config("cache=" + sys.argv[1])
-image = model_lib.build_encoder(config.model.image_encoder, config, "image")
-text = model_lib.build_encoder(config.model.text_encoder, config, "text")
+image = encoder_factory.build_encoder(config.model.image_encoder, config, "image")
+text = encoder_factory.build_encoder(config.model.text_encoder, config, "text")
 size = image.image_size
 features = image.encode(np.zeros((2, size + 3, size + 5, 3), np.uint8), batch_size=2)
 words = text.encode(["a red circle"], batch_size=2)

@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from align_jax.encoders import factory as encoder_factory
 from align_jax.model import interfaces, two_tower as model_lib
 from align_jax.data import factory, features, pipeline, transforms
 from align_jax.testing import tiny_checkpoints as tiny
@@ -29,8 +30,8 @@ def test_every_encoder_kind_is_a_frozen_encoder_with_its_input_kind(hf_encoders)
   kinds = {
       "image": (hf_encoders[0], interfaces.RAW),
       "text": (hf_encoders[1], interfaces.RAW),
-      "random_mlp": (model_lib.build_encoder("random_mlp", config, "image"), interfaces.VECTORS),
-      "features": (model_lib.build_encoder("features", config, "text"), interfaces.FEATURES),
+      "random_mlp": (encoder_factory.build_encoder("random_mlp", config, "image"), interfaces.VECTORS),
+      "features": (encoder_factory.build_encoder("features", config, "text"), interfaces.FEATURES),
   }
   for name, (encoder, kind) in kinds.items():
     assert isinstance(encoder, interfaces.FrozenEncoder), name
@@ -48,7 +49,7 @@ def test_raw_input_check_reads_input_kind(hf_encoders):
   data = ml_collections.ConfigDict({"source": "manifest"})
   image, text = hf_encoders
   factory.check_raw_encoders(model_lib.AlignModel(image, text, None, None, config.loss), data)
-  features_encoder = model_lib.build_encoder("features", config, "text")
+  features_encoder = encoder_factory.build_encoder("features", config, "text")
   with pytest.raises(ValueError, match="config.model.text_encoder must be a Hugging Face"):
     factory.check_raw_encoders(
         model_lib.AlignModel(image, features_encoder, None, None, config.loss), data)

@@ -1,8 +1,8 @@
 """What the trainer needs of a frozen encoder and of a pair source, as ``typing.Protocol``s.
 
 Frozen encoders (:class:`FrozenEncoder`): the Hugging Face ones (:mod:`align_jax.encoders`), the
-stored-features pass-through and the demo's random MLPs (:mod:`align_jax.model.toy_encoders`). Each
-holds frozen ``params`` (a pytree the optimiser never sees) and a pure, jit-able
+stored-features pass-through (:mod:`align_jax.encoders.stored_features`) and the demo's random MLPs
+(:mod:`align_jax.encoders.random_mlp`), built by :mod:`align_jax.encoders.factory`. Each holds frozen ``params`` (a pytree the optimiser never sees) and a pure, jit-able
 ``apply(params, inputs) -> features`` (the features convention of
 :mod:`align_jax.model.projectors`). What its inputs are is data, ``input_kind``, not a question of
 which methods it happens to have:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax.model import interfaces, ops, projectors, toy_encoders
+from align_jax.encoders import factory as encoder_factory
+from align_jax.model import interfaces, ops, projectors
 from align_jax.objectives import kinds as loss_kinds
 from align_jax.parallel import mesh as sharding
 
@@ -169,46 +170,15 @@ class AlignModel:
     return self.project(params, image, text, train=train, rng=rng)
 
 
-def build_encoder(spec: str, config: ml_collections.ConfigDict, tower: str,
-                  abstract: bool = False):
-  """The frozen encoder named by ``config.model.<tower>_encoder``.
-
-  ``abstract=True``: a Hugging Face encoder's params are ``jax.ShapeDtypeStruct``s from its
-  config.json alone (no weights read; see ``ImageEncoder.from_pretrained``), for compiling without
-  the checkpoint. The demo encoders are small and computed from a seed, so they are built as usual.
-  """
-  if spec == "features":
-    return toy_encoders.StoredFeatures()
-  if spec == "random_mlp":
-    data = config.data
-    input_dim = data.image_input_dim if tower == "image" else data.text_input_dim
-    return toy_encoders.RandomMLPEncoder(
-        input_dim=input_dim, width=config.model.encoder_width,
-        output_dim=config.model.encoder_output_dim,
-        seed=data.data_seed + (101 if tower == "image" else 202),
-        activation="tanh" if tower == "image" else "sin")
-  if not spec:
-    raise ValueError(f"no {tower} encoder: set config.model.{tower}_encoder to a Hugging Face id "
-                     "or folder, 'features' (stored features) or 'random_mlp' (demo)")
-  from align_jax import encoders  # transformers is slow to import: only when needed
-  m = config.model
-  if tower == "image":
-    return encoders.ImageEncoder.from_pretrained(
-        spec, pooling=m.image_pooling, image_size=m.image_size or None, dtype=m.encoder_dtype,
-        layer=m.image_layer, abstract=abstract)
-  return encoders.TextEncoder.from_pretrained(
-      spec, pooling=m.text_pooling, max_length=m.max_text_length, dtype=m.encoder_dtype,
-      layer=m.text_layer, prefix=m.text_prefix, abstract=abstract)
-
-
 def build_model(config: ml_collections.ConfigDict, mesh=None, abstract: bool = False) -> AlignModel:
   """The model a config describes (``mesh`` enables encoder micro-batching).
 
-  ``abstract=True``: the frozen params are shapes only (``build_encoder``); for align_jax.train.aot.
+  ``abstract=True``: the frozen params are shapes only
+  (:func:`align_jax.encoders.factory.build_encoder`); for align_jax.train.aot.
   """
   return AlignModel(
-      image_encoder=build_encoder(config.model.image_encoder, config, "image", abstract),
-      text_encoder=build_encoder(config.model.text_encoder, config, "text", abstract),
+      image_encoder=encoder_factory.build_encoder(config.model.image_encoder, config, "image", abstract),
+      text_encoder=encoder_factory.build_encoder(config.model.text_encoder, config, "text", abstract),
       image_projector=projectors.make_projector(config.model.image_projector, config.model),
       text_projector=projectors.make_projector(config.model.text_projector, config.model),
       loss_config=config.loss, encoder_micro_batch=config.model.encoder_micro_batch,

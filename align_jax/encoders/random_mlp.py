@@ -1,35 +1,19 @@
-"""Frozen encoders that need no checkpoint: stored features, and the CPU demo's fixed random MLPs.
+"""The CPU demo's frozen encoders: fixed two-layer networks with random weights, no checkpoint.
 
-They are :class:`align_jax.model.interfaces.FrozenEncoder`s, as the Hugging Face ones: ``params`` (a
-pytree that is never trained) and a pure ``apply(params, inputs) -> features``; their
-``input_kind`` says what they read (stored features, or the demo's raw vectors).
+``configs/demo.py`` trains projectors between two of them on synthetic vectors, so the whole path
+of a batch runs in a minute with nothing downloaded. They are
+:class:`align_jax.model.interfaces.FrozenEncoder`s like the Hugging Face ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from align_jax.model import interfaces
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredFeatures:
-  """The batch already holds encoder outputs (``{"pooled": ...}`` or ``{"tokens", "mask"}``)."""
-  name: str = "features"
-  input_kind: str = dataclasses.field(default=interfaces.FEATURES, init=False)
-
-  @property
-  def params(self) -> dict:
-    return {}
-
-  def apply(self, params: Any, inputs: dict) -> dict:
-    del params
-    return dict(inputs)
 
 
 _ACTIVATIONS = {"tanh": jnp.tanh, "gelu": jax.nn.gelu, "sin": jnp.sin, "relu": jax.nn.relu}
