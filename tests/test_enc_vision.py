@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from align_jax.encoders import vit, weights  # noqa: E402
+from align_jax.encoders import attention as attention_lib, vit, weights  # noqa: E402
 
 F32_TOL = 1e-5
 BF16_TOL = 3e-2
@@ -354,9 +354,9 @@ def test_attention_lowers_to_cudnn_for_a_cuda_target(checkpoints, monkeypatch):
   cfg = vit.read_config(weights.read_config(path))
   params = vit.load_params(weights.read_state_dict(path), cfg, dtype=ml_dtypes.bfloat16)
   x = jnp.zeros((2, 16, 16, 3), jnp.bfloat16)
-  assert vit.auto_implementation(jnp.bfloat16, cfg.head_dim, "gpu") == "cudnn"
-  assert vit.auto_implementation(jnp.float32, cfg.head_dim, "gpu") is None
-  assert vit.auto_implementation(jnp.bfloat16, cfg.head_dim, "cpu") is None
+  assert attention_lib.auto_implementation(jnp.bfloat16, cfg.head_dim, "gpu") == "cudnn"
+  assert attention_lib.auto_implementation(jnp.float32, cfg.head_dim, "gpu") is None
+  assert attention_lib.auto_implementation(jnp.bfloat16, cfg.head_dim, "cpu") is None
   cpu_text = jax.jit(vit.VisionTransformer(cfg, 4, 3, dtype=jnp.bfloat16).apply).lower(
     {"params": params}, x).as_text()
   assert "cudnn" not in cpu_text
