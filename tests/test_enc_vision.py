@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from align_jax.encoders import vit, weights  # noqa: E402
+from align_jax.encoders import attention as attention_lib, vit, weights  # noqa: E402
 
 F32_TOL = 1e-5
 BF16_TOL = 3e-2
@@ -344,6 +344,60 @@ def test_dinov3_fast_processor_config_is_read():
     image_processing.ImageProcessor({"image_processor_type": "SwinImageProcessor"})
 
 
+# DINOv3's processor resizes float pixels with an antialiased bilinear filter; ours is PIL's (mode
+# "F"), torch's is the one PIL's was ported to: they differ by float rounding only (measured up
+# to 8e-6 after normalisation here, 5.5e-5 at 224 px). Resizing the uint8 image first instead
+# (the slow processors' order) is off by 1.3e-2 to 1.7e-2.
+DINOV3_ATOL = 3e-5
+DINOV3_SHAPES = ((90, 120), (31, 45), (48, 48), (150, 40))  # down, up, same size, mixed
+
+
+def _dinov3_inputs(tmp_path):
+  """Random images and the processor config a DINOv3 checkpoint ships, read back from its file."""
+  from align_jax.encoders import image_processing
+  rng = np.random.default_rng(7)
+  images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in DINOV3_SHAPES]
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+      "image_processor_type": "DINOv3ViTImageProcessorFast", "size": {"height": 48, "width": 48},
+      "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+      "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2}))
+  config = image_processing.load_image_processor(str(tmp_path), dict)
+  return images, image_processing.ImageProcessor(config)
+
+
+def test_dinov3_preprocessing_equals_the_processors_torch_operations(tmp_path, torch):
+  """DINOv3ViTImageProcessorFast's steps as torchvision 0.28 runs them on a float tensor: uint8 *
+  rescale_factor, then ``F.resize`` = ``interpolate(bilinear, align_corners=False,
+  antialias=True)`` (no call at the same size), then ``(x - mean) / std``."""
+  images, ours = _dinov3_inputs(tmp_path)
+  mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+  std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  for image, out in zip(images, ours(images)):
+    x = torch.from_numpy(image).permute(2, 0, 1)[None] * (1 / 255)
+    if x.shape[-2:] != (48, 48):
+      x = torch.nn.functional.interpolate(x, size=[48, 48], mode="bilinear", align_corners=False,
+                                          antialias=True)
+    ref = ((x[0] - mean) / std).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=DINOV3_ATOL)
+    assert np.abs(out - ref).max() > 0 or image.shape[:2] == (48, 48)
+
+
+def test_dinov3_preprocessing_equals_transformers_processor(tmp_path, torch):
+  """Against transformers' DINOv3 processor itself, which needs torchvision (a test
+  extra: tests/requirements.txt); skipped where torchvision is missing or does not import."""
+  try:
+    import torchvision  # noqa: F401
+  except Exception as error:  # pylint: disable=broad-except  # e.g. a CUDA wheel beside CPU torch
+    pytest.skip(f"torchvision unavailable ({type(error).__name__}: {error})")
+  images, ours = _dinov3_inputs(tmp_path)
+  proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path))
+  # transformers 5 names the torchvision processor DINOv3ViTImageProcessor (4.x: ...Fast)
+  assert type(proc).__name__ in ("DINOv3ViTImageProcessor", "DINOv3ViTImageProcessorFast")
+  for image, out in zip(images, ours(images)):  # one at a time: the inputs differ in size
+    ref = proc([image], return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=DINOV3_ATOL)
+
+
 def test_attention_lowers_to_cudnn_for_a_cuda_target(checkpoints, monkeypatch):
   """The vision tower lowered for CUDA in bfloat16 calls cuDNN's fused attention (custom call
   ``__cudnn$fmha``); lowered for this CPU it does not. There is no GPU here: the cuDNN version and
@@ -354,9 +408,9 @@ def test_attention_lowers_to_cudnn_for_a_cuda_target(checkpoints, monkeypatch):
   cfg = vit.read_config(weights.read_config(path))
   params = vit.load_params(weights.read_state_dict(path), cfg, dtype=ml_dtypes.bfloat16)
   x = jnp.zeros((2, 16, 16, 3), jnp.bfloat16)
-  assert vit.auto_implementation(jnp.bfloat16, cfg.head_dim, "gpu") == "cudnn"
-  assert vit.auto_implementation(jnp.float32, cfg.head_dim, "gpu") is None
-  assert vit.auto_implementation(jnp.bfloat16, cfg.head_dim, "cpu") is None
+  assert attention_lib.auto_implementation(jnp.bfloat16, cfg.head_dim, "gpu") == "cudnn"
+  assert attention_lib.auto_implementation(jnp.float32, cfg.head_dim, "gpu") is None
+  assert attention_lib.auto_implementation(jnp.bfloat16, cfg.head_dim, "cpu") is None
   cpu_text = jax.jit(vit.VisionTransformer(cfg, 4, 3, dtype=jnp.bfloat16).apply).lower(
     {"params": params}, x).as_text()
   assert "cudnn" not in cpu_text

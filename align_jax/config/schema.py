@@ -93,6 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
   # already holds encoder outputs), or "random_mlp" (the demo's fixed random networks)
   c.model.image_encoder = "features"
   c.model.text_encoder = "features"
+  # recorded by the trainer in WORKDIR/config.json: the hub commit each encoder id resolved to
+  # ("" for a local folder or a toy encoder); align_jax.model.two_tower.AlignModel.encoder_revisions
+  c.model.image_encoder_revision = ""
+  c.model.text_encoder_revision = ""
   c.model.image_pooling = "cls"  # cls | mean | cls+mean_patch | tokens
   c.model.text_pooling = "mean"  # cls | mean | last (decoder LLMs) | tokens | latent (NV-Embed)
   c.model.image_size = 0  # 0: the checkpoint's own resolution

@@ -12,8 +12,17 @@ One function, :func:`attention`, takes projected queries, keys and values laid o
   buckets);
 * grouped-query attention: keys / values with fewer heads than the queries (a divisor), repeated
   by the kernel itself;
-* an explicit ``implementation`` (None lets JAX choose: XLA on CPU / TPU; "cudnn" asks for the
-  fused cuDNN flash kernel on GPU and fails loudly where the shapes do not allow it).
+* an ``implementation``: "auto" takes cuDNN's fused flash kernel where
+  :func:`auto_implementation` allows it (GPU, bfloat16 / float16, head width a multiple of 8 up to
+  128) and XLA's otherwise, falling back to XLA when cuDNN refuses the shapes at trace time; this
+  is needed because ``jax.nn.dot_product_attention(implementation=None)`` (jax 0.10) always takes
+  XLA. "cudnn" asks for the fused kernel and fails loudly where it cannot run; None / "xla": XLA.
+
+cuDNN takes a mask only as a full ``[B, 1|N, T, S]`` logits bias (jax folds a boolean mask into
+the bias), so a key padding mask ``[B, S]`` is broadcast over the queries for it. That covers left
+and right padding alike; jax's other cuDNN padding form, per-row lengths
+(``key_value_seq_lengths``), holds for right padding only. Causal masks, sliding windows,
+grouped-query keys / values and an additive relative-position bias (T5, MPNet) all go to cuDNN.
 
 The XLA path computes logits and softmax in float32 whatever the input dtype (bfloat16 params give
 bfloat16 q / k / v) and casts the probabilities back to the value dtype, as transformers' eager
@@ -27,7 +36,20 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["xla", "cudnn"] | None
+Implementation = Literal["auto", "xla", "cudnn"] | None
+# What cuDNN refuses at trace time: dtype or head width (NotImplementedError), shapes
+# (ValueError), no cuDNN found (RuntimeError).
+_CUDNN_REFUSALS = (ValueError, NotImplementedError, RuntimeError)
+
+
+def auto_implementation(dtype, head_dim: int, platform: str | None = None) -> str | None:
+  """"cudnn" where cuDNN's fused attention can run (GPU, bf16 / fp16, head_dim a multiple of 8
+  up to 128), else None (XLA). ``jax.nn.dot_product_attention`` itself never picks cuDNN."""
+  platform = platform or jax.default_backend()
+  if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return None
 
 
 def key_padding_mask(mask: jnp.ndarray) -> jnp.ndarray:
@@ -58,7 +80,8 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
       window.
     bias: optional additive logits bias broadcastable to [B, N, T, S] (relative positions).
     scale: logits scale; None = 1 / sqrt(H).
-    implementation: None (JAX's choice), "xla" or "cudnn".
+    implementation: "auto" (cuDNN where allowed, else XLA; see the module docstring), None
+      (JAX's choice: XLA), "xla" or "cudnn".
 
   Returns:
     [B, T, N, H] in ``q``'s dtype.
@@ -79,6 +102,20 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     while bias.ndim < 4:
       bias = bias[None]
     bias = bias.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                      is_causal=causal, local_window_size=window,
-                                      implementation=implementation)
+
+  def run(kernel):
+    kernel_mask = mask
+    if kernel == "cudnn" and mask is not None:  # cuDNN's bias must span [T, S]
+      kernel_mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=kernel_mask, scale=scale,
+                                        is_causal=causal, local_window_size=window,
+                                        implementation=kernel)
+
+  if implementation == "auto":
+    if auto_implementation(q.dtype, q.shape[-1]) == "cudnn":
+      try:
+        return run("cudnn")
+      except _CUDNN_REFUSALS:
+        pass  # shapes or versions cuDNN refuses: XLA's attention below
+    implementation = None
+  return run(implementation)

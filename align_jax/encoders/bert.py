@@ -120,7 +120,7 @@ class Block(nn.Module):
   dtype: Any
   keep_hidden: bool
   causal: bool = False
-  implementation: str | None = None
+  implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, x, mask, bias):
@@ -162,12 +162,13 @@ class TextTower(nn.Module):
     dtype: compute dtype; LayerNorm statistics and softmax stay float32.
     num_layers_to_run: None = every block; k = the first k (hidden layer k, without the final
       norm unless k is the last block).
-    attention_implementation: passed to ``jax.nn.dot_product_attention``.
+    attention_implementation: "auto" (cuDNN on GPU where allowed, else XLA; see
+      :mod:`align_jax.encoders.attention`), "cudnn", "xla" or None.
   """
   config: TextTowerConfig
   dtype: Any = jnp.float32
   num_layers_to_run: int | None = None
-  attention_implementation: str | None = None
+  attention_implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
@@ -221,7 +222,7 @@ def read_config(config: Mapping[str, Any] | TextTowerConfig) -> TextTowerConfig:
 
 def build(config: Mapping[str, Any] | TextTowerConfig, dtype: Any = jnp.float32,
           num_layers_to_run: int | None = None,
-          attention_implementation: str | None = None) -> TextTower:
+          attention_implementation: str | None = "auto") -> TextTower:
   """The Flax module for a BERT / RoBERTa / XLM-R / MPNet / CLIP / SigLIP text config."""
   return TextTower(read_config(config), dtype, num_layers_to_run, attention_implementation)
 

@@ -130,7 +130,7 @@ class DecoderLayer(nn.Module):
   dtype: Any
   causal: bool
   keep_hidden: bool
-  implementation: str | None = None
+  implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, x, mask, cos, sin):
@@ -179,13 +179,14 @@ class DecoderModel(nn.Module):
       unless k is the last layer).
     bidirectional: attend to every real token (LLM2Vec / NV-Embed) instead of causally (and
       without a sliding window, as their bidirectional masks).
-    attention_implementation: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+    attention_implementation: "auto" (cuDNN on GPU where allowed, else XLA; see
+      :mod:`align_jax.encoders.attention`), "cudnn", "xla" or None.
   """
   config: DecoderConfig
   dtype: Any = jnp.float32
   num_layers_to_run: int | None = None
   bidirectional: bool = False
-  attention_implementation: str | None = None
+  attention_implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
@@ -219,7 +220,7 @@ def read_config(config: Mapping[str, Any] | DecoderConfig) -> DecoderConfig:
 
 def build(config: Mapping[str, Any] | DecoderConfig, dtype: Any = jnp.float32,
           num_layers_to_run: int | None = None, bidirectional: bool = False,
-          attention_implementation: str | None = None) -> DecoderModel:
+          attention_implementation: str | None = "auto") -> DecoderModel:
   """The Flax module for a transformers decoder ``config.json`` dict (or its DecoderConfig)."""
   cfg = read_config(config)
   return DecoderModel(cfg, dtype, num_layers_to_run, bidirectional, attention_implementation)

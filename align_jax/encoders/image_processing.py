@@ -15,7 +15,8 @@ torchvision at run time:
 DINOv3 checkpoints ship only a fast-processor config (``DINOv3ViTImageProcessorFast``: rescale,
 then an antialiased bilinear resize of the float image, then normalise, in torchvision); here the
 float resize is PIL's, per channel (mode "F"), whose antialiased bilinear filter torchvision's
-``antialias=True`` was written to match (not checked here: no torchvision installed).
+``antialias=True`` was written to match: equal to float rounding (tested against the processor
+and against the torch operations it runs).
 
 The wrapper adds what the encoders need: the NHWC layout (HF returns NCHW); an output size other
 than the checkpoint's (``image_size``), given as the processor's own ``size`` / ``crop_size``

@@ -141,7 +141,7 @@ class LatentAttentionPooling(nn.Module):
   """Tokens [B, T, D] -> cross-attention to learned latents, GEGLU MLP, masked mean (+ L2)."""
   config: LatentConfig
   dtype: Any = jnp.float32
-  attention_implementation: str | None = None
+  attention_implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, hidden: jnp.ndarray, pool_mask: jnp.ndarray) -> jnp.ndarray:
@@ -178,7 +178,7 @@ class LatentAttentionPooling(nn.Module):
 
 
 def build_pooler(config: LatentConfig, dtype: Any = jnp.float32,
-                 attention_implementation: str | None = None) -> LatentAttentionPooling:
+                 attention_implementation: str | None = "auto") -> LatentAttentionPooling:
   """The latent-attention pooler module."""
   return LatentAttentionPooling(config, dtype, attention_implementation)
 
@@ -232,7 +232,7 @@ class NVEmbed(nn.Module):
   config: NVEmbedConfig
   dtype: Any = jnp.float32
   num_layers_to_run: int | None = None
-  attention_implementation: str | None = None
+  attention_implementation: str | None = "auto"
 
   def setup(self):
     self.model = decoder.DecoderModel(self.config.text, self.dtype, self.num_layers_to_run,
@@ -256,7 +256,7 @@ class NVEmbed(nn.Module):
 
 def build(config: Mapping[str, Any] | NVEmbedConfig, dtype: Any = jnp.float32,
           num_layers_to_run: int | None = None,
-          attention_implementation: str | None = None) -> NVEmbed:
+          attention_implementation: str | None = "auto") -> NVEmbed:
   """The :class:`NVEmbed` module of an ``nvembed`` config.json dict (or its NVEmbedConfig)."""
   return NVEmbed(read_config(config), dtype, num_layers_to_run, attention_implementation)
 

@@ -94,7 +94,7 @@ class T5Block(nn.Module):
   config: T5Config
   dtype: Any
   keep_hidden: bool
-  implementation: str | None = None
+  implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, x, mask, bias):
@@ -123,7 +123,7 @@ class T5Encoder(nn.Module):
   config: T5Config
   dtype: Any = jnp.float32
   num_layers_to_run: int | None = None
-  attention_implementation: str | None = None
+  attention_implementation: str | None = "auto"
 
   @nn.compact
   def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray,
@@ -157,7 +157,7 @@ def read_config(config: Mapping[str, Any] | T5Config) -> T5Config:
 
 def build(config: Mapping[str, Any] | T5Config, dtype: Any = jnp.float32,
           num_layers_to_run: int | None = None,
-          attention_implementation: str | None = None) -> T5Encoder:
+          attention_implementation: str | None = "auto") -> T5Encoder:
   """The Flax encoder for a T5 / mT5 ``config.json`` dict (or its T5Config)."""
   return T5Encoder(read_config(config), dtype, num_layers_to_run, attention_implementation)
 

@@ -316,34 +316,6 @@ def _apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarr
   return jnp.concatenate([x[:, :prefix], patches.astype(x.dtype)], axis=1)
 
 
-def auto_implementation(dtype: Any, head_dim: int, platform: str | None = None) -> str | None:
-  """"cudnn" where cuDNN's fused attention can run (GPU, bf16 / fp16, head_dim a multiple of 8
-  up to 128), else None (XLA). ``jax.nn.dot_product_attention`` itself never picks cuDNN."""
-  platform = platform or jax.default_backend()
-  if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
-    return "cudnn"
-  return None
-
-
-def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-           implementation: str | None = "auto") -> jnp.ndarray:
-  """Bidirectional softmax attention of [B, T, H, hd] tensors, scale 1 / sqrt(hd).
-
-  The shared :func:`align_jax.encoders.attention.attention`. ``implementation`` "auto": cuDNN's
-  fused kernel where :func:`auto_implementation` allows it, XLA's otherwise; "cudnn" falls back
-  to XLA when cuDNN refuses the shapes at trace time; None / "xla": XLA.
-  """
-  if implementation == "auto":
-    implementation = auto_implementation(q.dtype, q.shape[-1])
-  if implementation == "cudnn":
-    try:
-      return attention_lib.attention(q, k, v, implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError):  # shapes / version cuDNN refuses
-      pass
-  return attention_lib.attention(q, k, v, implementation="xla" if implementation else None)
-
-
 class Attention(nn.Module):
   """Multi-head self-attention (optionally with RoPE on the patch tokens)."""
   cfg: VisionConfig
@@ -359,7 +331,7 @@ class Attention(nn.Module):
                for n, bias in zip("qkv", cfg.qkv_bias[:3]))
     if rope is not None:
       q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-    out = attend(q, k, v, self.implementation).reshape(b, t, d)
+    out = attention_lib.attention(q, k, v, implementation=self.implementation).reshape(b, t, d)
     return nn.Dense(d, use_bias=cfg.qkv_bias[3], dtype=self.dtype, name="o")(out)
 
 
@@ -453,7 +425,7 @@ class MAPHead(nn.Module):
     k = heads(nn.Dense(d, dtype=self.dtype, name="k")(x), t)
     v = heads(nn.Dense(d, dtype=self.dtype, name="v")(x), t)
     out = nn.Dense(d, dtype=self.dtype, name="o")(
-      attend(q, k, v, self.implementation).reshape(b, 1, d))
+      attention_lib.attention(q, k, v, implementation=self.implementation).reshape(b, 1, d))
     h = _layer_norm(cfg, self.dtype, "norm")(out)
     act = ACTIVATIONS[cfg.act]
     h = nn.Dense(d, dtype=self.dtype, name="fc2")(
@@ -471,8 +443,8 @@ class VisionTransformer(nn.Module):
       ``num_layers`` stacked slices (:func:`slice_layers`).
     collect: also return every hidden state (stacked, [num_layers + 1, B, T, D]).
     dtype: compute dtype.
-    attention_implementation: "auto" (cuDNN on GPU where allowed, :func:`attend`), "cudnn",
-      "xla" or None.
+    attention_implementation: "auto" (cuDNN on GPU where allowed, see
+      :mod:`align_jax.encoders.attention`), "cudnn", "xla" or None.
 
   ``__call__`` returns ``{"hidden": [n + 1, B, T, D] (when collect), "last": the residual stream
   after the last block run, "final": the final LayerNorm of it (all blocks run), "map": SigLIP's

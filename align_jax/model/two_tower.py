@@ -76,6 +76,13 @@ class AlignModel:
   def frozen_params(self) -> dict:
     return {"image": self.image_encoder.params, "text": self.text_encoder.params}
 
+  def encoder_revisions(self) -> dict:
+    """{"image": commit, "text": commit}: the hub commit each encoder's id resolved to, "" for a
+    local folder or a toy encoder; recorded in the run's config.json and the feature store's
+    fingerprint, so features from another revision of the same hub id are noticed."""
+    return {tower: getattr(encoder, "revision", None) or ""
+            for tower, encoder in (("image", self.image_encoder), ("text", self.text_encoder))}
+
   def encode(self, frozen: dict, batch: dict) -> tuple[dict, dict]:
     """Runs the frozen encoders; no gradient flows into them or their params."""
     frozen = jax.lax.stop_gradient(frozen)

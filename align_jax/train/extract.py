@@ -101,9 +101,8 @@ def fingerprint(config: ml_collections.ConfigDict, data, model, frozen: dict, dt
   image, text = model.image_encoder, model.text_encoder
   # The hub commit an id resolved to (absent for local folders and toy encoders), so a store made
   # from an older revision of the same hub id is refused.
-  revisions = {f"{tower}_revision": getattr(enc, "revision", None)
-               for tower, enc in (("image", image), ("text", text))}
-  revisions = {k: v for k, v in revisions.items() if v is not None}
+  revisions = {f"{tower}_revision": commit
+               for tower, commit in model.encoder_revisions().items() if commit}
   fp = {
       "model": {
           "image_encoder": _encoder_id(m.image_encoder),

@@ -175,6 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   finite_hint = feature_store.DAMAGED_STORE_HINT if unverified_store else ""
   trainer = build_trainer(config, mesh)
   state, frozen, source = trainer.state, trainer.frozen, trainer.source
+  config = config.copy_and_resolve_references()  # the hub commits the encoder ids resolved to
+  for tower, commit in trainer.model.encoder_revisions().items():
+    config.model[f"{tower}_encoder_revision"] = commit
   if jax.process_index() == 0:  # the run's config, for evaluation, export and AlignedModel.load
     run_dir.write_config(workdir, config)
   logger.info("%s", reporting.parameters_line(state.params))
