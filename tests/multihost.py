@@ -140,7 +140,7 @@ def start_main(args: Sequence[str], *, processes: int, devices: int, logs: str,
   for each process's output (``process-I.log``) and audit record. ``audit``: record the files
   each process writes, and reads under the folder ``reads_under``. ``port``: the coordinator's
   (default: a free one). ``program``: what runs instead of ``main.py`` (e.g. ``("-m",
-  "align_jax.serving.export")``; ``audit`` needs a script path). Everything started is SIGKILLed
+  "align_jax.cli.export")``; ``audit`` needs a script path). Everything started is SIGKILLed
   when the block exits, so a failing test leaves nothing running.
   """
   assert not audit or not program[0].startswith("-"), "the write audit runs a script path"

@@ -119,7 +119,7 @@ def test_tpu_topology_compiles_or_names_libtpu():
   """With libtpu the v5e-256 step compiles; without, the CLI names what is missing, no traceback."""
   env = dict(os.environ, XLA_FLAGS="")
   result = subprocess.run(
-      [sys.executable, "-m", "align_jax.train.aot", "--config=configs/demo.py", "--topology=v5e-256",
+      [sys.executable, "-m", "align_jax.cli.aot", "--config=configs/demo.py", "--topology=v5e-256",
        "--config.batch_size=1024"], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
   if _tpu_description_available():
@@ -274,7 +274,7 @@ def test_slices_in_the_topology_name():
 
 def _aot_cli(*args):
   env = dict(os.environ, XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  return subprocess.run([sys.executable, "-m", "align_jax.train.aot", "--config=configs/demo.py", *args],
+  return subprocess.run([sys.executable, "-m", "align_jax.cli.aot", "--config=configs/demo.py", *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -266,7 +266,7 @@ def test_readers_use_the_previous_checkpoint_and_leave_the_damaged_one(reference
   out = str(tmp_path / "export")
   result = _run(["main.py", *CLI_ARGS, "--mode=evaluate", f"--workdir={workdir}"]
                 if command == "evaluate" else
-                ["-m", "align_jax.serving.export", f"--workdir={workdir}", f"--out={out}"])
+                ["-m", "align_jax.cli.export", f"--workdir={workdir}", f"--out={out}"])
   output = result.stdout
   assert result.returncode == 0, output[-3000:]
   _assert_no_noise(output)

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+import helpers_cli
+from align_jax.cli import absl_app, main as cli_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,18 +53,49 @@ def test_bad_variant_and_missing_config_file(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command, flag", [
-    (["main.py"], "--workdir"), (["main.py"], "--coordinator_address"),
-    (["-m", "align_jax.cli.main", "train"], "--workdir"),
-    (["-m", "align_jax.cli.main", "select"], "--image_encoders"),
-    (["-m", "align_jax.cli.main", "curate"], "--quota"),
-    (["-m", "align_jax.cli.main", "aot"], "--topology"),
-])
-def test_help_lists_the_commands_flags(command, flag):
-  result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-  assert "Traceback" not in result.stderr, result.stderr[-2000:]  # (absl's --help exits 1)
-  assert f"  {flag}:" in result.stdout
+# One flag of each command that its --help must list (a new command needs an entry here).
+HELP_FLAG = {"train": "--workdir", "evaluate": "--step", "extract_features": "--mode",
+             "export": "--out", "eval_suite": "--only", "select": "--image_encoders",
+             "curate": "--quota", "aot": "--topology", "plot": "--out"}
+
+
+def test_every_command_help_exits_0_and_names_the_command(capsys):
+  """``align-jax COMMAND --help`` (and -h, --helpfull) for every command of the dispatcher, in
+  this process: status 0, ``usage: align-jax COMMAND``, its own flags and the shared ones."""
+  assert set(HELP_FLAG) == set(cli_main.COMMANDS)
+  for name, flag in HELP_FLAG.items():
+    for asked in ("--help", "-h", "--helpfull"):
+      status = helpers_cli.run_command(lambda args: cli_main.main(["align-jax", *args]),
+                                       [name, asked])
+      out, err = capsys.readouterr()
+      assert status in (0, None), (name, asked, status, err[-2000:])
+      assert out.startswith(f"usage: align-jax {name} "), (name, asked, out[:300])
+      assert f"  {flag}:" in out, (name, asked, out)
+      if name not in ("plot", "aot"):  # the others run over several processes too
+        assert "  --coordinator_address:" in out, (name, asked)
+      assert "Traceback" not in err
+  assert helpers_cli.run_command(cli_main.main, ["align-jax", "--help"]) == 0
+  assert capsys.readouterr().out.startswith("usage: align-jax COMMAND")
+
+
+def test_help_names_the_program_as_started():
+  """``python main.py --help`` and ``python -m align_jax.cli.NAME --help``: exit 0, and the usage
+  line is the command as typed."""
+  for command, program in ((["main.py"], "python main.py"),
+                           (["-m", "align_jax.cli.aot"], "python -m align_jax.cli.aot")):
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: {program} [flags]\n"), result.stdout[:300]
+    assert "  --topology:" in result.stdout or "  --coordinator_address:" in result.stdout
+
+
+def test_help_is_found_before_a_double_dash():
+  assert absl_app.help_asked(["--workdir=x", "--help"]) == "short"
+  assert absl_app.help_asked(["-?"]) == absl_app.help_asked(["-helpshort"]) == "short"
+  assert absl_app.help_asked(["--helpfull"]) == "full"
+  assert absl_app.help_asked(["--workdir=x", "--", "--help"]) is None
+  assert absl_app.help_asked(["--helper=1", "--workdir=--help"]) is None
 
 
 def test_console_command_rejects_an_unknown_subcommand():

@@ -4,7 +4,7 @@
   checkpoints, metrics.jsonl and TensorBoard land in the bucket; ``evaluate_checkpoint`` and
   ``AlignedModel.load`` read it back. Slow: SIGKILL mid-run and resume (the same losses at every
   logged step and the same final params as an uninterrupted local run, TensorBoard equal to
-  metrics.jsonl), ``--mode=evaluate`` and ``python -m align_jax.serving.export`` to gs://.
+  metrics.jsonl), ``--mode=evaluate`` and ``python -m align_jax.cli.export`` to gs://.
 * Data read from gs://: WebDataset shards (braces and globs, the index cached locally or in the
   bucket), a caption manifest with its images, a classification manifest, a class-name file and
   a description file; each gives exactly what the same files give locally.
@@ -165,7 +165,7 @@ def test_mode_evaluate_and_export_to_gcs(gcs_bucket, tmp_path, monkeypatch):
   assert report["step"] == 20
   assert report["results"] == {k: v for k, v in last_eval.items() if k.startswith("eval/")}
 
-  done = subprocess.run([sys.executable, "-m", "align_jax.serving.export", f"--workdir={workdir}",
+  done = subprocess.run([sys.executable, "-m", "align_jax.cli.export", f"--workdir={workdir}",
                          f"--out={out}"], cwd=tmp_path, capture_output=True, text=True,
                         timeout=300, env={**os.environ, "PYTHONPATH": REPO})
   assert done.returncode == 0, _output(done)[-3000:]

@@ -34,7 +34,7 @@ def test_command_selects_exactly_and_pipeline_reads_it(tmp_path):
   pool = _pool(tmp_path)
   out = tmp_path / "curated.jsonl"
   result = subprocess.run(
-      [sys.executable, "-m", "align_jax.analysis.curate", f"--pool={pool}",
+      [sys.executable, "-m", "align_jax.cli.curate", f"--pool={pool}",
        f"--features={tmp_path / 'feats.npy'}", f"--concepts={tmp_path / 'concepts.txt'}",
        f"--prototypes={tmp_path / 'protos.npy'}", "--top_k=3", "--quota=2", f"--out={out}"],
       cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,5 @@
 """The --distributed flags: values from flags or the environment, and one-line errors."""
 
-import argparse
 import socket
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import time
 import types
 
 import pytest
+from absl import flags
 
 from align_jax.parallel import processes as distributed
 import multihost
@@ -47,11 +47,20 @@ def test_flags_and_environment():
       distributed.Settings(None, None, None, 300))
 
 
-def test_argparse_namespace_has_the_same_fields():
-  parser = argparse.ArgumentParser()
-  distributed.add_arguments(parser)
-  args = parser.parse_args(["--coordinator_address=h:5", "--num_processes=2", "--process_id=1"])
-  assert distributed.settings_from(args, environ={}) == distributed.Settings("h:5", 2, 1, 300)
+def test_parsed_absl_flags_give_the_settings():
+  """The one definition of the six options (absl), parsed as a command parses them."""
+  values = flags.FlagValues()
+  distributed.define_flags(values)
+  distributed.define_flags(values)  # a second call (another command's) changes nothing
+  assert sorted(values) == ["coordinator_address", "distributed", "initialization_timeout",
+                            "num_processes", "peer_timeout", "process_id"]
+  values(["prog", "--coordinator_address=h:5", "--num_processes=2", "--process_id=1",
+          "--peer_timeout=7"])
+  assert distributed.settings_from(values, environ={}) == distributed.Settings(
+      "h:5", 2, 1, 300, peer_timeout=7)
+  values.unparse_flags()
+  values(["prog"])
+  assert distributed.settings_from(values, environ={}) is None
 
 
 @pytest.mark.parametrize("given, env, message", [

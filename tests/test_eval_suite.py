@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 
 import align_jax
+import helpers_cli
 import helpers_data as hd
 from helpers_tfds import write_tfds
+from align_jax.cli import eval_suite as eval_suite_cli
 from align_jax.config import schema as config_lib
 from align_jax.train import loop as train
 from align_jax.data import synthetic_images
@@ -161,10 +163,12 @@ def test_clip_benchmark_results_in_its_format(tmp_path):
 
 
 def test_help_runs_as_a_module():
-  out = subprocess.run([sys.executable, "-m", "align_jax.evaluate.suite", "--help"], cwd=ROOT,
+  out = subprocess.run([sys.executable, "-m", "align_jax.cli.eval_suite", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, check=True).stdout
-  words = " ".join(out.split())  # argparse wraps lines
-  assert "--workdir WORKDIR" in words and "flickr30k (Flickr30k (1k test))" in words
+  words = " ".join(out.split())  # absl wraps lines
+  assert out.startswith("usage: python -m align_jax.cli.eval_suite [flags]")
+  assert "--workdir: The training run's folder." in words
+  assert "flickr30k (Flickr30k (1k test))" in words
 
 
 # ----------------------------------------------------------------------- tiny trained run + data
@@ -272,7 +276,7 @@ def test_suite_prints_the_table_with_known_answers(world, capsys):
   """All 15 benchmarks considered: 11 absent (a line each), CUB an error, 3 evaluated exactly."""
   args = [f"--workdir={world['workdir']}", f"--data_dir={world['data_dir']}",
           f"--manifests={world['manifests']}", "--templates=simple"]
-  status = suite.main(args)
+  status = helpers_cli.run_command(eval_suite_cli, args)
   out = capsys.readouterr().out
   assert status == 1  # the CUB error
   expected, data_dir, manifests = world["expected"], world["data_dir"], world["manifests"]
@@ -370,9 +374,7 @@ def test_bad_flags_and_missing_data_are_one_line_errors(tmp_path, capsys):
       ([f"--workdir={workdir}", f"--manifests={tmp_path}/none"], "no such folder"),
       ([f"--workdir={workdir}", f"--data_dir={tmp_path}", "--only=pets,coco"],
        "none of the benchmarks ['pets', 'coco'] found")]:
-    with pytest.raises(SystemExit) as exit_info:
-      suite.main(argv)
-    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value), (
-        exit_info.value)
-    assert "\n" not in str(exit_info.value)
+    status = helpers_cli.run_command(eval_suite_cli, argv)
+    assert str(status).startswith("error: ") and message in str(status), status
+    assert "\n" not in str(status)
   capsys.readouterr()

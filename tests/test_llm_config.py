@@ -96,7 +96,7 @@ def test_online_step_with_sharded_llm_on_eight_devices_equals_one(folders, devic
 
 @pytest.mark.slow
 def test_config_compiles_on_cpu8_with_one_eighth_of_the_text_tower_per_device(folders, devices):
-  """``python -m align_jax.train.aot --config=configs/dinov2_llm.py --topology=cpu:8`` on tiny models."""
+  """``python -m align_jax.cli.aot --config=configs/dinov2_llm.py --topology=cpu:8`` on tiny models."""
   del devices
   config = _config(folders, batch=64, micro=2)
   report = aot.compile_train_step(config, "cpu:8")

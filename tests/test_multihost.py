@@ -248,14 +248,14 @@ def test_sigkill_then_preemption_restarts_continue_the_same_trajectory(tmp_path)
   assert multihost.evals(run) == multihost.evals(reference)
   _assert_params_close(_final_params(reference), _final_params(run))
 
-  # python -m align_jax.serving.export as 2 processes: process 0 writes the folder, as one process
+  # python -m align_jax.cli.export as 2 processes: process 0 writes the folder, as one process
   # would.
   from align_jax.serving import export
   from safetensors.numpy import load_file
   card = export.export(str(run), str(tmp_path / "export1"))
   multihost.run_main([f"--workdir={run}", f"--out={tmp_path / 'export2'}"], processes=2,
                      devices=4, logs=tmp_path / "d", timeout=TIMEOUT,
-                     program=("-m", "align_jax.serving.export"))
+                     program=("-m", "align_jax.cli.export"))
   import json
   assert json.loads((tmp_path / "export2" / "align_jax_model.json").read_text()) == card
   one, two = (load_file(str(tmp_path / e / "projectors.safetensors"))
@@ -284,7 +284,7 @@ def test_curate_command_two_processes_writes_one_manifest(tmp_path):
          f"--concepts={tmp_path / 'concepts.txt'}", f"--prototypes={tmp_path / 'protos.npy'}",
          "--top_k=2", "--quota=2", f"--out={out}"], processes=processes, devices=4 * (3 - processes),
         logs=tmp_path / f"logs-{processes}", timeout=TIMEOUT,
-        program=("-m", "align_jax.analysis.curate"))
+        program=("-m", "align_jax.cli.curate"))
     outputs[processes] = out.read_text()
     assert "selected 4" in group[0].output
   assert outputs[2] == outputs[1] and len(outputs[1].splitlines()) == 4

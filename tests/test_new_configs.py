@@ -5,7 +5,7 @@ weights) of the same model types and structure as the real towers, tiny: DINOv3 
 RoPE) + Qwen3, and a two-tower SigLIP config (its vision tower, MAP head) + NV-Embed (a
 bidirectional Mistral and the latent-attention pooler). The configs build abstractly (no weights
 read), their FSDP rules split the 7B tower's stacked (scanned) matrices as the docstring says,
-and ``python -m align_jax.train.aot --topology=cpu:8`` compiles each at a small batch.
+and ``python -m align_jax.cli.aot --topology=cpu:8`` compiles each at a small batch.
 """
 
 import json
@@ -115,7 +115,7 @@ def test_siglip2_nvembed_builds_and_its_rules_shard_every_text_matrix(folders, m
     ("configs/siglip2_nvembed.py", "siglip", "nvembed")])
 def test_aot_cli_compiles_on_cpu8_from_config_only_folders(folders, config_file, image, text):
   result = subprocess.run(
-      [sys.executable, "-m", "align_jax.train.aot",
+      [sys.executable, "-m", "align_jax.cli.aot",
        f"--config={config_file}:{_variant(folders, image, text)}", "--topology=cpu:8"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))

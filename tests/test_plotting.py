@@ -1,6 +1,7 @@
 """align_jax.analysis.plotting: a run's curves from metrics.jsonl, the CKA heat-map, `align-jax plot`."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers_cli
 from align_jax.analysis import plotting
+from align_jax.cli import plot as plot_cli
 from align_jax.run import metrics as reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +47,8 @@ def test_plot_command_writes_the_png(tmp_path):
   assert result.stdout.strip() == f"wrote {workdir}/curves.png"
   with Image.open(os.path.join(workdir, "curves.png")) as image:
     assert image.format == "PNG" and image.size[0] > 800 and image.size[1] > 500  # 3 x 2 panels
-  with pytest.raises(SystemExit, match=r"^error: .*/no/metrics.jsonl not found: WORKDIR must be"):
-    plotting.main([str(tmp_path / "no")])
+  status = helpers_cli.run_command(plot_cli, [str(tmp_path / "no")])
+  assert re.match(r"^error: .*/no/metrics.jsonl not found: WORKDIR must be", str(status)), status
 
 
 def test_heatmap_shape_check_and_name_wrapping(tmp_path):

@@ -96,7 +96,7 @@ def _config_with_flagfile(path):
 def test_command_line(encoders, tmp_path):
   images, texts = encoders
   result = subprocess.run(
-      [sys.executable, "-m", "align_jax.analysis.select", "--source=synthetic_shapes",
+      [sys.executable, "-m", "align_jax.cli.select", "--source=synthetic_shapes",
        "--num_images=16", f"--image_encoders={images[0]}", f"--text_encoders={','.join(texts)}",
        "--max_text_length=32", f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr

@@ -1,6 +1,6 @@
 """Curation command: a concept-balanced subset of an image-caption pool, as a training manifest.
 
-    python -m align_jax.analysis.curate --pool=pool.jsonl --features=pool_text.npy \\
+    python -m align_jax.cli.curate --pool=pool.jsonl --features=pool_text.npy \\
         --concepts=concepts.txt --text_encoder=sentence-transformers/all-roberta-large-v1 \\
         --top_k=50000 --quota=2000 --out=curated.jsonl
 
@@ -26,10 +26,6 @@ from typing import Sequence
 
 import numpy as np
 
-from absl import flags as absl_flags
-
-from align_jax.cli import absl_app
-from align_jax.parallel import processes as distributed
 from align_jax.analysis import curation, text_length
 
 logger = logging.getLogger("align_jax")
@@ -97,57 +93,25 @@ def curate_pool(pool: str, features: str, prototypes: np.ndarray, names: Sequenc
   return stats
 
 
-FLAGS = absl_flags.FLAGS
-
-
-def main(argv):
-  del argv
-  distributed.initialize_or_exit()
-  try:
-    distributed.on_first_process(_curate, FLAGS)  # one process writes --out; the others wait
-  except (ValueError, OSError) as error:  # bad input: one line, no traceback
-    raise SystemExit(f"error: {error}") from None
-
-
-def _curate(flags):
-  if bool(flags.prototypes) == bool(flags.text_encoder):
-    raise SystemExit("error: give either --text_encoder (prototypes from concept names) or "
+def curate_from_files(pool: str, features: str, concepts: str, out: str, *,
+                      text_encoder: str = "", prototypes: str = "",
+                      templates: Sequence[str] = ("a photo of a {}.",),
+                      max_text_length: int | None = None, top_k: int = 50000, quota: int = 2000,
+                      chunk_size: int = 65536) -> dict:
+  """The command's whole job (see the module docstring): concept names from ``concepts`` (one per
+  line), their prototypes from ``text_encoder`` in ``templates`` or the ``[C, D]`` .npy
+  ``prototypes`` (exactly one of the two), then :func:`curate_pool`; returns its statistics with
+  ``num_concepts``. Raises ValueError naming the fix for bad input.
+  """
+  if bool(prototypes) == bool(text_encoder):
+    raise ValueError("give either --text_encoder (prototypes from concept names) or "
                      "--prototypes (a [C, D] .npy)")
-  names = load_concepts(flags.concepts)
-  if flags.prototypes:
-    prototypes = np.load(flags.prototypes)
+  names = load_concepts(concepts)
+  if prototypes:
+    vectors = np.load(prototypes)
   else:
-    prototypes = concept_prototypes(names, flags.text_encoder, flags.templates,
-                                    flags.max_text_length)
-  stats = curate_pool(flags.pool, flags.features, prototypes, names, top_k=flags.top_k,
-                      quota=flags.quota, out=flags.out, chunk_size=flags.chunk_size)
-  print(f"scored {stats['n_scored']:,} captions against {len(names):,} concepts; selected "
-        f"{stats['n_selected']:,} into {stats['out_path']}")
-
-
-def define_flags() -> None:
-  """The command line's flags (absl), defined once, by :func:`run`."""
-  absl_flags.DEFINE_string("pool", None, "Pool manifest (JSONL: image path + caption per line).")
-  absl_flags.DEFINE_string("features", None, "[N, D] .npy caption features, row i = pool line i.")
-  absl_flags.DEFINE_string("concepts", None, "Concept names, one per line.")
-  absl_flags.DEFINE_string("text_encoder", "", "Text encoder (hub id or folder) for prototypes; "
-                           "the same one that made --features.")
-  absl_flags.DEFINE_string("prototypes", "", "Or: precomputed [C, D] prototypes (.npy).")
-  absl_flags.DEFINE_list("templates", ["a photo of a {}."], "Prompt templates for prototypes.")
-  absl_flags.DEFINE_integer("max_text_length", None, "Tokens per prompt (default: 77, or the "
-                            "text encoder's limit when smaller).")
-  absl_flags.DEFINE_integer("top_k", 50000, "Candidates kept per concept (paper: 50,000).")
-  absl_flags.DEFINE_integer("quota", 2000, "Most samples per concept (paper: 2,000).")
-  absl_flags.DEFINE_integer("chunk_size", 65536, "Captions scored per chunk (bounds memory).")
-  absl_flags.DEFINE_string("out", None, "Curated manifest (.jsonl).")
-  absl_flags.mark_flags_as_required(["pool", "features", "concepts", "out"])
-  distributed.define_flags()
-
-
-def run() -> None:
-  """Console entry point (``python -m align_jax.analysis.curate``, ``align-jax curate``)."""
-  absl_app.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
-
-
-if __name__ == "__main__":
-  run()
+    vectors = concept_prototypes(names, text_encoder, templates, max_text_length)
+  stats = curate_pool(pool, features, vectors, names, top_k=top_k, quota=quota, out=out,
+                      chunk_size=chunk_size)
+  stats["num_concepts"] = len(names)
+  return stats

@@ -1,6 +1,6 @@
 """Pictures of a run and of an encoder-pair selection, drawn with matplotlib.
 
-    align-jax plot WORKDIR [--out=curves.png]     # = python -m align_jax.analysis.plotting WORKDIR
+    python -m align_jax.cli.plot WORKDIR [--out=curves.png]     # = align-jax plot WORKDIR
 
 :func:`plot_run` draws a run's curves from ``WORKDIR/metrics.jsonl`` (the file every run writes,
 :mod:`align_jax.run.metrics`): the training loss, the logit parameters (temperature, or SigLIP's
@@ -15,10 +15,8 @@ changes the plotting backend of a notebook or needs a display.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
-import sys
 import textwrap
 from typing import Sequence
 
@@ -148,27 +146,3 @@ def cka_heatmap(values, image_names: Sequence[str], text_names: Sequence[str], p
                 color="black" if values[i, j] > 0.6 else "white")
   figure.colorbar(image, ax=axes, label="linear CKA", shrink=0.9)
   return _save(figure, path)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="align-jax plot",
-      description="Draw a run's curves (loss, temperature, every eval metric against the step) "
-                  "from WORKDIR/metrics.jsonl into a PNG.")
-  parser.add_argument("workdir", help="the run's folder (local or gs://)")
-  parser.add_argument("--out", default=None, help=f"PNG to write (default WORKDIR/{CURVES_FILE})")
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    path = plot_run(args.workdir, args.out)
-  except (ValueError, OSError) as error:
-    sys.exit(f"error: {error}")
-  print(f"wrote {path}")
-
-
-def run() -> None:
-  """Console entry point (``align-jax plot``, ``python -m align_jax.analysis.plotting``)."""
-  main()
-
-
-if __name__ == "__main__":
-  run()

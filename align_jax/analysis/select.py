@@ -1,6 +1,6 @@
 """Encoder-pair selection: which frozen image and text encoders are already most alike?
 
-    python -m align_jax.analysis.select --source=manifest --path=coco_val.jsonl \\
+    python -m align_jax.cli.select --source=manifest --path=coco_val.jsonl \\
         --image_encoders=facebook/dinov2-large,google/vit-large-patch16-224 \\
         --text_encoders=sentence-transformers/all-roberta-large-v1,bert-large-uncased \\
         --num_images=5000 --out=/tmp/selection [--layers]
@@ -41,10 +41,6 @@ import jax
 import numpy as np
 from PIL import Image
 
-from absl import flags as absl_flags
-
-from align_jax.cli import absl_app
-from align_jax.parallel import processes as distributed
 from align_jax.analysis import plotting
 from align_jax.analysis import cka, text_length
 from align_jax.data import readers
@@ -202,7 +198,7 @@ def best_overrides(rows: list[dict]) -> tuple[dict, list[str]]:
     how = (f"best pair and layers by linear CKA over every layer pair "
            f"({best['best_layer_cka']:.4f}; final layers: {best['linear_cka']:.4f})")
   return best, [
-      f"# python -m align_jax.analysis.select: {how}; features scored with mean pooling",
+      f"# python -m align_jax.cli.select: {how}; features scored with mean pooling",
       f"# use: python main.py --config=CONFIG --flagfile={OVERRIDES_FILE} ...",
       f"--config.model.image_encoder={best['image_encoder']}",
       f"--config.model.text_encoder={best['text_encoder']}",
@@ -263,67 +259,3 @@ def select_encoders(data_config, image_encoders: Sequence[str], text_encoders: S
   write_overrides(rows, out_dir)
   write_heatmap(rows, image_encoders, text_encoders, os.path.join(out_dir, "cka_heatmap.png"))
   return rows
-
-
-FLAGS = absl_flags.FLAGS
-
-
-def main(argv):
-  del argv
-  flags = FLAGS
-  distributed.initialize_or_exit()
-  split = flags.split or {"tfds": "validation", "synthetic_shapes": "heldout"}.get(flags.source,
-                                                                                  "train")
-  data = readers.with_schema({  # the flags over the schema's data block
-      "source": flags.source, "path": flags.path, "name": flags.name, "split": split,
-      "data_dir": flags.data_dir, "urls": flags.urls, "image_root": flags.image_root,
-      "caption_key": flags.caption_key, "num_pairs": flags.num_images})
-  try:
-    rows = distributed.on_first_process(  # one process writes --out; the others wait for it
-        select_encoders, data, flags.image_encoders, flags.text_encoders, flags.out,
-        num_images=flags.num_images, layers=flags.layers, batch_size=flags.batch_size,
-        max_text_length=flags.max_text_length)
-  except (ValueError, OSError) as error:  # bad input: one line, no traceback
-    raise SystemExit(f"error: {error}") from None
-  if rows is None:
-    return
-  with open(os.path.join(flags.out, "ranking.md")) as f:
-    print(f.read())
-  print(f"best pair: {rows[0]['image_encoder']} + {rows[0]['text_encoder']} "
-        f"(linear CKA {rows[0]['linear_cka']:.4f}); files in {flags.out}")
-  print(f"config overrides ({'pair and layers' if flags.layers else 'pair'}): "
-        f"--flagfile={os.path.join(flags.out, OVERRIDES_FILE)}")
-
-
-def define_flags() -> None:
-  """The command line's flags (absl), defined once, by :func:`run`."""
-  absl_flags.DEFINE_enum("source", "manifest",
-                         ["manifest", "parquet", "tfds", "webdataset", "synthetic_shapes"],
-                         "Where the image-caption pairs come from.")
-  absl_flags.DEFINE_string("path", "", "manifest: .jsonl/.csv path; parquet: files, a folder or a "
-                           "glob.")
-  absl_flags.DEFINE_string("image_root", "", "manifest / parquet: folder of the image paths.")
-  absl_flags.DEFINE_string("name", "", "tfds: builder name, e.g. coco_captions.")
-  absl_flags.DEFINE_string("split", "", "Split ('' = tfds: validation, synthetic_shapes: heldout).")
-  absl_flags.DEFINE_string("data_dir", "", "tfds data_dir.")
-  absl_flags.DEFINE_string("urls", "", "webdataset shards.")
-  absl_flags.DEFINE_string("caption_key", "", "caption field ('' = the reader's default).")
-  absl_flags.DEFINE_list("image_encoders", [], "Image encoders: hub ids or folders.")
-  absl_flags.DEFINE_list("text_encoders", [], "Text encoders: hub ids or folders.")
-  absl_flags.DEFINE_integer("num_images", 5000, "Pairs to score on (the paper: 5,000 COCO val).")
-  absl_flags.DEFINE_integer("batch_size", 64, "Encoding batch size.")
-  absl_flags.DEFINE_integer("max_text_length", None, "Tokens per caption (default: 77, or the "
-                            "text encoder's limit when smaller).")
-  absl_flags.DEFINE_bool("layers", False, "Also score every layer pair.")
-  absl_flags.DEFINE_string("out", None, "Output folder.")
-  absl_flags.mark_flag_as_required("out")
-  distributed.define_flags()
-
-
-def run() -> None:
-  """Console entry point (``python -m align_jax.analysis.select``, ``align-jax select``)."""
-  absl_app.run_absl(main, __name__, define_flags=define_flags, log_messages=True)
-
-
-if __name__ == "__main__":
-  run()

@@ -7,10 +7,10 @@
     align-jax select ... | curate ... | eval_suite ... | aot ...
     align-jax plot RUN                                                    # RUN/curves.png
 
-Each subcommand runs the module's own command line (``python -m align_jax.serving.export`` and so
-on) with the remaining arguments, so flags, help and errors are the module's. Installed by ``pip
-install`` as the ``align-jax`` script (pyproject.toml); ``python -m align_jax.cli.main`` is the
-same.
+Each subcommand runs its module's command line in :mod:`align_jax.cli` (``python -m
+align_jax.cli.export`` and so on) with the remaining arguments, so flags, help and errors are the
+module's. Installed by ``pip install`` as the ``align-jax`` script (pyproject.toml); ``python -m
+align_jax.cli.main`` is the same.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ COMMANDS = {
                  "run config.evals on a run's latest (or --step) checkpoint"),
     "extract_features": ("align_jax.cli.train", ("--mode=extract_features",),
                          "run the frozen encoders over config.data once into a feature store"),
-    "export": ("align_jax.serving.export", (), "write a trained run as a folder AlignedModel.load reads"),
-    "eval_suite": ("align_jax.evaluate.suite", (), "zero-shot and retrieval benchmark suite"),
-    "select": ("align_jax.analysis.select", (), "rank encoder pairs by CKA / mutual k-NN"),
-    "curate": ("align_jax.analysis.curate", (), "concept-balanced selection from a pool"),
-    "aot": ("align_jax.train.aot", (), "compile the train step ahead of time for a TPU/GPU topology"),
-    "plot": ("align_jax.analysis.plotting", (), "draw a run's curves from metrics.jsonl into a PNG"),
+    "export": ("align_jax.cli.export", (), "write a trained run as a folder AlignedModel.load reads"),
+    "eval_suite": ("align_jax.cli.eval_suite", (), "zero-shot and retrieval benchmark suite"),
+    "select": ("align_jax.cli.select", (), "rank encoder pairs by CKA / mutual k-NN"),
+    "curate": ("align_jax.cli.curate", (), "concept-balanced selection from a pool"),
+    "aot": ("align_jax.cli.aot", (), "compile the train step ahead of time for a TPU/CPU topology"),
+    "plot": ("align_jax.cli.plot", (), "draw a run's curves from metrics.jsonl into a PNG"),
 }
 
 

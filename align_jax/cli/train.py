@@ -32,21 +32,25 @@ from align_jax.config import schema as config_schema
 from align_jax.parallel import processes as distributed
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Training config: a .py file, or a packaged config's name (demo, demo_online, "
-    "dinov2_roberta, dinov2_llm), then optionally :variant.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and TensorBoard.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "extract_features"],
-                  "train: train (or resume) in --workdir. evaluate: run config.evals on the "
-                  "workdir's latest (or --step) checkpoint, writing WORKDIR/eval_results.json. "
-                  "extract_features: run the frozen encoders over config.data once and write a "
-                  "feature store to --workdir.")
-flags.DEFINE_integer("step", None, "--mode=evaluate: the checkpoint step (default: latest).")
-flags.DEFINE_bool("print_config", False, "Print the whole config (default: one line of its key "
-                  "settings; the whole config is in WORKDIR/config.json).")
-distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
-flags.adopt_module_key_flags(distributed)  # ... listed by --help with main.py's own
-flags.mark_flags_as_required(["config", "workdir"])
+PROGRAM = "python main.py"
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config: a .py file, or a packaged config's name (demo, "
+      "demo_online, dinov2_roberta, dinov2_llm), then optionally :variant.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and TensorBoard.")
+  flags.DEFINE_enum("mode", "train", ["train", "evaluate", "extract_features"],
+                    "train: train (or resume) in --workdir. evaluate: run config.evals on the "
+                    "workdir's latest (or --step) checkpoint, writing WORKDIR/eval_results.json. "
+                    "extract_features: run the frozen encoders over config.data once and write a "
+                    "feature store to --workdir.")
+  flags.DEFINE_integer("step", None, "--mode=evaluate: the checkpoint step (default: latest).")
+  flags.DEFINE_bool("print_config", False, "Print the whole config (default: one line of its key "
+                    "settings; the whole config is in WORKDIR/config.json).")
+  distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
+  flags.adopt_module_key_flags(distributed)  # ... listed by --help with main.py's own
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _config_file_line(error: BaseException, config_file: str | None) -> int | None:
@@ -219,9 +223,10 @@ def main(argv):
     raise
 
 
-def run() -> None:
-  """Entry point: parses ``sys.argv`` (absl flags) and runs :func:`main`."""
-  absl_app.run_absl(main, __name__, flags_parser=parse_flags)
+def run(argv: list[str] | None = None) -> None:
+  """Entry point: parses ``argv`` (default: ``sys.argv[1:]``; absl flags) and runs :func:`main`."""
+  absl_app.run_absl(main, __name__, program=PROGRAM, define_flags=define_flags,
+                    flags_parser=parse_flags, argv=argv)
 
 
 if __name__ == "__main__":

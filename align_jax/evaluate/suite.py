@@ -1,6 +1,6 @@
 """The paper's evaluation as one command: freeze-align's zero-shot table and its retrieval sets.
 
-    python -m align_jax.evaluate.suite --workdir=RUN [--data_dir=TFDS_DIR] [--manifests=DIR]
+    python -m align_jax.cli.eval_suite --workdir=RUN [--data_dir=TFDS_DIR] [--manifests=DIR]
         [--prompts=DIR] [--step=N] [--only=imagenet,pets] [--templates=simple] [--batch_size=1024]
 
 restores the run's trainable params (its latest checkpoint, or ``--step``) with the config it
@@ -60,16 +60,13 @@ every device (and process, with ``--distributed``), ties counted in the query's 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
-from align_jax.parallel import processes as distributed
 from align_jax.model import interfaces
 from align_jax.run import storage
 from align_jax.evaluate import datasets
@@ -426,54 +423,3 @@ def run_suite(workdir: str, *, data_dir: str = "", manifests: str = "", prompts:
     say(f"clip_benchmark results ({len(paths)}): {storage.join(workdir, CLIP_BENCHMARK_DIR)}/"
         "*.json (combine with `clip_benchmark build FILES --output=benchmark.csv`)")
   return report
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m align_jax.evaluate.suite",
-      description="Zero-shot classification and retrieval of a training run on freeze-align's "
-                  "benchmarks, with the paper's numbers beside the run's. Benchmarks: "
-                  + ", ".join(f"{b.key} ({b.title})" for b in BENCHMARKS) + ".")
-  parser.add_argument("--workdir", required=True, help="the training run's folder")
-  parser.add_argument("--data_dir", default="", help="TFDS data_dir with array_record builds "
-                      "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-  parser.add_argument("--manifests", default="", help="folder of <key>.jsonl / <key>.csv "
-                      "manifests (e.g. aircraft.jsonl, ucf101.jsonl, flickr30k.jsonl)")
-  parser.add_argument("--prompts", default="", help="folder of <key>.json class descriptions "
-                      "and <key>_classes.txt class names")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  parser.add_argument("--only", default="", help="comma-separated benchmark keys (default: all)")
-  parser.add_argument("--templates", default="", help="one template set for every "
-                      "classification set, e.g. simple (default: each dataset's CLIP set)")
-  parser.add_argument("--batch_size", type=int, default=1024, help="global embedding batch")
-  parser.add_argument("--model_name", default="", help="'model' in the clip_benchmark JSON files "
-                      "(default: align_jax:<image encoder>+<text encoder>)")
-  parser.add_argument("--pretrained_name", default="", help="'pretrained' in the clip_benchmark "
-                      "JSON files (default: <run folder>@<step>)")
-  distributed.add_arguments(parser)
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
-  logger.setLevel(logging.INFO)
-  distributed.initialize_or_exit(args)
-  only = [key.strip() for key in args.only.split(",") if key.strip()]
-  try:
-    report = run_suite(args.workdir, data_dir=args.data_dir, manifests=args.manifests,
-                       prompts=args.prompts, step=args.step, only=only,
-                       templates=args.templates, batch_size=args.batch_size,
-                       model_name=args.model_name, pretrained_name=args.pretrained_name)
-  except (ValueError, OSError) as error:
-    sys.exit(f"error: {error}")
-  return 1 if report["errors"] else 0
-
-
-def run() -> None:
-  """Console entry point (``align-jax eval_suite``): :func:`main` on ``sys.argv``."""
-  sys.exit(main(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-  run()

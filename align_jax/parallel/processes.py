@@ -70,8 +70,9 @@ class DistributedError(ValueError):
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines --distributed, --coordinator_address, --num_processes, --process_id and
-  --initialization_timeout (once; an entry point calls this before parsing its flags)."""
+  """Defines --distributed, --coordinator_address, --num_processes, --process_id,
+  --initialization_timeout and --peer_timeout (once; every command of :mod:`align_jax.cli` calls
+  this before parsing its flags): the one definition of the multi-process options."""
   if "distributed" in flag_values:
     return
   flags.DEFINE_bool(
@@ -97,22 +98,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "(one line naming it and the last checkpoint).", flag_values=flag_values)
 
 
-def add_arguments(parser) -> None:
-  """The same six options for an ``argparse`` entry point (``python -m align_jax.serving.export``)."""
-  parser.add_argument("--distributed", action="store_true",
-                      help="multi-process run: call jax.distributed.initialize() first")
-  parser.add_argument("--coordinator_address", default=None,
-                      help=f"HOST:PORT of process 0 [{ENV_COORDINATOR}]")
-  parser.add_argument("--num_processes", type=int, default=None,
-                      help=f"number of processes [{ENV_NUM_PROCESSES}]")
-  parser.add_argument("--process_id", type=int, default=None,
-                      help=f"this process's index [{ENV_PROCESS_ID}]")
-  parser.add_argument("--initialization_timeout", type=int, default=DEFAULT_TIMEOUT,
-                      help="seconds to wait for every process to connect")
-  parser.add_argument("--peer_timeout", type=int, default=peer_watch.DEFAULT_TIMEOUT,
-                      help="seconds without a sign of life before a lost process stops the others")
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What :func:`initialize` passes to ``jax.distributed.initialize`` (None: jax detects it)."""
@@ -134,8 +119,9 @@ def _env_int(environ, name: str, flag: str) -> int | None:
 
 
 def settings_from(values: Any, environ=None) -> Settings | None:
-  """The multi-process settings from parsed flags (absl FLAGS or an argparse namespace) and the
-  environment, validated; None for a single-process run (no --distributed and no value given)."""
+  """The multi-process settings from parsed flags (absl's FLAGS, or any object with the attributes
+  :func:`define_flags` defines) and the environment, validated; None for a single-process run (no
+  --distributed and no value given)."""
   environ = os.environ if environ is None else environ
   given = {name: getattr(values, name, None) for name in _FLAG_NAMES}
   if not given["distributed"] and all(given[name] is None for name in
@@ -248,8 +234,8 @@ def _orbax_barriers_through_coordinator() -> None:
 def initialize(values: Any = None, identity: tuple | None = None) -> bool:
   """Starts this process's part of a multi-process run from the flags; returns whether it did.
 
-  ``values``: parsed flags with the attributes of :func:`define_flags` (default: absl's FLAGS; an
-  argparse namespace works too). ``identity``: :func:`command_identity` of this command (default:
+  ``values``: parsed flags with the attributes of :func:`define_flags` (default: absl's FLAGS).
+  ``identity``: :func:`command_identity` of this command (default:
   its command line). Before jax connects, process 0 holds the coordinator port and every
   process shows it its identity (:mod:`align_jax.parallel.run_guard`); after, a watch notices a lost
   peer (:mod:`align_jax.parallel.peer_watch`). Raises :class:`DistributedError` (one line, naming

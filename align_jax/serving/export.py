@@ -1,6 +1,6 @@
 """Export a trained run as a small, shareable folder: projector weights, config and a model card.
 
-    python -m align_jax.serving.export --workdir=/tmp/align_demo_online --out=/tmp/my_model [--step=N]
+    python -m align_jax.cli.export --workdir=/tmp/align_demo_online --out=/tmp/my_model [--step=N]
     hf upload USER/my-model /tmp/my_model .     # optional: share it on the hub
 
 The folder holds
@@ -16,20 +16,18 @@ The folder holds
 Frozen encoder weights are not copied: they are named by their hub id (or the path they were
 loaded from), and ``AlignedModel.load(folder, image_encoder=..., text_encoder=...)`` points at
 another copy. ``AlignedModel.load`` of the folder gives bit-identical embeddings to loading the run.
+The command line is :mod:`align_jax.cli.export`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 
 import align_jax
-from align_jax.parallel import processes as distributed
 from align_jax.serving import inference
 from align_jax.objectives import kinds as loss_kinds
 from align_jax.run import reader as run_dir
@@ -94,32 +92,3 @@ def export(workdir: str, out: str, *, step: int | None = None,
   run_dir.write_config(out, config)
   storage.write_text(storage.join(out, inference.MODEL_FILE), json.dumps(card, indent=2))
   return card
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m align_jax.serving.export",
-      description="Export a training run's projectors as safetensors + config (see the module "
-                  "docstring); load the folder with align_jax.AlignedModel.load(OUT).")
-  parser.add_argument("--workdir", required=True, help="the training workdir")
-  parser.add_argument("--out", required=True, help="the folder to write")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step (default: the latest that restores)")
-  distributed.add_arguments(parser)
-  args = parser.parse_args(argv)
-  distributed.initialize_or_exit(args)
-  try:
-    card = export(args.workdir, args.out, step=args.step)
-  except (ValueError, OSError) as error:
-    sys.exit(f"error: {error}")
-  if jax.process_index() == 0:
-    print(f"exported step {card['step']} ({card['num_params']:,} params) to {args.out}")
-
-
-def run() -> None:
-  """Console entry point (``align-jax export``): :func:`main` on ``sys.argv``."""
-  main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-  run()

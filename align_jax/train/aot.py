@@ -1,8 +1,8 @@
 """Ahead-of-time compile check: compile the real train step for a pod topology without the pod.
 
-    python -m align_jax.train.aot --config=configs/demo.py --topology=cpu:8
-    python -m align_jax.train.aot --config=configs/demo.py --topology=v5e-256 --config.batch_size=8192
-    python -m align_jax.train.aot --config=configs/dinov2_roberta.py:batch=65536 --topology=2xv5e-256
+    python -m align_jax.cli.aot --config=configs/demo.py --topology=cpu:8
+    python -m align_jax.cli.aot --config=configs/demo.py --topology=v5e-256 --config.batch_size=8192
+    python -m align_jax.cli.aot --config=configs/dinov2_roberta.py:batch=65536 --topology=2xv5e-256
 
 Before paying for a v5e-256 or v4-32 slice, this builds the run's mesh, model, optimiser, shardings
 and the jitted ``train_step`` with the builder :func:`align_jax.train.loop.build_trainer` uses
@@ -40,16 +40,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
-from align_jax.cli import absl_app
 from align_jax.train import validation
 from align_jax.model import two_tower as model_lib
 from align_jax.train import optim, step as step_builder
@@ -214,7 +210,7 @@ def topology_devices(topology: str) -> list:
     if count < 1 or count > len(available):
       raise ValueError(
           f"--topology={topology} needs {count} CPU devices but {len(available)} exist in this "
-          "process; run `python -m align_jax.train.aot` (it sets jax_num_cpu_devices) or set "
+          "process; run `python -m align_jax.cli.aot` (it sets jax_num_cpu_devices) or set "
           f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before jax starts")
     return available[:count]
   spec = tpu_topology(topology)
@@ -323,57 +319,3 @@ def prepare_process(topology: str) -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_WORKER_ID", "0")
-
-
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
-                                  lock_config=True)
-  flags.DEFINE_string("topology", "cpu:8", "cpu:N, or a Cloud TPU type such as v4-32 or v5e-256 "
-                      "(SxTYPE, e.g. 2xv5e-256: S slices).")
-  flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined by DCN (same as SxTYPE).")
-  flags.mark_flags_as_required(["config"])
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad --config.KEY or variant as one "error:" line (as main.py)."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError) as error:
-    text = str(error).replace("\\n", "\n").replace("\\'", "'")
-    lines = [line.strip(" '\"") for line in text.splitlines() if line.strip()]
-    sys.exit(f"error: {lines[-1] if 'Traceback' in text else ' '.join(lines)}")
-
-
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    topology = with_slices(FLAGS.topology, FLAGS.num_slices)
-  except ValueError as error:
-    sys.exit(f"error: {error}")
-  prepare_process(topology)  # compile-only: never starts an accelerator backend
-  config = FLAGS.config
-  if not isinstance(config, ml_collections.ConfigDict):
-    try:
-      config.lock()  # config_flags' placeholder for a file that failed to load raises its error
-    except Exception as error:  # pylint: disable=broad-except
-      lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-      sys.exit(f"error: could not load --config: {' '.join(lines[-2:])}")
-  try:
-    report = compile_train_step(config, topology, check_memory=False)
-    print(report.summary())
-    report.check_fits()
-  except (ValueError, OSError, TopologyUnavailableError) as error:
-    sys.exit(f"error: {error}")
-
-
-def run() -> None:
-  """Console entry point (``python -m align_jax.train.aot``, ``align-jax aot``)."""
-  absl_app.run_absl(main, __name__, define_flags=_define_flags, flags_parser=_parse_flags)
-
-
-if __name__ == "__main__":
-  run()

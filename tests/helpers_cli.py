@@ -1,0 +1,37 @@
+"""Commands of align_jax.cli run in the test's process, as a shell would run them, but cheaper.
+
+Every command defines its absl flags into the process-wide ``absl.flags.FLAGS`` when it starts
+(one command per process, in real use). :func:`run_command` runs one command and then removes the
+flags it defined, and puts back the root logger's handlers and level that ``absl.app.run`` and a
+command's ``logging.basicConfig(force=True)`` replace, and ``sys.argv`` (the dispatcher sets it), so the
+next command (another test) starts as in a fresh process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from absl import flags
+
+
+def run_command(command, args: Sequence[str]):
+  """``command.run(args)`` (``command``: a module of :mod:`align_jax.cli`, or a callable taking
+  ``args``); returns its exit status (SystemExit's code: None or 0 for success, an ``error: ...``
+  string for a one-line error)."""
+  before = set(flags.FLAGS)
+  root = logging.getLogger()
+  handlers, level, saved_argv = root.handlers[:], root.level, sys.argv
+  run = command.run if hasattr(command, "run") else command
+  try:
+    run(list(args))
+  except SystemExit as stop:
+    return stop.code
+  finally:
+    sys.argv = saved_argv
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+  raise AssertionError(f"{command} returned instead of exiting")
