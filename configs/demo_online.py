@@ -15,7 +15,7 @@ Nothing is downloaded.
     python main.py --config=configs/demo_online.py:hub=True,steps=300 --workdir=/tmp/align_demo_hub
 
 is the same demo with real models, for machines with the Hugging Face hub and TFDS downloads (the
-notebooks' hub path, :mod:`align_jax.testing.demos`): ``facebook/dinov2-small`` +
+notebooks' hub path, :mod:`align_jax.testing.hub_demo`): ``facebook/dinov2-small`` +
 ``sentence-transformers/all-MiniLM-L6-v2`` aligned on CIFAR-100 images captioned with their class
 names, evaluated zero-shot on CIFAR-10's ten unseen classes. Its variants: ``data_root`` (TFDS
 data and the caption manifest), ``num_train``, ``num_eval``, ``image_size``, ``batch``, and
@@ -56,12 +56,12 @@ def get_config(arg=None):
                                  num_train=5000, num_eval=500, image_size=112, batch=128,
                                  image_encoder="", text_encoder="")
   if variant.hub:
-    from align_jax.testing import demos
-    return demos.hub_config(variant.steps, data_root=variant.data_root,
-                            num_train=variant.num_train, num_eval=variant.num_eval,
-                            image_size=variant.image_size, batch_size=variant.batch,
-                            image_encoder=variant.image_encoder,
-                            text_encoder=variant.text_encoder)
+    from align_jax.testing import hub_demo
+    return hub_demo.hub_config(variant.steps, data_root=variant.data_root,
+                               num_train=variant.num_train, num_eval=variant.num_eval,
+                               image_size=variant.image_size, batch_size=variant.batch,
+                               image_encoder=variant.image_encoder,
+                               text_encoder=variant.text_encoder)
   image_path, text_path = tiny_encoders(variant.cache or None)
   config = config_lib.default_config()
   config.total_steps = variant.steps

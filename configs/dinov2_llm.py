@@ -40,7 +40,7 @@ processor files, read by align_jax.train.aot's abstract loading)::
     hf download intfloat/e5-mistral-7b-instruct --include '*.json' 'tokenizer*' \\
         --local-dir /tmp/e5-mistral-config
     hf download facebook/dinov2-large --include '*.json' --local-dir /tmp/dinov2-config
-    python -m align_jax.train.aot --config=configs/dinov2_llm.py:image=/tmp/dinov2-config,text=/tmp/e5-mistral-config \\
+    python -m align_jax.cli.aot --config=configs/dinov2_llm.py:image=/tmp/dinov2-config,text=/tmp/e5-mistral-config \\
         --topology=v5e-64
 
 It prints per-device memory (arguments include 1/64 of the text tower) and FLOPs. On any machine,
@@ -48,7 +48,7 @@ the same config compiles on ``--topology=cpu:8`` with tiny random checkpoints (w
 ``align_jax.testing.tiny_checkpoints.make_tiny_dinov2(dir, image_size=16)`` /
 ``make_tiny_llama(dir)``; tests/test_llm_config.py)::
 
-    python -m align_jax.train.aot --config=configs/dinov2_llm.py:image=/tmp/tiny_dinov2,text=/tmp/tiny_llama,size=16,length=12,batch=64,micro=2 \\
+    python -m align_jax.cli.aot --config=configs/dinov2_llm.py:image=/tmp/tiny_dinov2,text=/tmp/tiny_llama,size=16,length=12,batch=64,micro=2 \\
         --topology=cpu:8
 """
 

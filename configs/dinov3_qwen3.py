@@ -18,12 +18,12 @@ rules needed on a 16 GB v5e chip).
 Compile check for a pod from config files alone (needs libtpu; ``hf download REPO --include
 '*.json' 'tokenizer*' --local-dir DIR`` for each tower)::
 
-    python -m align_jax.train.aot --config=configs/dinov3_qwen3.py:image=/tmp/dinov3-config,text=/tmp/qwen3-config \\
+    python -m align_jax.cli.aot --config=configs/dinov3_qwen3.py:image=/tmp/dinov3-config,text=/tmp/qwen3-config \\
         --topology=v5e-256
 
 and on any machine with tiny config-only folders (tests/test_new_configs.py writes them)::
 
-    python -m align_jax.train.aot --config=configs/dinov3_qwen3.py:image=/tmp/tiny_dinov3,text=/tmp/tiny_qwen3,size=16,length=12,batch=64,micro=2 \\
+    python -m align_jax.cli.aot --config=configs/dinov3_qwen3.py:image=/tmp/tiny_dinov3,text=/tmp/tiny_qwen3,size=16,length=12,batch=64,micro=2 \\
         --topology=cpu:8
 """
 

@@ -27,12 +27,12 @@ Compile check for a pod from config files alone (needs libtpu)::
 
     hf download nvidia/NV-Embed-v2 --include '*.json' 'tokenizer*' --local-dir /tmp/nvembed-config
     hf download google/siglip2-so400m-patch14-384 --include '*.json' --local-dir /tmp/siglip2-config
-    python -m align_jax.train.aot --config=configs/siglip2_nvembed.py:image=/tmp/siglip2-config,text=/tmp/nvembed-config \\
+    python -m align_jax.cli.aot --config=configs/siglip2_nvembed.py:image=/tmp/siglip2-config,text=/tmp/nvembed-config \\
         --topology=v5e-256
 
 and on any machine with tiny config-only folders (tests/test_new_configs.py writes them)::
 
-    python -m align_jax.train.aot --config=configs/siglip2_nvembed.py:image=/tmp/tiny_siglip,text=/tmp/tiny_nvembed,size=16,length=12,batch=64,micro=2 \\
+    python -m align_jax.cli.aot --config=configs/siglip2_nvembed.py:image=/tmp/tiny_siglip,text=/tmp/tiny_nvembed,size=16,length=12,batch=64,micro=2 \\
         --topology=cpu:8
 """
 

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from align_jax.run import checkpoint as checkpoint_lib
-from align_jax.run import checksums
+from align_jax.run import checksums, orbax_quiet
 from align_jax.train import loop as train
 from configs import demo
 
@@ -448,13 +448,13 @@ def test_closed_event_loop_noise_is_dropped_and_nothing_else():
     loop.call_soon_threadsafe(print)
   except RuntimeError as error:
     closed = error
-  assert checkpoint_lib.is_orbax_noise(types.SimpleNamespace(
+  assert orbax_quiet.is_orbax_noise(types.SimpleNamespace(
       object=None, exc_value=closed, exc_traceback=closed.__traceback__))
   try:
     raise RuntimeError("Event loop is closed")  # the same text, but not from asyncio
   except RuntimeError as error:
     other = error
-  assert not checkpoint_lib.is_orbax_noise(types.SimpleNamespace(
+  assert not orbax_quiet.is_orbax_noise(types.SimpleNamespace(
       object=None, exc_value=other, exc_traceback=other.__traceback__))
 
 

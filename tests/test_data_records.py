@@ -276,15 +276,23 @@ def test_no_private_defaults_in_the_data_readers():
 # --------------------------------------------------------------------------------- import graph
 
 
-def _modules():
+def _modules(with_configs: bool = False):
+  """Module name -> path of align_jax's modules (and, ``with_configs``, the clone's ``configs/``,
+  installed as ``align_jax.configs``, named ``configs.NAME`` here)."""
   out = {}
-  for folder, _, files in os.walk(os.path.join(ROOT, "align_jax")):
-    for name in files:
-      if name.endswith(".py"):
-        path = os.path.join(folder, name)
-        module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-        out[module[:-len(".__init__")] if module.endswith(".__init__") else module] = path
+  for top in ("align_jax", "configs") if with_configs else ("align_jax",):
+    for folder, _, files in os.walk(os.path.join(ROOT, top)):
+      for name in files:
+        if name.endswith(".py"):
+          path = os.path.join(folder, name)
+          module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+          out[module[:-len(".__init__")] if module.endswith(".__init__") else module] = path
   return out
+
+
+def _config_alias(name: str) -> str:
+  """``align_jax.configs.X`` (the installed name of ``configs/X.py``) as ``configs.X``."""
+  return name[len("align_jax."):] if name.startswith("align_jax.configs") else name
 
 
 def _imports(path, modules):
@@ -293,19 +301,28 @@ def _imports(path, modules):
   found = set()
   for node in ast.walk(ast.parse(open(path).read())):
     if isinstance(node, ast.Import):
-      found.update(a.name for a in node.names if a.name in modules)
+      found.update(_config_alias(a.name) for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
       for a in node.names:
-        full = f"{node.module}.{a.name}"
-        found.add(full if full in modules else node.module)
+        full = _config_alias(f"{node.module}.{a.name}")
+        found.add(full if full in modules else _config_alias(node.module))
     elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
-          and node.value in modules and node.value != "align_jax"):  # not the logger's name
-      found.add(node.value)  # a module loaded by name: importlib, the cli's command table
+          and _config_alias(node.value) in modules
+          and not modules[_config_alias(node.value)].endswith("__init__.py")):
+      found.add(_config_alias(node.value))  # a module loaded by name: importlib, a command table
+      # (a package's name is not: the logger "align_jax", find_spec("align_jax.configs"))
+    elif (isinstance(node, ast.JoinedStr) and node.values
+          and isinstance(node.values[0], ast.Constant) and node.values[0].value.endswith(".")):
+      prefix = _config_alias(node.values[0].value)  # f"configs.{name}": any module in there
+      found.update(m for m in modules if m.startswith(prefix))
   return {m for m in found if m in modules}
 
 
 def test_no_import_cycle_inside_align_jax():
-  modules = _modules()
+  """Imports, function-local ones and modules loaded by name (importlib, the command table, an
+  f-string such as ``f"configs.{name}"``: every module it can name) included, over align_jax and
+  the config files."""
+  modules = _modules(with_configs=True)
   graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
   ours = list(modules)
   cycles = []
@@ -320,6 +337,30 @@ def test_no_import_cycle_inside_align_jax():
           seen.add(nxt)
           stack.append((nxt, path + (nxt,)))
   assert cycles == []
+
+
+def test_the_library_imports_no_command_config_file_or_test_helper():
+  """align_jax's library modules import nothing of align_jax.cli (the commands), configs/ (the
+  config files) or align_jax.testing (tiny checkpoints, demos), not even by name."""
+  modules = _modules(with_configs=True)
+  outer = ("align_jax.cli", "align_jax.testing", "configs")
+  found = []
+  for module, path in sorted(modules.items()):
+    if any(module == o or module.startswith(o + ".") for o in outer):
+      continue
+    found += [f"{module} -> {name}" for name in sorted(_imports(path, modules))
+              if any(name == o or name.startswith(o + ".") for o in outer)]
+  assert found == []
+
+
+def test_the_import_graph_sees_modules_loaded_by_name():
+  """The two checks above would miss an import they cannot see: the graph has the command
+  table's modules and the config files an f-string can name."""
+  modules = _modules(with_configs=True)
+  table = _imports(os.path.join(ROOT, "align_jax", "cli", "main.py"), modules)
+  assert {"align_jax.cli.train", "align_jax.cli.export", "align_jax.cli.plot"} <= table
+  by_name = _imports(os.path.join(ROOT, "align_jax", "testing", "demos.py"), modules)
+  assert {"configs.demo", "configs.demo_online"} <= by_name
 
 
 def test_no_module_uses_another_modules_private_names():

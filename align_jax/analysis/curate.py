@@ -1,4 +1,4 @@
-"""Curation command: a concept-balanced subset of an image-caption pool, as a training manifest.
+"""Curation: a concept-balanced subset of an image-caption pool, as a training manifest.
 
     python -m align_jax.cli.curate --pool=pool.jsonl --features=pool_text.npy \\
         --concepts=concepts.txt --text_encoder=sentence-transformers/all-roberta-large-v1 \\

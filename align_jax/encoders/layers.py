@@ -13,7 +13,7 @@ Negative indices count from the end (``-1`` = N, ``-2`` = N - 1, ..., ``-(N + 1)
 RoBERTa, the decoder LLMs and T5, HF's ``hidden_states[N]`` *is* this final output; for DINOv2,
 ViT and CLIP, HF's ``hidden_states[N]`` is the stream before the final norm, which no index here
 selects (``N`` is the normed one, as the encoder's own features). ``apply_all_layers`` returns the
-same N + 1 layers, in this order, so its indices (and ``python -m align_jax.analysis.select
+same N + 1 layers, in this order, so its indices (and ``python -m align_jax.cli.select
 --layers``) are valid values of these config keys.
 
 A list or tuple of indices averages those layers' token states (in float32) before pooling; every

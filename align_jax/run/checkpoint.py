@@ -37,8 +37,8 @@ one: ``keep`` < 1 is refused.
 When one read or write of an orbax call fails, orbax abandons the others; they then report from
 the garbage collector or tensorstore's callbacks, ~60 lines each, through ``sys.unraisablehook``.
 While a :class:`Checkpointer` is open those reports, and only those, are dropped
-(:func:`is_orbax_noise`); failed calls are followed by a collection so that none is left to print
-after the checkpointer closes.
+(:mod:`align_jax.run.orbax_quiet`); failed calls are followed by a collection so that none is left
+to print after the checkpointer closes.
 
 A save that fails in the background (disk full, permission, quota) raises
 :class:`CheckpointError` at the next :meth:`Checkpointer.check` (the training loop calls it every
@@ -50,13 +50,10 @@ demoted to DEBUG, so the one line is the last thing printed.
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import re
 import shutil
-import sys
-import threading
 import time
 import weakref
 from typing import Any
@@ -66,7 +63,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from align_jax.run import checksums, storage
+from align_jax.run import checksums, orbax_quiet, storage
 
 logger = logging.getLogger("align_jax")
 
@@ -126,122 +123,6 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
   return f"{head}: {': '.join(tail)}" if tail else text[:limit - 3] + "..."
 
 
-class _DemoteOrbaxErrors(logging.Filter):
-  """Orbax logs each background save failure with a traceback from several threads, and when
-  several arrays of one call fail, asyncio later logs the exceptions nobody retrieved. The failure
-  reaches us as an exception and is reported in one line, so those records go to DEBUG."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR:
-      return True
-    ours = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
-    if record.name == "asyncio":
-      text = record.getMessage()
-      # tensorstore's read errors name the array's file (".../checkpoints/40/state/...: Requested
-      # byte range ... is not valid") rather than tensorstore or orbax
-      ours = "exception was never retrieved" in text and any(
-          word in text.lower() for word in ("tensorstore", "orbax", "ocdbt", "checkpoints"))
-    if ours:
-      record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-      return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-    return True
-
-
-def _install_log_filter() -> None:
-  for name in ("absl", "asyncio"):
-    target = logging.getLogger(name)
-    if not any(isinstance(f, _DemoteOrbaxErrors) for f in target.filters):
-      target.addFilter(_DemoteOrbaxErrors())
-
-
-def is_orbax_noise(unraisable: Any) -> bool:
-  """Whether a ``sys.unraisablehook`` report is the aftermath of a failed orbax call, only that.
-
-  When one tensorstore read or write of an orbax call fails, orbax abandons the call's sibling
-  operations and closes its event loop while they are still in flight. Two kinds of reports
-  follow, each with a multi-kilobyte traceback, after the failure already reached us as an
-  exception (and was reported in one line):
-
-  * "Event loop is closed", raised in asyncio by a sibling's completion callback;
-  * an abandoned orbax coroutine (e.g. ``_read_array_index_and_device_put``) finalised by the
-    garbage collector: closing it throws ``GeneratorExit`` into it, which orbax's
-    ``except BaseException`` turns into a new exception ("Encountered error while reading array
-    index ...").
-
-  Anything else (any other object, or an orbax coroutine that failed for another reason) is not
-  noise.
-  """
-  error = unraisable.exc_value
-  trace = unraisable.exc_traceback
-  while trace is not None and trace.tb_next is not None:
-    trace = trace.tb_next
-  if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-      and trace is not None and "asyncio" in trace.tb_frame.f_code.co_filename):
-    return True
-  code = getattr(unraisable.object, "cr_code", None)  # a coroutine object
-  return (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-          and (isinstance(error, GeneratorExit) or isinstance(
-              getattr(error, "__cause__", None) or getattr(error, "__context__", None),
-              GeneratorExit)))
-
-
-class _NoiseFilter:
-  """Drops :func:`is_orbax_noise` reports while at least one :class:`Checkpointer` is open.
-
-  ``sys.unraisablehook`` is process-wide, so the filter is contained: a checkpointer that opens
-  installs it in front of the hook in place then (again, if someone replaced it meanwhile), and
-  when the last one closes (or is garbage-collected unclosed) that hook is put back, unless
-  someone replaced ours meanwhile: theirs is left alone. Every other report goes to that hook
-  unchanged.
-  """
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._users = 0
-    self._previous = None
-    self._inside = threading.local()  # a hook that hands reports back to ours: no loop
-
-  def _hook(self, unraisable) -> None:
-    if is_orbax_noise(unraisable):
-      logger.debug("dropped orbax's report of an abandoned operation: %s", unraisable.exc_value)
-      return
-    if getattr(self._inside, "active", False):
-      sys.__unraisablehook__(unraisable)
-      return
-    self._inside.active = True
-    try:
-      (self._previous or sys.__unraisablehook__)(unraisable)
-    finally:
-      self._inside.active = False
-
-  def acquire(self) -> None:
-    with self._lock:
-      if sys.unraisablehook != self._hook:  # pylint: disable=comparison-with-callable
-        self._previous, sys.unraisablehook = sys.unraisablehook, self._hook
-      self._users += 1
-
-  def release(self) -> None:
-    with self._lock:
-      self._users -= 1
-      if self._users == 0:
-        if sys.unraisablehook == self._hook:  # pylint: disable=comparison-with-callable
-          sys.unraisablehook = self._previous
-        self._previous = None
-
-
-_noise_filter = _NoiseFilter()
-
-
-def _collect_abandoned_operations() -> None:
-  """Finalises the operations a failed orbax call abandoned, now, while the filter is on.
-
-  Called once the exception that held them is gone; otherwise they would be finalised at some
-  later collection, possibly at interpreter exit after every checkpointer closed (their reports
-  then printed after our error line).
-  """
-  gc.collect()
-
-
 def _forget_cached_listings(path: str) -> None:
   """Orbax reaches ``gs://`` through etils.epath's own cached gcsfs client; after a folder was
   moved by :mod:`align_jax.run.storage`, its cached listing would still show the folder there."""
@@ -297,7 +178,7 @@ class Checkpointer:
   """Saves every ``every`` steps into ``WORKDIR/checkpoints``, keeps the last ``keep`` (>= 1).
 
   Close it (:meth:`close`, or use it in a ``with`` block): while one is open, orbax's reports of
-  abandoned operations after a failure are dropped (:func:`is_orbax_noise`).
+  abandoned operations after a failure are dropped (:mod:`align_jax.run.orbax_quiet`).
   """
 
   def __init__(self, workdir: str, *, every: int = 1, keep: int | None = None,
@@ -310,7 +191,7 @@ class Checkpointer:
       ValueError: ``keep`` < 1 (retention would remove the checkpoint just saved).
     """
     retention = KeepNewest(keep)  # checked before anything is opened
-    _install_log_filter()
+    orbax_quiet.install_log_filter()
     self.every = every
     self.read_only = read_only
     self.workdir = storage.normalize(workdir)
@@ -334,10 +215,10 @@ class Checkpointer:
     self._pending: int | None = None  # step of a save not yet known to have finished
     self.last_good: int | None = None  # newest checkpoint known to be complete
     self._abandoned = False  # an orbax call failed: its abandoned operations may still report
-    _noise_filter.acquire()
+    orbax_quiet.acquire()
     # Released by close(), or when an unclosed checkpointer (a run stopped by an error) is
     # garbage-collected, so a long-lived process (notebook, tests) is not left filtered.
-    self._release_filter = weakref.finalize(self, _noise_filter.release)
+    self._release_filter = weakref.finalize(self, orbax_quiet.release)
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -401,7 +282,7 @@ class Checkpointer:
         logger.debug("restoring %s of checkpoint step %d failed", name, step, exc_info=True)
       # Raised outside the except block, so nothing keeps orbax's abandoned reads alive.
       self._abandoned = True
-      _collect_abandoned_operations()
+      orbax_quiet.collect_abandoned_operations()
       raise CheckpointError(cause)
 
     if not storage.exists(storage.join(self.step_path(step), "integrity")):
@@ -597,7 +478,7 @@ class Checkpointer:
       self.manager.close()
     finally:
       if self._abandoned:
-        _collect_abandoned_operations()  # still filtered
+        orbax_quiet.collect_abandoned_operations()  # still filtered
       self._release_filter()
 
 

@@ -5,7 +5,7 @@
     probs, names = model.zero_shot_classify(pil_images, ["circle", "square"], templates=None)
 
 ``load`` accepts either a training workdir (its latest checkpoint, or ``step=``; the run's
-``config.json``, or ``config=``) or a folder written by ``python -m align_jax.serving.export``
+``config.json``, or ``config=``) or a folder written by ``python -m align_jax.cli.export``
 (projector weights as safetensors, no orbax needed). Both give bit-identical embeddings. The frozen
 encoders are rebuilt from the config, exactly as in training.
 
@@ -65,7 +65,7 @@ def load_exported_params(folder: str) -> dict:
   path = storage.join(folder, WEIGHTS_FILE)
   if not storage.isfile(path):
     raise FileNotFoundError(f"{path} is missing: export the run again with python -m "
-                            "align_jax.serving.export --workdir=RUN --out=FOLDER")
+                            "align_jax.cli.export --workdir=RUN --out=FOLDER")
   return traverse_util.unflatten_dict(load(storage.read_bytes(path)), sep="/")
 
 
@@ -116,7 +116,7 @@ class AlignedModel:
            step: int | None = None, image_encoder: str | None = None,
            text_encoder: str | None = None, batch_size: int = 64,
            image_preprocessing: str = "eval") -> "AlignedModel":
-    """Loads a training workdir or a folder written by ``python -m align_jax.serving.export``.
+    """Loads a training workdir or a folder written by ``python -m align_jax.cli.export``.
 
     Args:
       path: the workdir (needs ``checkpoints/`` and ``config.json``) or exported folder.
@@ -131,7 +131,7 @@ class AlignedModel:
     path = os.fspath(path)
     if not storage.isdir(path):
       raise FileNotFoundError(f"{path!r} is not a folder: pass a training workdir or a folder "
-                              "written by python -m align_jax.serving.export")
+                              "written by python -m align_jax.cli.export")
     exported = storage.isfile(storage.join(path, MODEL_FILE))
     if config is None:
       config = run_dir.read_config(
@@ -152,7 +152,7 @@ class AlignedModel:
                          "align_jax or export the run again")
       if step is not None and step != info.get("step"):
         raise ValueError(f"{path} is an export of step {info.get('step')}, not {step}: export "
-                         f"that step (python -m align_jax.serving.export --step={step}) or drop step=")
+                         f"that step (python -m align_jax.cli.export --step={step}) or drop step=")
       params, step = load_exported_params(path), info.get("step", 0)
     else:
       params, step, _ = run_dir.restore_params(path, step)

@@ -6,13 +6,14 @@ that prints which path it took.
 
 * **Hub path** (Colab): ``facebook/dinov2-small`` + ``sentence-transformers/all-MiniLM-L6-v2``,
   frozen, aligned on TFDS ``cifar100`` training images whose captions are their class name in
-  CLIP's CIFAR templates ("a photo of a maple tree.", ...; :func:`caption_manifest`), and
-  evaluated zero-shot on TFDS ``cifar10``, whose ten classes CIFAR-100 deliberately does not
-  contain (no airplane, automobile, bird, cat, deer, dog, frog, horse, ship or truck): the
-  accuracy is zero-shot transfer to unseen classes, with CIFAR-100's test split (seen class
-  names, unseen images and prompts) beside it. ``configs/demo_online.py:hub=True`` is its config
-  (also for ``main.py``). TFDS downloads and prepares the two sets once as ``array_record``
-  (about 160 MB each; preparing CIFAR needs TensorFlow, which Colab has).
+  CLIP's CIFAR templates ("a photo of a maple tree.", ...), and evaluated zero-shot on TFDS
+  ``cifar10``, whose ten classes CIFAR-100 deliberately does not contain (no airplane,
+  automobile, bird, cat, deer, dog, frog, horse, ship or truck): the accuracy is zero-shot
+  transfer to unseen classes, with CIFAR-100's test split (seen class names, unseen images and
+  prompts) beside it. ``configs/demo_online.py:hub=True`` is its config (also for ``main.py``;
+  built, with its data, by :mod:`align_jax.testing.hub_demo`). TFDS downloads and prepares the
+  two sets once as ``array_record`` (about 160 MB each; preparing CIFAR needs TensorFlow, which
+  Colab has).
 * **Offline path** (tests, machines without the hub): the online CPU demo as before, a tiny
   random DINOv2 and BERT on rendered coloured shapes; "zero-shot" there names the shape's colour.
 
@@ -28,19 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 
-HUB_IMAGE_ENCODER = "facebook/dinov2-small"
-HUB_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-TRAIN_SET = "cifar100"  # aligned on: class-name captions of its training images
-ZERO_SHOT_SET = "cifar10"  # evaluated on: ten classes CIFAR-100 does not have
+from align_jax.testing.hub_demo import (HUB_IMAGE_ENCODER, HUB_TEXT_ENCODER, TRAIN_SET,
+                                        ZERO_SHOT_SET)
+
 PROBE_URL = f"https://huggingface.co/api/models/{HUB_IMAGE_ENCODER}"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "ALIGN_JAX_OFFLINE")
 # More candidates for the hub path of encoder-pair selection (small enough for a Colab CPU).
@@ -80,47 +79,6 @@ def use_hub(url: str = PROBE_URL, timeout_s: float = 3.0,
   return online
 
 
-# ------------------------------------------------------------------------------ hub-path data
-
-
-def prepare_tfds(name: str, data_dir: str) -> None:
-  """Downloads and prepares TFDS ``name`` under ``data_dir`` as array_record, once."""
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")  # a no-op when already prepared
-
-
-def caption_manifest(name: str, split: str, out_dir: str, *, data_dir: str,
-                     templates: str | Sequence[str] = "cifar") -> str:
-  """A TFDS classification split as image files + a caption manifest; returns its path.
-
-  Each row is ``{"image": "<i>.png", "caption": [template.format(class name), ...],
-  "label": class name}``: an image-caption set for ``data.source = "manifest"`` whose captions
-  name only the class. Written once (the manifest appears last, atomically) and reused.
-  """
-  from align_jax.run import storage
-  from align_jax.evaluate import datasets, prompts
-  path = os.path.join(out_dir, "manifest.jsonl")
-  if os.path.isfile(path):
-    return path
-  filled = prompts.TEMPLATES[templates] if isinstance(templates, str) else tuple(templates)
-  reader = datasets.TfdsClassificationReader(name, split=split, data_dir=data_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  lines = []
-  for i in range(len(reader)):
-    record = reader.read(i)
-    if not isinstance(record.image, bytes):
-      raise ValueError(f"{reader.name} #{i}: expected encoded image bytes from TFDS.")
-    file = f"{i}.png" if record.image[:4] == b"\x89PNG" else f"{i}.jpg"
-    with open(os.path.join(out_dir, file), "wb") as f:
-      f.write(record.image)
-    label = reader.class_names[record.label]
-    lines.append(json.dumps({"image": file, "caption": [t.format(label) for t in filled],
-                             "label": label}))
-  storage.write_text(path, "\n".join(lines) + "\n")
-  return path
-
-
 def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:
   """``get_config(arg)`` of the repository's ``configs/<name>.py`` (e.g. ``"demo_online"``).
 
@@ -134,50 +92,6 @@ def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:
       raise
     module = importlib.import_module(f"configs.{name}")
   return module.get_config(arg)
-
-
-def hub_config(steps: int = 300, *, data_root: str = "align_demo_data", num_train: int = 5000,
-               num_eval: int = 500, image_size: int = 112, batch_size: int = 128,
-               image_encoder: str = "", text_encoder: str = "") -> ml_collections.ConfigDict:
-  """The hub path's training config (``configs/demo_online.py:hub=True``); prepares its data.
-
-  DINOv2 runs at ``image_size`` (112 px: CIFAR's images are 32 px, and 64 patches are ~4x cheaper
-  than 224 px's 256), the token projectors of freeze-align train, and the two zero-shot
-  evaluators run at the end of training on ``num_eval`` test images each.
-  """
-  from align_jax.config import schema as config_lib
-  data_dir = os.path.join(data_root, "tfds")
-  for name in (TRAIN_SET, ZERO_SHOT_SET):
-    prepare_tfds(name, data_dir)
-  manifest = caption_manifest(TRAIN_SET, f"train[:{num_train}]",
-                              os.path.join(data_root, f"{TRAIN_SET}_train_{num_train}"),
-                              data_dir=data_dir)
-  config = config_lib.default_config()
-  config.total_steps = steps
-  config.batch_size = batch_size
-  config.log_every = 25
-  config.eval_every = steps  # zero-shot at the end only: each evaluation encodes 2 x num_eval
-  config.checkpoint_every = max(steps // 3, 1)
-  config.data.source = "manifest"
-  config.data.path = manifest
-  config.data.num_threads = 4
-  config.data.crop_scale = (0.6, 1.0)
-  m = config.model
-  m.image_encoder = image_encoder or HUB_IMAGE_ENCODER
-  m.text_encoder = text_encoder or HUB_TEXT_ENCODER
-  m.image_size = image_size
-  m.image_pooling = m.text_pooling = "tokens"
-  m.image_projector, m.text_projector = "freeze_align_image", "freeze_align_text"
-  m.max_text_length = 32
-  m.embed_dim = 256
-  m.dropout = 0.0
-  config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = min(30, steps // 5)
-  for name in (ZERO_SHOT_SET, TRAIN_SET):
-    config.evals[name] = dict(type="zero_shot", templates="cifar", batch_size=256, ks=(1, 5),
-                              data=dict(source="tfds", name=name, data_dir=data_dir,
-                                        split=f"test[:{num_eval}]"))
-  return config
 
 
 def _is_hub(config: ml_collections.ConfigDict) -> bool:

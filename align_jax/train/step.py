@@ -1,6 +1,6 @@
 """The jitted train step and its inputs, built one way for training and for the AOT compile check.
 
-Training (:func:`align_jax.train.loop.build_trainer`) and ``python -m align_jax.train.aot`` (which
+Training (:func:`align_jax.train.loop.build_trainer`) and ``python -m align_jax.cli.aot`` (which
 compiles the same step for a pod it does not have) share every piece here, as MaxText's trainer and
 its compile test share one definition; evaluation, feature extraction and inference place the frozen
 and trainable params by the same rules:
