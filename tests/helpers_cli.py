@@ -13,13 +13,14 @@ import logging
 import sys
 from typing import Sequence
 
-from absl import flags
+from absl import app, flags
 
 
 def run_command(command, args: Sequence[str]):
   """``command.run(args)`` (``command``: a module of :mod:`align_jax.cli`, or a callable taking
   ``args``); returns its exit status (SystemExit's code: None or 0 for success, an ``error: ...``
   string for a one-line error)."""
+  app.define_help_flags()  # absl's own flags (these, and app's at import) stay: not the command's
   before = set(flags.FLAGS)
   root = logging.getLogger()
   handlers, level, saved_argv = root.handlers[:], root.level, sys.argv
