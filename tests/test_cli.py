@@ -90,6 +90,15 @@ def test_help_names_the_program_as_started():
     assert "  --topology:" in result.stdout or "  --coordinator_address:" in result.stdout
 
 
+def test_a_stray_argument_is_one_line(tmp_path):
+  from align_jax.cli import export as export_cli
+  status = helpers_cli.run_command(export_cli, [f"--workdir={tmp_path}", f"--out={tmp_path}/o",
+                                                "stray"])
+  assert status == ("error: unexpected arguments ['stray']: this command takes flags only (see "
+                    "--help)")
+  assert not os.path.exists(tmp_path / "o")
+
+
 def test_help_is_found_before_a_double_dash():
   assert absl_app.help_asked(["--workdir=x", "--help"]) == "short"
   assert absl_app.help_asked(["-?"]) == absl_app.help_asked(["-helpshort"]) == "short"

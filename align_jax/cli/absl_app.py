@@ -65,6 +65,13 @@ def print_help(module_name: str, program: str, arguments: str, full: bool) -> No
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def no_arguments(argv: Sequence[str]) -> None:
+  """A command that takes flags only: anything else on the line stops it with one line."""
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {list(argv[1:])}: this command takes flags "
+                     "only (see --help)")
+
+
 def run_absl(main: Callable, module_name: str, *, program: str,
              define_flags: Callable | None = None, flags_parser: Callable | None = None,
              argv: Sequence[str] | None = None, arguments: str = "[flags]",

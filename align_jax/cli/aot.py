@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from align_jax.cli import absl_app
@@ -46,8 +46,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
   """absl's main: compiles the step for --topology and prints XLA's report."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_app.no_arguments(argv)
   from align_jax.train import aot
   try:
     topology = aot.with_slices(FLAGS.topology, FLAGS.num_slices)

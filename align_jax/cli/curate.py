@@ -53,8 +53,7 @@ def _curate_and_report() -> None:
 
 def main(argv: list[str]) -> None:
   """absl's main: curates on process 0 (the others wait), one line of errors."""
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
+  absl_app.no_arguments(argv)
   distributed.initialize_or_exit()
   try:
     distributed.on_first_process(_curate_and_report)  # one process writes --out

@@ -50,8 +50,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> int:
   """absl's main: the suite on the parsed flags; 1 when a benchmark had an error."""
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
+  absl_app.no_arguments(argv)
   from align_jax.evaluate import suite
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr,
                       force=True)

@@ -33,8 +33,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   """absl's main: the parsed flags' export, one line of errors."""
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
+  absl_app.no_arguments(argv)
   distributed.initialize_or_exit()
   import jax
   from align_jax.serving import export

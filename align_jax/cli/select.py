@@ -52,8 +52,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   """absl's main: scores the pairs on process 0 (the others wait) and prints the ranking."""
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
+  absl_app.no_arguments(argv)
   from align_jax.analysis import select
   from align_jax.data import readers
   distributed.initialize_or_exit()
