@@ -2,7 +2,7 @@
 
 Every command defines its absl flags into the process-wide ``absl.flags.FLAGS`` when it starts
 (one command per process, in real use). :func:`run_command` runs one command and then removes the
-flags it defined, and puts back the root logger's handlers and level that ``absl.app.run`` and a
+flags it defined, and puts back the root logger's handlers and level (and align_jax's level) that ``absl.app.run`` and a
 command's ``logging.basicConfig(force=True)`` replace, and ``sys.argv`` (the dispatcher sets it), so the
 next command (another test) starts as in a fresh process.
 """
@@ -22,8 +22,8 @@ def run_command(command, args: Sequence[str]):
   string for a one-line error)."""
   app.define_help_flags()  # absl's own flags (these, and app's at import) stay: not the command's
   before = set(flags.FLAGS)
-  root = logging.getLogger()
-  handlers, level, saved_argv = root.handlers[:], root.level, sys.argv
+  root, ours = logging.getLogger(), logging.getLogger("align_jax")
+  handlers, level, our_level, saved_argv = root.handlers[:], root.level, ours.level, sys.argv
   run = command.run if hasattr(command, "run") else command
   try:
     run(list(args))
@@ -35,4 +35,5 @@ def run_command(command, args: Sequence[str]):
       delattr(flags.FLAGS, name)
     root.handlers[:] = handlers
     root.setLevel(level)
+    ours.setLevel(our_level)
   raise AssertionError(f"{command} returned instead of exiting")

@@ -105,10 +105,13 @@ def run_absl(main: Callable, module_name: str, *, program: str,
     sys.exit(0)
   if flags.FLAGS.is_parsed():  # run again in this process: every flag from its default
     flags.FLAGS.unparse_flags()
-  if log_messages:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
   def main_then_finish(parsed):
+    # absl's handler (set up by app.run) prints every library's INFO lines (orbax's, per call):
+    # warnings and errors only, as bare messages, and align_jax's progress with log_messages.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    if log_messages:
+      logging.getLogger("align_jax").setLevel(logging.INFO)
     result = main(parsed)
     from align_jax.parallel import peer_watch
     peer_watch.finish()  # multi-process: the others stop watching this process, which ends well
