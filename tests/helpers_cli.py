@@ -1,10 +1,10 @@
 """Commands of align_jax.cli run in the test's process, as a shell would run them, but cheaper.
 
 Every command defines its absl flags into the process-wide ``absl.flags.FLAGS`` when it starts
-(one command per process, in real use). :func:`run_command` runs one command and then removes the
-flags it defined, and puts back the root logger's handlers and level (and align_jax's level) that ``absl.app.run`` and a
-command's ``logging.basicConfig(force=True)`` replace, and ``sys.argv`` (the dispatcher sets it), so the
-next command (another test) starts as in a fresh process.
+(one command per process, in real use). :func:`run_command` runs one command, then removes the
+flags it defined and puts back what it changed for the process (the root logger's handlers and
+level, align_jax's logger level, ``sys.argv``), so the next command (another test) starts as in
+a fresh process.
 """
 
 from __future__ import annotations
