@@ -81,6 +81,7 @@ def test_console_command_lists_and_runs_subcommands(installed, tmp_path):
   export = subprocess.run([command, "export", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
   assert export.returncode == 0 and "--workdir" in export.stdout
+  assert export.stdout.startswith("usage: align-jax export [flags]")  # the command as typed
 
 
 def test_installed_command_finds_the_packaged_configs_by_name(installed, tmp_path):

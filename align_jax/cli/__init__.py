@@ -1,1 +1,1 @@
-"""The command lines: the align-jax dispatcher, the training command and the shared absl runner."""
+"""The command lines, one module per command on absl flags, and the align-jax dispatcher; the library never imports them."""
