@@ -99,6 +99,21 @@ def test_a_stray_argument_is_one_line(tmp_path):
   assert not os.path.exists(tmp_path / "o")
 
 
+def test_only_the_commands_have_a_main_block():
+  """``if __name__ == "__main__"`` lives in align_jax/cli/ only: the library has no command line."""
+  import ast
+  found = []
+  for folder, _, files in os.walk(os.path.join(REPO, "align_jax")):
+    for name in files:
+      path = os.path.join(folder, name)
+      if not name.endswith(".py") or os.path.basename(folder) == "cli":
+        continue
+      for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+          found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
+  assert found == []
+
+
 def test_help_is_found_before_a_double_dash():
   assert absl_app.help_asked(["--workdir=x", "--help"]) == "short"
   assert absl_app.help_asked(["-?"]) == absl_app.help_asked(["-helpshort"]) == "short"
