@@ -72,10 +72,31 @@ def no_arguments(argv: Sequence[str]) -> None:
                      "only (see --help)")
 
 
+def use_plain_logging(log_messages: bool, log_format: str) -> None:
+  """Warnings and errors of every library as ``log_format`` lines on stderr, and align_jax's INFO
+  lines too with ``log_messages``.
+
+  absl's ``app.run`` puts its own handler on the root logger, which prints every library's INFO
+  lines (orbax's, for each checkpoint call). It is taken off, not closed: its stream is the one
+  the process started with. A process that set up logging itself (a notebook, the tests) keeps
+  its handlers.
+  """
+  from absl import logging as absl_logging
+  root = logging.getLogger()
+  root.removeHandler(absl_logging.get_absl_handler())
+  if not root.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(log_format))
+    root.addHandler(handler)
+  root.setLevel(logging.WARNING)
+  if log_messages:
+    logging.getLogger("align_jax").setLevel(logging.INFO)
+
+
 def run_absl(main: Callable, module_name: str, *, program: str,
              define_flags: Callable | None = None, flags_parser: Callable | None = None,
              argv: Sequence[str] | None = None, arguments: str = "[flags]",
-             log_messages: bool = False) -> None:
+             log_messages: bool = False, log_format: str = "%(message)s") -> None:
   """A command's entry point: defines its flags, answers ``--help``, runs ``main`` (absl).
 
   Args:
@@ -87,7 +108,8 @@ def run_absl(main: Callable, module_name: str, *, program: str,
     flags_parser: absl's ``flags_parser`` (default: absl's own).
     argv: the arguments after the program name (default: ``sys.argv[1:]``).
     arguments: the usage line after the program (``WORKDIR [flags]``).
-    log_messages: INFO log lines as bare messages (the analysis commands' progress output).
+    log_messages: align_jax's INFO lines too (progress), not only warnings and errors.
+    log_format: of the log lines (:func:`use_plain_logging`).
 
   Raises:
     SystemExit: always, as ``absl.app.run`` does (status 0 after ``--help``).
@@ -107,11 +129,7 @@ def run_absl(main: Callable, module_name: str, *, program: str,
     flags.FLAGS.unparse_flags()
 
   def main_then_finish(parsed):
-    # absl's handler (set up by app.run) prints every library's INFO lines (orbax's, per call):
-    # warnings and errors only, as bare messages, and align_jax's progress with log_messages.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
-    if log_messages:
-      logging.getLogger("align_jax").setLevel(logging.INFO)
+    use_plain_logging(log_messages, log_format)
     result = main(parsed)
     from align_jax.parallel import peer_watch
     peer_watch.finish()  # multi-process: the others stop watching this process, which ends well

@@ -12,7 +12,6 @@ benchmark was found but could not be read. This module parses flags and turns er
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import flags
@@ -52,9 +51,6 @@ def main(argv: list[str]) -> int:
   """absl's main: the suite on the parsed flags; 1 when a benchmark had an error."""
   absl_app.no_arguments(argv)
   from align_jax.evaluate import suite
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr,
-                      force=True)
-  logging.getLogger("align_jax").setLevel(logging.INFO)
   distributed.initialize_or_exit()
   only = [key.strip() for key in FLAGS.only if key.strip()]
   try:
@@ -70,7 +66,8 @@ def main(argv: list[str]) -> int:
 def run(argv: list[str] | None = None) -> None:
   """Entry point (``align-jax eval_suite``): :func:`main` on ``argv`` (default:
   ``sys.argv[1:]``); ends with SystemExit."""
-  absl_app.run_absl(main, __name__, program=PROGRAM, define_flags=define_flags, argv=argv)
+  absl_app.run_absl(main, __name__, program=PROGRAM, define_flags=define_flags, argv=argv,
+                    log_messages=True, log_format="%(asctime)s %(message)s")
 
 
 if __name__ == "__main__":
