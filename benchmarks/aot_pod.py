@@ -204,51 +204,75 @@ def _transformer_forward(layers: int, tokens: int, width: int, ff: int) -> float
   return layers * layer_flops(tokens, width, ff)
 
 
-def image_tower(name: str, image_size: int) -> dict:
-  """Forward FLOPs per image and the tokens of config ``name``'s image tower at ``image_size``:
-  the patch embedding, the layers over every token (class token, registers and patches), and
-  SigLIP's attention-pool head (one probe query over the patches, then its MLP)."""
-  shape = {"dinov2_roberta": DINOV2_LARGE, "dinov3_qwen3": DINOV3_VITL16,
-           "siglip2_nvembed": SIGLIP2_SO400M_VISION}[name]
+def vit_forward(shape: dict, model_type: str, image_size: int) -> dict:
+  """Forward FLOPs per image of a ViT of config.json ``shape`` (``model_type`` "dinov2",
+  "dinov3_vit" or "siglip") at ``image_size``, and its tokens: the patch embedding, the layers over
+  every token (class token, registers and patches), and SigLIP's attention-pool head (one probe
+  query over the patches, then its MLP)."""
   d, p = shape["hidden_size"], shape["patch_size"]
   patches = (image_size // p) ** 2
-  if name == "dinov2_roberta":
+  if model_type == "dinov2":
     prefix, ff, gated = 1, shape["mlp_ratio"] * d, False
-  elif name == "dinov3_qwen3":
-    prefix, ff, gated = 1 + shape["num_register_tokens"], shape["intermediate_size"], \
-        shape["use_gated_mlp"]
+  elif model_type == "dinov3_vit":
+    prefix, ff = 1 + shape.get("num_register_tokens", 0), shape["intermediate_size"]
+    gated = shape.get("use_gated_mlp", False)
   else:
     prefix, ff, gated = 0, shape["intermediate_size"], False
   tokens = patches + prefix
-  flops = (2 * patches * p * p * 3 * d
+  flops = (2 * patches * p * p * shape.get("num_channels", 3) * d
            + shape["num_hidden_layers"] * layer_flops(tokens, d, ff, gated=gated))
-  if name == "siglip2_nvembed":  # MAP head: q, o on 1 token; k, v on the patches; MLP on 1
+  if model_type == "siglip":  # MAP head: q, o on 1 token; k, v on the patches; MLP on 1
     flops += 2 * 2 * d * d + 2 * 2 * patches * d * d + 4 * patches * d + 2 * 2 * d * ff
   return {"flops": flops, "tokens": tokens, "width": d}
 
 
+def decoder_forward(shape: dict, tokens: int) -> float:
+  """Forward FLOPs per text of ``tokens`` tokens of a decoder LLM of config.json ``shape``
+  (Llama / Mistral / Qwen: GQA attention, SwiGLU MLP); embedding lookups cost nothing and the
+  LM head is not run."""
+  d = shape["hidden_size"]
+  head_dim = shape.get("head_dim") or d // shape["num_attention_heads"]
+  return shape["num_hidden_layers"] * layer_flops(
+      tokens, d, shape["intermediate_size"], q_width=shape["num_attention_heads"] * head_dim,
+      kv_width=shape.get("num_key_value_heads", shape["num_attention_heads"]) * head_dim,
+      gated=True)
+
+
+def latent_pooler_forward(width: int, tokens: int, num_latents: int, num_heads: int,
+                          head_dim: int) -> float:
+  """Forward FLOPs per text of NV-Embed's latent-attention pooler over ``tokens`` tokens: to_q
+  and to_out (``width`` <-> heads x head_dim), scores and weighted sum against the latents, and
+  the GEGLU MLP (``width`` -> 2 x 4 ``width`` -> ``width``). The latents' keys and values
+  (``2 num_latents width 2 inner``) do not depend on the text: they are computed once per
+  encoder call, not per text, and left out here."""
+  inner = num_heads * head_dim
+  return (2 * 2 * tokens * width * inner + 4 * tokens * num_latents * inner
+          + 2 * tokens * width * 8 * width + 2 * tokens * 4 * width * width)
+
+
+def image_tower(name: str, image_size: int) -> dict:
+  """:func:`vit_forward` of config ``name``'s image tower."""
+  shape, kind = {"dinov2_roberta": (DINOV2_LARGE, "dinov2"),
+                 "dinov3_qwen3": (DINOV3_VITL16, "dinov3_vit"),
+                 "siglip2_nvembed": (SIGLIP2_SO400M_VISION, "siglip")}[name]
+  return vit_forward(shape, kind, image_size)
+
+
 def text_tower(name: str, tokens: int) -> dict:
-  """Forward FLOPs per text of ``tokens`` tokens of config ``name``'s text tower: the layers
-  (RoBERTa: MHA and a GELU MLP; decoders: GQA and SwiGLU) and NV-Embed's latent-attention pooler
-  per token (q and out projections to / from heads x head_dim, scores against the latents, the
-  GEGLU MLP 4x wide). Embedding lookups and the tied LM head (unused) cost nothing."""
+  """Forward FLOPs per text of ``tokens`` tokens of config ``name``'s text tower, and its width:
+  RoBERTa-L (MHA, GELU MLP), Qwen3-Embedding (:func:`decoder_forward`) or NV-Embed-v2 (its
+  Mistral and :func:`latent_pooler_forward`)."""
   if name == "dinov2_roberta":
     s = ROBERTA_LARGE
     flops = _transformer_forward(s["num_hidden_layers"], tokens, s["hidden_size"],
                                  s["intermediate_size"])
     return {"flops": flops, "width": s["hidden_size"]}
-  s = QWEN3_EMBEDDING_06B if name == "dinov3_qwen3" else MISTRAL_7B
-  d = s["hidden_size"]
-  head_dim = s.get("head_dim") or d // s["num_attention_heads"]
-  flops = s["num_hidden_layers"] * layer_flops(
-      tokens, d, s["intermediate_size"], q_width=s["num_attention_heads"] * head_dim,
-      kv_width=s["num_key_value_heads"] * head_dim, gated=True)
-  if name == "siglip2_nvembed":
-    inner = NVEMBED_LATENT["num_heads"] * NVEMBED_LATENT["head_dim"]
-    n = NVEMBED_LATENT["num_latents"]
-    flops += (2 * 2 * tokens * d * inner + 4 * tokens * n * inner  # to_q, to_out; attention
-              + 2 * tokens * d * 8 * d + 2 * tokens * 4 * d * d)   # GEGLU in (2 x 4d), out
-  return {"flops": flops, "width": d}
+  if name == "dinov3_qwen3":
+    return {"flops": decoder_forward(QWEN3_EMBEDDING_06B, tokens),
+            "width": QWEN3_EMBEDDING_06B["hidden_size"]}
+  d = MISTRAL_7B["hidden_size"]
+  return {"flops": decoder_forward(MISTRAL_7B, tokens)
+          + latent_pooler_forward(d, tokens, **NVEMBED_LATENT), "width": d}
 
 
 def analytic_flops(config, batch: int, name: str = DEFAULT_CONFIG) -> dict:
