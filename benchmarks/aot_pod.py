@@ -1,33 +1,53 @@
-"""Ahead-of-time compiles of the paper recipe for TPU pods, from encoder config files alone.
+"""Ahead-of-time compiles of the pod recipes for TPU pods, from encoder config files alone.
 
     PYTHONPATH=/path/to/libtpu-site python benchmarks/aot_pod.py --out aot_pod.jsonl
+    python benchmarks/aot_pod.py --config dinov3_qwen3 --entries v5e-256:32768 --out aot_pod.jsonl
     python benchmarks/aot_pod.py --table aot_pod.jsonl      # the markdown table of a results file
 
-For ``configs/dinov2_roberta.py`` (frozen DINOv2-L/14 at 256 px + RoBERTa-L at 77 tokens, token
-projectors, encoder and projector micro-batches of 64 rows per device, bf16 encoders) at each
-global batch and topology, compiles the real train step with
-``align_jax.train.aot.compile_train_step`` and records XLA's per-device memory, the compile time and
-analytic FLOPs. The encoder folders are written here: DINOv2-L's and RoBERTa-L's ``config.json``
-(the published hub configs' shapes) and a small RoBERTa tokenizer (only the ids' shapes matter); no
-weights exist, and none are needed.
+For a recipe of configs/ (``--config``, at each global batch and topology) compiles the real train
+step with ``align_jax.train.aot.compile_train_step`` and records XLA's per-device memory, the
+compile time (wall, and the compiling process's CPU seconds: the machine may be shared) and
+analytic FLOPs:
+
+- ``dinov2_roberta`` (default; the paper's): frozen DINOv2-L/14 at 256 px + RoBERTa-L at 77
+  tokens, token projectors, encoder and projector micro-batches of 64 rows per device;
+- ``dinov3_qwen3``: DINOv3 ViT-L/16 at 224 px (CLS + mean patch) + Qwen3-Embedding-0.6B (last
+  token), SAIL's GLU heads, sigmoid loss;
+- ``siglip2_nvembed``: SigLIP 2 So400m/14 at 384 px (its attention-pool head) + NV-Embed-v2 (a
+  bidirectional Mistral-7B and its latent-attention pooler, FSDP-sharded), SAIL's heads.
+
+Encoders run in bfloat16. The encoder folders are written here (:func:`write_config_folders`):
+each real tower's ``config.json`` (the published hub configs' shapes, sources next to them
+below), its image processor, and a small tokenizer with the tower's special tokens or padding
+side (only the ids' shapes matter); no weights exist, and none are needed. Rows carry ``config``
+(rows without it are ``dinov2_roberta``'s).
 
 Every row records the commit it was measured on (``commit``: the short hash, ``+dirty`` when
 tracked files differ from it), printed and shown in the table, so a row older than the code is
 visible as such.
 
-Each (topology, batch) compiles in its own subprocess, one at a time, and its result is appended to
-``--out`` as one JSON line as soon as it finishes, so a long run keeps what it has done and a
-second run with the same ``--out`` skips what is already there. Compiling for TPU needs libtpu
-(``pip install 'jax[tpu]==0.10.2'``, or ``pip install --target DIR libtpu==0.0.42.*`` and
-``PYTHONPATH=DIR``); no TPU is needed.
+Each (config, topology, batch) compiles in its own subprocess, one at a time, and its result is
+appended to ``--out`` as one JSON line as soon as it finishes, so a long run keeps what it has
+done and a second run with the same ``--out`` skips what is already there. Compiling for TPU
+needs libtpu (``pip install 'jax[tpu]==0.10.2'``, or ``pip install --target DIR libtpu==0.0.42.*``
+and ``PYTHONPATH=DIR``); no TPU is needed (``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` beside another
+process that holds libtpu).
 
-FLOPs are counted from the model shapes, per sample (XLA's ``cost_analysis`` counts a micro-batch
-loop's body once, so it undercounts a micro-batched step by the number of micro-batches): the
-frozen encoders forward only (matmuls ``2 * tokens * (4 d^2 + 2 d ff)`` and attention
-``4 * tokens^2 * d`` per layer, plus DINOv2's patch embedding), the projectors forward + backward
-(3x their forward matmuls: model FLOPs; the rematerialised micro-batches execute one more forward,
-not counted), and the softmax loss's logits (``2 B^2 E`` forward, ``4 B^2 E`` backward per step).
-LayerNorms, GELUs and softmaxes are left out (<1 %).
+FLOPs are counted from the model shapes, per sample (XLA's ``cost_analysis`` counts a loop's body
+once: a micro-batch loop's, and inside it a scanned layer stack's, so it undercounts a step many
+times over). Counted: the frozen encoders' forward matmuls (:func:`layer_flops` per layer:
+q and o ``d x heads*head_dim``, k and v ``d x kv_heads*head_dim`` (GQA), the MLP ``2 d ff``, or
+``3 d ff`` gated (SwiGLU), attention scores and weighted sum ``4 tokens^2 heads*head_dim``) over
+every token the tower runs (class token, registers and patches; the text length), plus the patch
+embedding, SigLIP's attention-pool head and NV-Embed's latent-attention pooler (per token: to_q
+and to_out ``d x 8*4096``, attention against 512 latents, the GEGLU MLP ``d -> 8 d``, ``4 d -> d``;
+the latents' keys and values do not depend on the text and are computed once per encoder call:
+not counted, < 0.01 % of a step); the projectors forward + backward (3x their forward matmuls:
+model FLOPs; freeze-align's token projectors per token, SAIL's GLU heads per pooled feature; the
+rematerialised micro-batches execute one more forward, not counted); and the loss's logits
+(``2 B^2 E`` forward, ``4 B^2 E`` backward per step, softmax or sigmoid alike). LayerNorms,
+activations, RoPE and softmaxes are left out (<1 %). tests/test_aot_pod_flops.py checks the
+formulas against the matmuls of align_jax's own encoder modules at tiny shapes.
 """
 
 from __future__ import annotations
@@ -173,12 +193,23 @@ def write_config_folders(root: str, name: str = DEFAULT_CONFIG) -> tuple[str, st
   return image, text
 
 
+def base_config(name: str) -> str:
+  """The recipe of a config name: "siglip2_nvembed" of "siglip2_nvembed:micro=4"."""
+  base = name.split(":", 1)[0]
+  if base not in CONFIGS:
+    raise ValueError(f"unknown --config {name!r}; choose one of {', '.join(CONFIGS)} (with "
+                     "an optional :VARIANT, e.g. siglip2_nvembed:micro=4)")
+  return base
+
+
 def recipe_config(batch: int, image: str, text: str, name: str = DEFAULT_CONFIG):
-  """configs/<name>.py at ``batch`` with the encoder folders ``image`` and ``text``."""
+  """configs/<name>.py at ``batch`` with the encoder folders ``image`` and ``text``; ``name`` may
+  carry the config's variant after a colon, as ``main.py --config=configs/NAME.py:VARIANT``."""
   import importlib
-  if name not in CONFIGS:
-    raise ValueError(f"unknown --config {name!r}; choose one of {', '.join(CONFIGS)}")
-  config = importlib.import_module(f"configs.{name}").get_config(f"batch={batch}")
+  base, _, variant = name.partition(":")
+  base_config(name)
+  config = importlib.import_module(f"configs.{base}").get_config(
+      f"batch={batch}" + (f",{variant}" if variant else ""))
   config.model.image_encoder, config.model.text_encoder = image, text
   return config
 
@@ -279,8 +310,8 @@ def analytic_flops(config, batch: int, name: str = DEFAULT_CONFIG) -> dict:
   """FLOPs of one train step of config ``name``, from the model shapes (the module docstring)."""
   m = config.model
   e = m.embed_dim
-  image = image_tower(name, m.image_size)
-  text = text_tower(name, m.max_text_length)
+  image = image_tower(base_config(name), m.image_size)
+  text = text_tower(base_config(name), m.max_text_length)
   if m.image_projector == "freeze_align_image":
     # freeze-align token projector per token: linear d->E, mlp_in d->E, mlp_out E->E; text head
     # 2 E^2
@@ -353,7 +384,7 @@ def table(rows: list[dict], entries: list[tuple[str, int]] = (),
   rows = [{**r, **analytic_row(r["topology"], r["batch"], name=_key(r)[0])} for r in rows]
   rows += [analytic_row(t, b, name=name) for t, b in entries if (name, t, b) not in compiled]
   order = {t: i for i, t in enumerate(TOPOLOGIES)}
-  rows = sorted(rows, key=lambda r: (CONFIGS.index(r["config"]),
+  rows = sorted(rows, key=lambda r: (CONFIGS.index(base_config(r["config"])), r["config"],
                                      order.get(r["topology"], len(order)), r["batch"]))
   lines = ["| config | topology | chips | global batch | rows/chip | compile s | compile CPU s | "
            "args GiB | temp GiB | peak GiB | HBM GiB | fits | PFLOP/step (analytic) | "
@@ -363,7 +394,8 @@ def table(rows: list[dict], entries: list[tuple[str, int]] = (),
   for r in rows:
     chips = r["num_devices"]
     cpu = f"{r['cpu_seconds']:.0f}" if r.get("cpu_seconds") is not None else "—"
-    head = f"| {r['config']} | {r['topology']} | {chips} | {r['batch']:,} | {r['batch'] // chips} | "
+    head = (f"| {r['config']} | {r['topology']} | {chips} | {r['batch']:,} | "
+            f"{r['batch'] // chips} | ")
     tail = (f"{r['analytic_flops_per_step'] / 1e15:.2f} | {{xla}} | "
             f"{r['roofline_step_seconds']:.3f} | {r['roofline_samples_per_second']:,.0f} | "
             f"{r['paper_hours_at_mfu']:.2f} h | {r.get('commit', '—')} |")
@@ -371,8 +403,8 @@ def table(rows: list[dict], entries: list[tuple[str, int]] = (),
       lines.append(head + f"not compiled | — | — | — | — | {r['hbm_gib']} | — | "
                    + tail.format(xla="—"))
     elif r.get("error"):
-      lines.append(head + f"{r['compile_seconds']:.0f} | {cpu} | — | — | — | {r['hbm_gib']} | "
-                   f"**no**: {r['error']} | " + tail.format(xla="—"))
+      lines.append(head + f"{r['compile_seconds']:.0f} | {cpu} | — | — | — | "
+                   f"{r['hbm_gib']} | **no**: {r['error']} | " + tail.format(xla="—"))
     else:
       xla = r["xla_flops_per_device"]
       lines.append(head + f"{r['compile_seconds']:.0f} | {cpu} | {_gib(r['argument_bytes'])} | "
@@ -405,8 +437,9 @@ def _children_cpu_seconds() -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default=DEFAULT_CONFIG, choices=CONFIGS,
-                      help="the recipe in configs/ to compile (default %(default)s)")
+  parser.add_argument("--config", default=DEFAULT_CONFIG,
+                      help=f"the recipe in configs/ to compile: {', '.join(CONFIGS)}, with an "
+                      "optional :VARIANT (e.g. siglip2_nvembed:micro=4; default %(default)s)")
   parser.add_argument("--out", default="aot_pod.jsonl", help="results file (JSON lines)")
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -414,13 +447,15 @@ def main() -> None:
                       help="TOPOLOGY:BATCH,... to compile, in this order (default: every batch "
                       "of --batches on every topology of --topologies, batch by batch)")
   parser.add_argument("--timeout", type=float, default=3600, help="seconds per compile")
-  parser.add_argument("--table", metavar="RESULTS", help="print the table of a results file")
+  parser.add_argument("--table", metavar="RESULTS",
+                      help="print the table of results files (comma-separated: one table)")
   parser.add_argument("--one", nargs=4, metavar=("TOPOLOGY", "BATCH", "IMAGE", "TEXT"),
                       help=argparse.SUPPRESS)  # one entry, in this process (the driver's child)
   args = parser.parse_args()
   if args.table:
     entries = _entries(args) if args.entries else []
-    print(table(_read(args.table), entries, args.config))
+    print(table([r for path in args.table.split(",") for r in _read(path)], entries,
+                args.config))
     return
   if args.one:
     topology, batch, image, text = args.one
@@ -431,7 +466,7 @@ def main() -> None:
   print(f"measuring commit {source_commit()}, config {args.config}", flush=True)
   done = {_key(r) for r in _read(args.out)}
   with tempfile.TemporaryDirectory() as root:
-    image, text = write_config_folders(root, args.config)
+    image, text = write_config_folders(root, base_config(args.config))
     for topology, batch in entries:
       if (args.config, topology, batch) in done:
         continue
