@@ -131,3 +131,27 @@ def test_new_configs_count_their_towers_at_the_recipe_shapes():
   assert aot_pod.decoder_forward(aot_pod.MISTRAL_7B, 77) == pytest.approx(
       2 * mistral_params * 77, rel=0.01)
   np.testing.assert_allclose(siglip["loss_per_step"], 6 * 32768 ** 2 * 1024)
+
+
+def test_config_folders_build_the_published_towers(tmp_path):
+  """The config-only folders give the real towers' parameter counts (the hub model cards':
+  DINOv3 ViT-L/16 0.3B, Qwen3-Embedding-0.6B 0.6B with its 151,669 x 1,024 embedding, SigLIP
+  So400m's vision tower 0.43B, NV-Embed-v2 7.85B), without weights."""
+  from align_jax.model import two_tower
+
+  def count(tree):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+  sizes = {}
+  for name in ("dinov3_qwen3", "siglip2_nvembed"):
+    image, text = aot_pod.write_config_folders(str(tmp_path), name)
+    assert not [f for d in (image, text) for f in os.listdir(d) if f.endswith(".safetensors")]
+    frozen = two_tower.build_model(aot_pod.recipe_config(256, image, text, name),
+                                   abstract=True).frozen_params()
+    sizes[name] = count(frozen["image"]), count(frozen["text"])
+  dinov3, qwen3 = sizes["dinov3_qwen3"]
+  siglip, nvembed_params = sizes["siglip2_nvembed"]
+  assert dinov3 == pytest.approx(0.303e9, rel=0.01)
+  assert qwen3 == pytest.approx(0.596e9, rel=0.01)
+  assert siglip == pytest.approx(0.428e9, rel=0.01)
+  assert nvembed_params == 7_851_016_192  # the hub page's safetensors count of nvidia/NV-Embed-v2
