@@ -193,24 +193,47 @@ def write_config_folders(root: str, name: str = DEFAULT_CONFIG) -> tuple[str, st
   return image, text
 
 
+def _parts(name: str) -> tuple[str, str, int]:
+  """(recipe, variant, model axis size or 0) of "RECIPE[:VARIANT][+model=N]"."""
+  head, _, model = name.partition("+model=")
+  base, _, variant = head.partition(":")
+  if base not in CONFIGS or (model and not model.isdigit()):
+    raise ValueError(f"unknown --config {name!r}; choose one of {', '.join(CONFIGS)}, with an "
+                     "optional :VARIANT and +model=N (e.g. siglip2_nvembed:micro=4, "
+                     "siglip2_nvembed+model=8)")
+  return base, variant, int(model or 0)
+
+
 def base_config(name: str) -> str:
   """The recipe of a config name: "siglip2_nvembed" of "siglip2_nvembed:micro=4"."""
-  base = name.split(":", 1)[0]
-  if base not in CONFIGS:
-    raise ValueError(f"unknown --config {name!r}; choose one of {', '.join(CONFIGS)} (with "
-                     "an optional :VARIANT, e.g. siglip2_nvembed:micro=4)")
-  return base
+  return _parts(name)[0]
+
+
+def use_model_axis(config, size: int) -> None:
+  """Shards the frozen towers over a second mesh axis, "model", of ``size`` chips instead of
+  "data": mesh (data, model) = (-1, ``size``), the batch split over both, the config's
+  ``frozen_param_rules`` naming "model" where they named "data". With the towers' matrices split
+  along the model width over "data" itself, XLA keeps each layer's activations of every chip's
+  rows (the global micro-batch) on each chip; over a small "model" axis, only its ``size`` chips'
+  rows (benchmarks/README.md, the siglip2_nvembed rows)."""
+  config.mesh.axes, config.mesh.shape = ("data", "model"), (-1, size)
+  config.mesh.batch_axes = ("data", "model")
+  config.mesh.frozen_param_rules = tuple(
+      (rule, tuple("model" if axis == "data" else axis for axis in spec))
+      for rule, spec in config.mesh.frozen_param_rules)
 
 
 def recipe_config(batch: int, image: str, text: str, name: str = DEFAULT_CONFIG):
   """configs/<name>.py at ``batch`` with the encoder folders ``image`` and ``text``; ``name`` may
-  carry the config's variant after a colon, as ``main.py --config=configs/NAME.py:VARIANT``."""
+  carry the config's variant after a colon, as ``main.py --config=configs/NAME.py:VARIANT``, and
+  ``+model=N`` (:func:`use_model_axis`)."""
   import importlib
-  base, _, variant = name.partition(":")
-  base_config(name)
+  base, variant, model = _parts(name)
   config = importlib.import_module(f"configs.{base}").get_config(
       f"batch={batch}" + (f",{variant}" if variant else ""))
   config.model.image_encoder, config.model.text_encoder = image, text
+  if model:
+    use_model_axis(config, model)
   return config
 
 
@@ -439,7 +462,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default=DEFAULT_CONFIG,
                       help=f"the recipe in configs/ to compile: {', '.join(CONFIGS)}, with an "
-                      "optional :VARIANT (e.g. siglip2_nvembed:micro=4; default %(default)s)")
+                      "optional :VARIANT and +model=N (a second mesh axis for the frozen towers; "
+                      "e.g. siglip2_nvembed:micro=4, siglip2_nvembed+model=8; default "
+                      "%(default)s)")
   parser.add_argument("--out", default="aot_pod.jsonl", help="results file (JSON lines)")
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
