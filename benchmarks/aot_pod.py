@@ -46,7 +46,7 @@ not counted, < 0.01 % of a step); the projectors forward + backward (3x their fo
 model FLOPs; freeze-align's token projectors per token, SAIL's GLU heads per pooled feature; the
 rematerialised micro-batches execute one more forward, not counted); and the loss's logits
 (``2 B^2 E`` forward, ``4 B^2 E`` backward per step, softmax or sigmoid alike). LayerNorms,
-activations, RoPE and softmaxes are left out (<1 %). tests/test_aot_pod_flops.py checks the
+activations, RoPE and softmaxes are left out (<1 %). tests/test_aot_pod.py checks the
 formulas against the matmuls of align_jax's own encoder modules at tiny shapes.
 """
 

@@ -1,6 +1,7 @@
-"""benchmarks/aot_pod.py's analytic FLOP formulas: a hand count, and the matmul FLOPs of the real
-align_jax encoder modules at tiny shapes, counted from their jaxprs (every ``dot_general`` and
-convolution; a scanned stack counts its body once per layer)."""
+"""benchmarks/aot_pod.py without a TPU compile: its analytic FLOP formulas (a hand count, and the
+matmul FLOPs of the real align_jax encoder modules at tiny shapes, counted from their jaxprs:
+every ``dot_general`` and convolution, a scanned stack's body once per layer), its config-only
+encoder folders (the published towers' parameter counts) and its config names."""
 
 import math
 import os
@@ -155,3 +156,18 @@ def test_config_folders_build_the_published_towers(tmp_path):
   assert qwen3 == pytest.approx(0.596e9, rel=0.01)
   assert siglip == pytest.approx(0.428e9, rel=0.01)
   assert nvembed_params == 7_851_016_192  # the hub page's safetensors count of nvidia/NV-Embed-v2
+
+
+def test_config_names_carry_a_variant_and_a_model_axis():
+  config = aot_pod.recipe_config(32768, "", "", "siglip2_nvembed:micro=4+model=8")
+  assert config.model.encoder_micro_batch == 4
+  assert tuple(config.mesh.axes) == ("data", "model") and tuple(config.mesh.shape) == (-1, 8)
+  assert tuple(config.mesh.batch_axes) == ("data", "model")
+  plain = aot_pod.recipe_config(32768, "", "", "siglip2_nvembed").mesh.frozen_param_rules
+  moved = config.mesh.frozen_param_rules
+  assert [rule for rule, _ in moved] == [rule for rule, _ in plain]
+  for (_, before), (_, after) in zip(plain, moved):
+    assert tuple(after) == tuple("model" if a == "data" else a for a in before)
+    assert "data" in before and "data" not in after
+  with pytest.raises(ValueError, match="choose one of dinov2_roberta"):
+    aot_pod.recipe_config(32768, "", "", "siglip2:micro=4")
