@@ -49,3 +49,16 @@ def devices():
 def torch():
   """PyTorch, for reference outputs of the transformers models; tests that need it skip without."""
   return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_run(tmp_path_factory):
+  """``train_utils.tiny_config()`` trained once per session (6 steps, metrics, evals, checkpoints
+  at 3 and 6): ``(config, workdir, last metrics)``. Shared by every test that only reads a
+  finished demo run; read-only (copy the folder to change it)."""
+  from align_jax.train import loop as train
+  from train_utils import tiny_config
+  config = tiny_config()
+  workdir = str(tmp_path_factory.mktemp("tiny_demo_run"))
+  last = train.train_and_evaluate(config, workdir)
+  return config, workdir, last
