@@ -13,7 +13,6 @@ from align_jax.config import schema as config_lib
 from align_jax.run import reader as run_dir
 from align_jax.parallel import mesh as sharding
 from align_jax.train import loop as train, step as step_builder
-from train_utils import tiny_config
 
 
 def _host(tree):
@@ -21,12 +20,10 @@ def _host(tree):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A 6-step run (checkpoints at 3 and 6) and its params after steps 3 and 6, taken from the
-  trainer's own state while stepping it the same way outside the loop."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny_config()
-  train.train_and_evaluate(config, workdir)
+def trained(tiny_demo_run):
+  """The session's 6-step demo run (checkpoints at 3 and 6) and its params after steps 3 and 6,
+  taken from the trainer's own state while stepping it the same way outside the loop."""
+  config, workdir, _ = tiny_demo_run
   trainer = train.build_trainer(config)
   state, reference = trainer.state, {}
   for step in range(1, config.total_steps + 1):

@@ -74,10 +74,9 @@ def test_temperature_is_clamped(devices):
   assert low - 1e-7 <= temperature <= high + 1e-6
 
 
-def test_loop_writes_metrics_and_eval(tmp_path, devices):
-  config = tiny_config()
-  last = train.train_and_evaluate(config, str(tmp_path))
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_loop_writes_metrics_and_eval(tiny_demo_run, devices):
+  _, workdir, last = tiny_demo_run  # tiny_config() trained once per session (conftest)
+  lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl").read().splitlines()]
   train_lines = [l for l in lines if "train/loss" in l]
   assert [l["step"] for l in train_lines] == [2, 4, 6]
   for key in ("train/loss", "train/temperature", "train/grad_norm", "train/learning_rate",
@@ -87,9 +86,9 @@ def test_loop_writes_metrics_and_eval(tmp_path, devices):
   assert [l["step"] for l in eval_lines] == [3, 6]
   assert 0.0 <= last["eval/t2i@5"] <= 1.0
   # TensorBoard holds exactly metrics.jsonl's numbers (same tags, steps, float32 values).
-  assert tensorboard(str(tmp_path))["eval/i2t@1"][-1][:2] == (6, pytest.approx(
+  assert tensorboard(workdir)["eval/i2t@1"][-1][:2] == (6, pytest.approx(
       last["eval/i2t@1"], rel=1e-6))
-  assert_tensorboard_equals_metrics(str(tmp_path))
+  assert_tensorboard_equals_metrics(workdir)
   # optax counts updates from 0: logged step 2 is update 1 of 2 warm-up updates -> half the peak
   assert train_lines[0]["train/learning_rate"] == pytest.approx(0.5e-3, rel=1e-5)
 
