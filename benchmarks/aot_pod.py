@@ -14,7 +14,9 @@ analytic FLOPs:
 - ``dinov3_qwen3``: DINOv3 ViT-L/16 at 224 px (CLS + mean patch) + Qwen3-Embedding-0.6B (last
   token), SAIL's GLU heads, sigmoid loss;
 - ``siglip2_nvembed``: SigLIP 2 So400m/14 at 384 px (its attention-pool head) + NV-Embed-v2 (a
-  bidirectional Mistral-7B and its latent-attention pooler, FSDP-sharded), SAIL's heads.
+  bidirectional Mistral-7B and its latent-attention pooler, FSDP-sharded), SAIL's heads;
+- ``dinov2_llm``: DINOv2-L/14 at 224 px (CLS + mean patch) + E5-Mistral-7B (a causal Mistral-7B,
+  last token, FSDP-sharded), SAIL's heads.
 
 Encoders run in bfloat16. The encoder folders are written here (:func:`write_config_folders`):
 each real tower's ``config.json`` (the published hub configs' shapes, sources next to them
@@ -121,7 +123,7 @@ MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                   rope_theta=10000.0, sliding_window=4096, bos_token_id=1, eos_token_id=2)
 NVEMBED_LATENT = dict(num_latents=512, num_heads=8, head_dim=4096)
 
-CONFIGS = ("dinov2_roberta", "dinov3_qwen3", "siglip2_nvembed")
+CONFIGS = ("dinov2_roberta", "dinov3_qwen3", "siglip2_nvembed", "dinov2_llm")
 DEFAULT_CONFIG = CONFIGS[0]
 
 
@@ -188,6 +190,11 @@ def write_config_folders(root: str, name: str = DEFAULT_CONFIG) -> tuple[str, st
     tiny.make_tiny_nvembed(text, save_format="flax")
     mistral = transformers.MistralConfig(**MISTRAL_7B).to_dict()
     _config_only(text, tiny.nvembed_config(mistral, **NVEMBED_LATENT))
+  elif name == "dinov2_llm":
+    transformers.Dinov2Config(**DINOV2_LARGE).save_pretrained(image)
+    # intfloat/e5-mistral-7b-instruct: Mistral-7B-v0.1's shapes (MISTRAL_7B); a tiny tokenizer.
+    tiny.make_tiny_mistral(text, save_format="flax")
+    _config_only(text, transformers.MistralConfig(**MISTRAL_7B))
   else:
     raise ValueError(f"unknown --config {name!r}; choose one of {', '.join(CONFIGS)}")
   return image, text
@@ -308,14 +315,15 @@ def image_tower(name: str, image_size: int) -> dict:
   """:func:`vit_forward` of config ``name``'s image tower."""
   shape, kind = {"dinov2_roberta": (DINOV2_LARGE, "dinov2"),
                  "dinov3_qwen3": (DINOV3_VITL16, "dinov3_vit"),
-                 "siglip2_nvembed": (SIGLIP2_SO400M_VISION, "siglip")}[name]
+                 "siglip2_nvembed": (SIGLIP2_SO400M_VISION, "siglip"),
+                 "dinov2_llm": (DINOV2_LARGE, "dinov2")}[name]
   return vit_forward(shape, kind, image_size)
 
 
 def text_tower(name: str, tokens: int) -> dict:
   """Forward FLOPs per text of ``tokens`` tokens of config ``name``'s text tower, and its width:
-  RoBERTa-L (MHA, GELU MLP), Qwen3-Embedding (:func:`decoder_forward`) or NV-Embed-v2 (its
-  Mistral and :func:`latent_pooler_forward`)."""
+  RoBERTa-L (MHA, GELU MLP), Qwen3-Embedding or E5-Mistral-7B (:func:`decoder_forward`) or
+  NV-Embed-v2 (its Mistral and :func:`latent_pooler_forward`)."""
   if name == "dinov2_roberta":
     s = ROBERTA_LARGE
     flops = _transformer_forward(s["num_hidden_layers"], tokens, s["hidden_size"],
@@ -324,6 +332,8 @@ def text_tower(name: str, tokens: int) -> dict:
   if name == "dinov3_qwen3":
     return {"flops": decoder_forward(QWEN3_EMBEDDING_06B, tokens),
             "width": QWEN3_EMBEDDING_06B["hidden_size"]}
+  if name == "dinov2_llm":
+    return {"flops": decoder_forward(MISTRAL_7B, tokens), "width": MISTRAL_7B["hidden_size"]}
   d = MISTRAL_7B["hidden_size"]
   return {"flops": decoder_forward(MISTRAL_7B, tokens)
           + latent_pooler_forward(d, tokens, **NVEMBED_LATENT), "width": d}

@@ -28,10 +28,13 @@ the freeze-align schedule (SAIL used Lion, lr 1e-5, which align_jax does not imp
 **Sharding.** 7B params are ~14.5 GB in bfloat16: with activations they do not fit replicated on
 a 16 GB v5e chip. ``LLM_FROZEN_RULES`` splits every text-tower matrix and the embedding table over
 the ``data`` axis along the model width (4,096 for Mistral-7B: divisible by up to 4,096 devices),
-so each device holds 1/N of the text weights (~220 MB on a v5e-64) and XLA gathers one
-layer's weights where it needs them; norms stay replicated. The decoder's params are loaded into
-host memory (memory-mapped safetensors) and placed shard by shard, never whole on one chip.
-DINOv2-L (0.6 GB) stays replicated.
+so each device holds 1/N of the text weights (~220 MB on a v5e-64); norms stay replicated. The
+decoder's params are loaded into host memory (memory-mapped safetensors) and placed shard by
+shard, never whole on one chip. DINOv2-L (0.6 GB) stays replicated. Encoder micro-batches are 4
+rows per chip: with the width split over the same ``data`` axis that splits the batch, XLA keeps
+a layer's activations of every chip's micro-batch on each chip rather than gathering the layer's
+weights, so the temporaries grow with 256 x micro rows (benchmarks/README.md, the AOT table's
+dinov2_llm rows: micro 32 needs 34.4 GB per v5e chip, micro 4 fits with a peak of 5.0 of 16 GiB).
 
 **Checking the 7B step before a pod** (compile only, no weights: needs libtpu, ``pip install
 'jax[tpu]==0.10.2'``, and config-only encoder folders, i.e. ``config.json`` plus the tokenizer and
@@ -70,7 +73,7 @@ LLM_FROZEN_RULES = (
 
 def get_config(arg=None):
   variant = config_lib.parse_arg(
-      arg, batch=32768, steps=15_500, micro=32, image="facebook/dinov2-large",
+      arg, batch=32768, steps=15_500, micro=4, image="facebook/dinov2-large",
       text="intfloat/e5-mistral-7b-instruct", pooling="last", length=77, size=224, fsdp=True)
   config = config_lib.pod_recipe_config(variant.steps, variant.batch)
 

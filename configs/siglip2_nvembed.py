@@ -21,7 +21,11 @@ bfloat16: ``FROZEN_RULES`` split every text-tower matrix over the ``data`` axis 
 width (4,096: divisible by up to 4,096 devices). The Mistral's per-layer params are stacked on a
 leading layer axis (its scanned blocks, paths ``text/model/layers/...``; gte-Qwen2's are
 ``text/layers/...``), which stays whole; the pooler's kernels (``text/pooler/...``) are 2-D;
-norms stay replicated. SigLIP So400m (0.4B) is replicated.
+norms stay replicated. SigLIP So400m (0.4B) is replicated. Encoder micro-batches are 4 rows per
+chip: with the text tower's width split over the ``data`` axis that also splits the batch, XLA
+keeps a layer's activations of every chip's micro-batch on each chip, so the temporaries grow
+with 256 x micro rows (benchmarks/README.md, the AOT table's siglip2_nvembed rows: micro 16 needs
+40 GB per v5e chip, micro 4 fits with a peak of 11.1 of 16 GiB).
 
 Compile check for a pod from config files alone (needs libtpu)::
 
@@ -54,7 +58,7 @@ FROZEN_RULES = (
 
 def get_config(arg=None):
   variant = config_lib.parse_arg(
-      arg, batch=32768, steps=15_500, micro=16, image="google/siglip2-so400m-patch14-384",
+      arg, batch=32768, steps=15_500, micro=4, image="google/siglip2-so400m-patch14-384",
       text="nvidia/NV-Embed-v2", pooling="latent", length=77, size=384, fsdp=True)
   config = config_lib.pod_recipe_config(variant.steps, variant.batch)
 
