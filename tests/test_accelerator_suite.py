@@ -14,15 +14,22 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import accelerator_suite as suite  # noqa: E402
 
 
-def test_smoke_run_prints_every_row_with_consistent_numbers(tmp_path):
+@pytest.mark.parametrize("cases", [
+    # the default suite's lighter twin: one loss case and one train-step case (with its
+    # largest-batch search), every row property below checked on them
+    "loss 32k,stored SAIL GLU",
+    pytest.param("", marks=pytest.mark.slow)])  # every case, as on an accelerator
+def test_smoke_run_prints_every_row_with_consistent_numbers(tmp_path, cases):
   out = tmp_path / "suite.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
   done = subprocess.run([sys.executable, "benchmarks/accelerator_suite.py", "--smoke",
-                         f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
+                         f"--out={out}"] + ([f"--cases={cases}"] if cases else []), cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
-  want = [(case, variant) for case, (_, variants) in suite.CASES.items() for variant in variants]
+  chosen = cases.split(",") if cases else list(suite.CASES)
+  want = [(case, variant) for case, (_, variants) in suite.CASES.items() if case in chosen
+          for variant in variants]
   assert sorted((r["case"], r["variant"]) for r in rows) == sorted(want)
   table_lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
   assert len(table_lines) == 1 + len(want)  # header + one line per row

@@ -148,3 +148,17 @@ def test_cli_port_in_use_and_no_cluster():
       "error: --distributed: jax detected no cluster (Cloud TPU, SLURM, Open MPI, Kubernetes) to "
       "take --coordinator_address from; pass --coordinator_address=HOST:PORT --num_processes=N "
       "--process_id=I on every process")
+
+
+def test_gloo_connection_chatter_is_recognised_in_pieces():
+  """gloo's per-device connection message, whole or interleaved by concurrent device threads (as
+  seen in a 2-process run's stdout), is dropped; the run's own lines are kept."""
+  chatter = [b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer "
+             b"ranks is : 1",
+             b"er ranks. [Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected "
+             b"peer ranks is : 1",
+             b"Expected number of connected peer ranks is : 1"]
+  kept = [b"2026-12-06 12:42:27,205 trainable parameters: 99,457 (image: 49,728, logit: 1, "
+          b"text: 49,728)", b"step 0 eval: eval/i2t@1=0.0117", b""]
+  assert all(distributed.is_gloo_chatter(line) for line in chatter)
+  assert not any(distributed.is_gloo_chatter(line) for line in kept)

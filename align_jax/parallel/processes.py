@@ -303,14 +303,23 @@ def initialize(values: Any = None, identity: tuple | None = None) -> bool:
   return True
 
 
-_GLOO_CHATTER = b"[Gloo] Rank "
+# gloo's connection message, "[Gloo] Rank N is connected to M peer ranks. Expected number of
+# connected peer ranks is : M": several device threads print it at once, token by token, so
+# pieces of it can share a line (seen: "...er ranks. [Gloo] Rank 0 is connected to ...").
+_GLOO_CHATTER = (b"[Gloo] Rank ", b"connected peer ranks is : ", b" is connected to ")
+
+
+def is_gloo_chatter(line: bytes) -> bool:
+  """Whether a stdout line holds (a piece of) gloo's connection message."""
+  return any(marker in line for marker in _GLOO_CHATTER)
 
 
 def _drop_gloo_chatter() -> None:
   """gloo (XLA:CPU's cross-process collectives) prints ``[Gloo] Rank N is connected to M peer
-  ranks...`` on stdout from C++, one line per device and communicator, with no setting to stop
-  it. Here stdout's file descriptor is passed through a pipe whose reader thread drops those
-  lines and forwards the rest unchanged; at exit the pipe is drained first."""
+  ranks...`` on stdout from C++, one message per device and communicator, with no setting to stop
+  it. Here stdout's file descriptor is passed through a pipe whose reader thread drops the lines
+  holding any piece of it (:func:`is_gloo_chatter`) and forwards the rest unchanged; at exit the
+  pipe is drained first."""
   read_fd, write_fd = os.pipe()
   sys.stdout.flush()
   real_stdout = os.dup(1)
@@ -322,10 +331,10 @@ def _drop_gloo_chatter() -> None:
     with open(read_fd, "rb", buffering=0) as source:
       while chunk := source.read(65536):
         *lines, pending = (pending + chunk).split(b"\n")
-        kept = b"".join(line + b"\n" for line in lines if not line.startswith(_GLOO_CHATTER))
+        kept = b"".join(line + b"\n" for line in lines if not is_gloo_chatter(line))
         if kept:
           os.write(real_stdout, kept)
-    if pending and not pending.startswith(_GLOO_CHATTER):
+    if pending and not is_gloo_chatter(pending):
       os.write(real_stdout, pending)
 
   thread = threading.Thread(target=forward, name="align_jax-stdout-filter", daemon=True)
