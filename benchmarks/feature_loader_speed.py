@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from align_jax.data import features  # noqa: E402
+from align_jax.data import array_sources as features  # noqa: E402
 
 MIB = 2**20
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from align_jax.data import feature_files
+from align_jax.data import feature_store as feature_files
 
 
 def fingerprint(**model) -> dict:

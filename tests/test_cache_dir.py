@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from align_jax.run import cache_dir
-from align_jax.data import features, webdataset
+from align_jax.data import array_sources as features, webdataset
 
 import helpers_data as hd
 import helpers_store as hs

@@ -29,7 +29,7 @@ import pytest
 import align_jax
 from align_jax.run import storage
 from align_jax.run import reader as run_dir_lib
-from align_jax.data import pipeline, records, sources, transforms, webdataset
+from align_jax.data import pipeline, records, tfds_manifest_readers as sources, transforms, webdataset
 from align_jax.evaluate import datasets, prompts, standalone
 
 import helpers_data as hd

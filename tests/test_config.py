@@ -7,7 +7,7 @@ import os
 import pytest
 
 from align_jax.config import checks, errors, schema as config_lib
-from align_jax.data import factory, readers
+from align_jax.data import factory, reader_factory as readers
 from align_jax.objectives import kinds
 from align_jax.run import reader as run_dir
 from align_jax.train import validation

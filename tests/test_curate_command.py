@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import helpers_data
-from align_jax.analysis import curate
-from align_jax.data import sources
+from align_jax.analysis import curation_files as curate
+from align_jax.data import tfds_manifest_readers as sources
 from align_jax.testing import tiny_checkpoints as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

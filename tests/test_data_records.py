@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from align_jax.config import schema as config_lib
-from align_jax.data import features, manifest, order, pipeline, readers, records, skip_log
-from align_jax.data import sources
+from align_jax.data import array_sources as features, manifest, order, pipeline, reader_factory as readers, records, skip_log
+from align_jax.data import tfds_manifest_readers as sources
 from align_jax.evaluate import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_jax.data import records, sources, webdataset
+from align_jax.data import records, tfds_manifest_readers as sources, webdataset
 
 import helpers_data as hd
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from align_jax.data import feature_files
+from align_jax.data import feature_store as feature_files
 from align_jax.model import two_tower as model_lib
 from align_jax.train import extract as feature_store
 from align_jax.train import loop as train

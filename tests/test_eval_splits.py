@@ -18,7 +18,7 @@ from align_jax.train import extract as feature_store, loop as train
 from align_jax.model import two_tower as model_lib
 from align_jax.run import reader as run_dir
 from align_jax.parallel import mesh as sharding
-from align_jax.data import factory, readers, synthetic_images
+from align_jax.data import factory, reader_factory as readers, synthetic_images
 from align_jax.evaluate import evaluators as evaluators_lib
 from train_utils import tiny_config, tiny_online_config
 

@@ -10,7 +10,7 @@ from align_jax.train import extract as feature_store
 from align_jax.objectives import kinds as loss_kinds
 from align_jax.model import two_tower as model_lib
 from align_jax.parallel import mesh as sharding
-from align_jax.data import features, pipeline, factory
+from align_jax.data import array_sources as features, pipeline, factory
 from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
                          tiny_config, tiny_online_config)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from align_jax.train import extract as feature_store, loop as train
-from align_jax.data import feature_files, features, synthetic_images
+from align_jax.data import feature_store as feature_files, array_sources as features, synthetic_images
 from align_jax.testing import tiny_checkpoints as tiny
 from train_utils import (extract_interrupted_after_one_shard, extract_small_shards,
                          tiny_online_config)

@@ -6,7 +6,7 @@ import pytest
 
 from align_jax.encoders import factory as encoder_factory
 from align_jax.model import interfaces, two_tower as model_lib
-from align_jax.data import factory, features, pipeline, transforms
+from align_jax.data import factory, array_sources as features, pipeline, transforms
 from align_jax.testing import tiny_checkpoints as tiny
 
 import helpers_data as hd

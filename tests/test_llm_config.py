@@ -12,7 +12,7 @@ import pytest
 
 from align_jax.train import aot, extract as feature_store
 from align_jax.parallel import mesh as sharding
-from align_jax.data import features, readers, synthetic_images
+from align_jax.data import array_sources as features, reader_factory as readers, synthetic_images
 from align_jax.data import records as records_lib
 from align_jax.encoders import TextEncoder
 from align_jax.testing import tiny_checkpoints as tiny

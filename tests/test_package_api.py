@@ -18,13 +18,13 @@ def test_analysis_exports_the_similarity_measures():
 
 def test_analysis_submodules_are_not_shadowed_by_exports():
   import types
-  from align_jax.analysis import curate, select
+  from align_jax.analysis import curation_files as curate, select
   assert isinstance(curate, types.ModuleType) and isinstance(select, types.ModuleType)
 
 
 def test_data_exports_resolve_to_their_modules():
   import align_jax.data as data
-  from align_jax.data import features, manifest, order, records
+  from align_jax.data import array_sources as features, manifest, order, records
   assert data.ArrayPairSource is features.ArrayPairSource
   assert data.read_manifest_rows is manifest.read_rows and data.EpochOrder is order.EpochOrder
   assert data.SkipCounter is records.SkipCounter

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from align_jax.run import storage
-from align_jax.data import factory, parquet, pipeline, readers, records, skip_log, transforms
+from align_jax.data import factory, parquet, pipeline, reader_factory as readers, records, skip_log, transforms
 from align_jax.evaluate import datasets
 
 import helpers_data as hd
@@ -259,7 +259,7 @@ def test_parquet_on_gcs_reads_like_local(gcs_bucket, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_feature_extraction_from_parquet_equals_the_manifest(tmp_path, devices):
   """``--mode=extract_features`` over the same 20 shapes as a manifest and as Parquet bytes."""
-  from align_jax.data import features, synthetic_images
+  from align_jax.data import array_sources as features, synthetic_images
   from train_utils import extract_small_shards, tiny_online_config
 
   config = tiny_online_config(tmp_path / "models")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from align_jax.data import features
+from align_jax.data import array_sources as features
 
 
 def _source(n=10, batch=4, **kw):

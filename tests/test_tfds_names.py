@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 
-from align_jax.data import sources  # noqa: E402
+from align_jax.data import tfds_manifest_readers as sources# noqa: E402
 from align_jax.evaluate import datasets  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from align_jax.train import loop as train
-from align_jax.data import feature_files
+from align_jax.data import feature_store as feature_files
 
 import helpers_store as hs
 from train_utils import tiny_config

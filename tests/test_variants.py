@@ -21,7 +21,7 @@ from align_jax.objectives import contrastive as losses, cwcl, multi_positive, st
 from align_jax.parallel import mesh as sharding
 from align_jax.train import fusemix
 from align_jax.train import loop as train
-from align_jax.data import features as features_data
+from align_jax.data import array_sources as features_data
 from train_utils import apply_overrides, tiny_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -393,7 +393,7 @@ def test_variants_are_off_by_default():
 def test_training_from_a_feature_store_with_several_captions(devices, tmp_path):
   """Stored features (manifest + shards, 1-4 captions per image) -> k = 2 positives per image."""
   import json
-  from align_jax.data import feature_files
+  from align_jax.data import feature_store as feature_files
   rng = np.random.default_rng(8)
   shards = []
   for s, num_images in enumerate((40, 24)):

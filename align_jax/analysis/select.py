@@ -23,7 +23,7 @@ That is the best pair by final-layer CKA with ``model.image_layer`` / ``model.te
 ``--layers``, the pair and layers of the highest CKA over every layer pair of every encoder pair
 (layer indices as :mod:`align_jax.encoders.layers` counts them; the final output written -1).
 
-Records come from the image-caption readers (:func:`align_jax.data.readers.make_reader`: manifest,
+Records come from the image-caption readers (:func:`align_jax.data.reader_factory.make_reader`: manifest,
 tfds, webdataset, synthetic_shapes), read and decoded as training reads them; unreadable records
 are skipped and counted. Each encoder
 preprocesses images with its own Hugging Face processor.
@@ -43,7 +43,7 @@ from PIL import Image
 
 from align_jax.analysis import plotting
 from align_jax.analysis import cka, text_length
-from align_jax.data import readers
+from align_jax.data import reader_factory as readers
 from align_jax.data import records
 
 logger = logging.getLogger("align_jax")

@@ -7,7 +7,7 @@
 
 ``--prototypes=PROTOS.npy`` replaces ``--text_encoder`` (precomputed ``[C, D]`` prototypes). The
 output keeps the selected pool lines unchanged, plus ``concept`` and ``score``; the algorithm:
-:mod:`align_jax.analysis.curate`. This module parses flags and turns errors into one line.
+:mod:`align_jax.analysis.curation_files`. This module parses flags and turns errors into one line.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def define_flags() -> None:
 
 
 def _curate_and_report() -> None:
-  from align_jax.analysis import curate
+  from align_jax.analysis import curation_files as curate
   stats = curate.curate_from_files(
       FLAGS.pool, FLAGS.features, FLAGS.concepts, FLAGS.out, text_encoder=FLAGS.text_encoder,
       prototypes=FLAGS.prototypes, templates=FLAGS.templates,

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
   """absl's main: scores the pairs on process 0 (the others wait) and prints the ranking."""
   absl_app.no_arguments(argv)
   from align_jax.analysis import select
-  from align_jax.data import readers
+  from align_jax.data import reader_factory as readers
   distributed.initialize_or_exit()
   split = FLAGS.split or {"tfds": "validation", "synthetic_shapes": "heldout"}.get(FLAGS.source,
                                                                                   "train")

@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = ""
 
   c.data = ml_collections.ConfigDict()
-  # synthetic | features (arrays: align_jax.data.features); tfds | webdataset | manifest |
+  # synthetic | features (arrays: align_jax.data.array_sources); tfds | webdataset | manifest |
   # parquet | synthetic_shapes (raw images + captions: align_jax.data.pipeline)
   c.data.source = "synthetic"
   c.data.split = "train"  # evaluators override it (e.g. "heldout", "validation")
@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.min_image_size = 8
   c.data.max_consecutive_skips = 0  # 0 = min(records, 10,000): then the source is broken
   # features source: sha256 of every shard file checked "once" per machine (cached), "always", or
-  # "size" (shapes and sizes only; align_jax.data.feature_files)
+  # "size" (shapes and sizes only; align_jax.data.feature_store)
   c.data.verify_features = "once"
   c.data.feature_cache_dir = ""  # verified-digest cache and local copies of gs:// stores
   # features source: the store's fingerprint, recorded by the trainer in WORKDIR/config.json; a

@@ -17,9 +17,9 @@ import importlib
 _EXPORTS = {
     "make_train_source": ("factory", "make_train_source"),
     "make_pair_source": ("pipeline", "make_pair_source"),
-    "ArrayPairSource": ("features", "ArrayPairSource"),
-    "load_stored_features": ("features", "load_stored_features"),
-    "make_reader": ("readers", "make_reader"),
+    "ArrayPairSource": ("array_sources", "ArrayPairSource"),
+    "load_stored_features": ("array_sources", "load_stored_features"),
+    "make_reader": ("reader_factory", "make_reader"),
     "decode_image": ("records", "decode_image"),
     "SkipCounter": ("records", "SkipCounter"),
     "read_manifest_rows": ("manifest", "read_rows"),

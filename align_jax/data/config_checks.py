@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from align_jax.config import checks
-from align_jax.data import factory, feature_files
+from align_jax.data import factory, feature_store as feature_files
 
 checks.register_choices(__name__, "data.source", factory.SOURCES, what="data source")
 checks.register_choices(__name__, "data.verify_features", feature_files.VERIFY_MODES)

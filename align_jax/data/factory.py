@@ -1,6 +1,6 @@
 """The input a config names: array-backed sources or the image-caption pipeline, for train and eval.
 
-* ``synthetic`` / ``features``: pairs held in arrays (:mod:`align_jax.data.features`), for the
+* ``synthetic`` / ``features``: pairs held in arrays (:mod:`align_jax.data.array_sources`), for the
   demo's random encoders or stored encoder outputs.
 * ``tfds`` / ``webdataset`` / ``manifest`` / ``parquet`` / ``synthetic_shapes``: raw images and
   captions (:mod:`align_jax.data.pipeline`), decoded, augmented with the paper's transforms,
@@ -14,7 +14,7 @@ import ml_collections
 
 from align_jax.model import interfaces
 from align_jax.run import storage
-from align_jax.data import features, readers
+from align_jax.data import array_sources as features, reader_factory as readers
 
 ARRAY_SOURCES = ("synthetic", "features")
 # every data.source: the array sources, then the image-caption readers' (readers.READERS)

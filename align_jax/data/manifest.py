@@ -1,6 +1,6 @@
 """Manifest files: the one parser of the JSONL / CSV tables that list images.
 
-Training and retrieval manifests give captions per image (:class:`align_jax.data.sources.
+Training and retrieval manifests give captions per image (:class:`align_jax.data.tfds_manifest_readers.
 ManifestReader`), classification manifests a label (:class:`align_jax.evaluate.datasets.
 ManifestClassificationReader`); both read their rows here. ``.jsonl``: one JSON object per line
 (blank lines ignored); ``.csv``: a header row, then one row per image. A row that cannot be used

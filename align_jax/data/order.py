@@ -1,6 +1,6 @@
 """The order every source reads its records in: a function of (seed, epoch, process) only.
 
-Array sources (:class:`align_jax.data.features.ArrayPairSource`) and image sources
+Array sources (:class:`align_jax.data.array_sources.ArrayPairSource`) and image sources
 (:class:`align_jax.data.pipeline.StreamPlan`) share it: one definition of which record each
 stream position holds and which process reads it (array sources then sort each batch's rows,
 which the losses do not see; image sources replace a bad record by the process's next one).

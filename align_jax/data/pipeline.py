@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from align_jax.data import order as order_lib
-from align_jax.data import readers
+from align_jax.data import reader_factory as readers
 from align_jax.data import records
 
 _log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Every consumer of image data goes through here: the training and evaluation pipeline
 (:mod:`align_jax.data.pipeline`), zero-shot classification (:mod:`align_jax.evaluate.zero_shot`),
 encoder selection (:mod:`align_jax.analysis.select`) and the readers themselves
-(:mod:`align_jax.data.sources`, :mod:`align_jax.data.webdataset`,
+(:mod:`align_jax.data.tfds_manifest_readers`, :mod:`align_jax.data.webdataset`,
 :mod:`align_jax.data.synthetic_images`, :mod:`align_jax.evaluate.datasets`).
 
 * A reader is a sized, picklable, random-access list of undecoded records (:class:`RecordReader`).

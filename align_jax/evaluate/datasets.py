@@ -48,7 +48,7 @@ from align_jax.run import storage
 from align_jax.data import manifest
 from align_jax.data import parquet
 from align_jax.data import records
-from align_jax.data import sources
+from align_jax.data import tfds_manifest_readers as sources
 from align_jax.data import tfds_names
 
 

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from align_jax.data import factory
-from align_jax.data import features as features_data
+from align_jax.data import array_sources as features_data
 from align_jax.evaluate import embedding
 from align_jax.evaluate import metrics
 from align_jax.evaluate import zero_shot

@@ -28,7 +28,7 @@ Where a benchmark's data is looked for, first match wins:
   in :data:`BENCHMARKS`: ``imagenet``, ``pets``, ``aircraft``, ``ucf101``, ``flickr30k``, ...).
   Classification rows are ``{"image": path, "label": class name or index}``, retrieval rows
   ``{"image": path, "caption": [captions]}``, paths relative to the manifest (the formats of
-  :mod:`align_jax.evaluate.datasets` and :mod:`align_jax.data.sources`); a Parquet file (as the
+  :mod:`align_jax.evaluate.datasets` and :mod:`align_jax.data.tfds_manifest_readers`); a Parquet file (as the
   Hugging Face Hub publishes these sets) has the same columns, its images as bytes or paths
   (:mod:`align_jax.data.parquet`). FGVC-Aircraft, UCF101 (mid-video frames) and Flickr30k have no
   TFDS image builder: they come only from here.

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from align_jax.model import interfaces
-from align_jax.data import factory, readers, records
+from align_jax.data import factory, reader_factory as readers, records
 from align_jax.evaluate import datasets, embedding, metrics, prompts
 
 logger = logging.getLogger("align_jax")

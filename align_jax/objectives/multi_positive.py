@@ -1,7 +1,7 @@
 """The contrastive loss with several positive captions per image, ``data.captions_per_image`` = k.
 
 SAIL's extra-caption positives for the sigmoid loss; multi-positive targets for the softmax loss.
-Every source serves k captions per image (align_jax.data.features, align_jax.data.pipeline), laid
+Every source serves k captions per image (align_jax.data.array_sources, align_jax.data.pipeline), laid
 out image-major: image rows ``[B, ...]`` and text rows ``[B * k, ...]``, text row ``j`` a caption
 of image ``j // k``; so a device's shard of the text rows holds exactly the captions of its shard
 of the images. k = 1 is the plain loss.

@@ -21,7 +21,7 @@ transform's normalisation, max text length, a digest of the tokenizer, the encod
 dtypes, and the data source, split and the keys that select its records. Extraction into a folder
 whose store has another fingerprint (or none) is refused with one line listing what differs;
 ``--config.extract.overwrite=True`` deletes that store and starts over. Reading a store
-(:mod:`align_jax.data.feature_files`) checks every shard against the manifest.
+(:mod:`align_jax.data.feature_store`) checks every shard against the manifest.
 
 A local shard is written to a temporary folder and renamed when complete (on ``gs://``, where a
 folder rename is a copy, its files are written in place and only count once listed); after each
@@ -49,7 +49,7 @@ from align_jax.run import checksums, storage
 from align_jax.model import two_tower as model_lib
 from align_jax.parallel import mesh as sharding
 from align_jax.train import step as step_builder
-from align_jax.data import factory, feature_files, features
+from align_jax.data import factory, feature_store as feature_files, array_sources as features
 
 logger = logging.getLogger("align_jax")
 MANIFEST = feature_files.MANIFEST
@@ -159,7 +159,7 @@ def check_training_store(config: ml_collections.ConfigDict, workdir: str) -> dic
   """The fingerprint of the store a run trains on, checked; None when there is none to check.
 
   For ``data.source = "features"``: the encoders must be ``"features"``
-  (:func:`align_jax.data.features.check_feature_encoders`); the store's fingerprint must match
+  (:func:`align_jax.data.array_sources.check_feature_encoders`); the store's fingerprint must match
   the config's encoder settings (pooling, layer, text prefix, max text length, encoder dtype), and
   the fingerprint the run recorded in ``WORKDIR/config.json`` (``data.store_fingerprint``), or
   that the config itself names. The trainer then records the returned fingerprint, so resuming

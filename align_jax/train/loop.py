@@ -41,7 +41,7 @@ from align_jax.train import step as step_builder
 from align_jax.objectives import objective as objective_lib
 from align_jax.train import fusemix
 from align_jax.data import factory as data_factory
-from align_jax.data import features as data_features
+from align_jax.data import array_sources as data_features
 from align_jax.evaluate import evaluators as evaluators_lib
 
 logger = logging.getLogger("align_jax")

@@ -31,7 +31,7 @@ import optax
 
 from align_jax.parallel import mesh as sharding
 from align_jax.data import factory as data_factory
-from align_jax.data import features as features_data
+from align_jax.data import array_sources as features_data
 
 
 @flax.struct.dataclass

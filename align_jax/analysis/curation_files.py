@@ -1,4 +1,4 @@
-"""Curation: a concept-balanced subset of an image-caption pool, as a training manifest.
+"""Curation over files: concept prototypes, the pool's caption features streamed, the subset written.
 
     python -m align_jax.cli.curate --pool=pool.jsonl --features=pool_text.npy \\
         --concepts=concepts.txt --text_encoder=sentence-transformers/all-roberta-large-v1 \\

@@ -28,7 +28,7 @@ loader speed"), at the price that a block's pairs always share a batch.
 Stored features: a folder with ``image.npy`` ([N, D] pooled, or [N, T, D] tokens with
 ``image_mask.npy`` [N, T]) and the same for ``text``; or a feature store written by
 :mod:`align_jax.train.extract` (shards + manifest, several captions per image), whose every shard
-is checked against its manifest when opened (:mod:`align_jax.data.feature_files`; stores on
+is checked against its manifest when opened (:mod:`align_jax.data.feature_store`; stores on
 ``gs://`` are read through verified local copies). Rows are copied with one sorted ``np.take``
 per file and batch into recycled output buffers (see :class:`_BatchBuffers`; the rates:
 benchmarks/README.md, "Stored-feature loader speed"); memory-mapped files far larger than RAM
@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from align_jax.run import storage
-from align_jax.data import feature_files
+from align_jax.data import feature_store as feature_files
 from align_jax.data import order as order_lib
 
 _ALIGN = 64  # bytes; keeps every array of a recycled batch buffer cache-line (and SIMD) aligned
@@ -283,7 +283,7 @@ def load_stored_features(path: str, *, split: str = "", verify: str = "once",
   ``path`` (local or a URL such as ``gs://...``) is either a feature store written by
   :mod:`align_jax.train.extract` (``manifest.json`` and shards: every shard's shapes, sizes and
   digests are checked against the manifest, and ``split``, if given, must be the store's split;
-  :mod:`align_jax.data.feature_files`), or a plain folder with ``image.npy`` / ``text.npy`` (one
+  :mod:`align_jax.data.feature_store`), or a plain folder with ``image.npy`` / ``text.npy`` (one
   caption per image). Local files are memory-mapped.
   """
   if feature_files.read_manifest(path) is None:

@@ -2,7 +2,7 @@
 
 One factory for the image-caption readers (``tfds``, ``webdataset``, ``manifest``, ``parquet``,
 ``synthetic_shapes``), used by training, evaluation, feature extraction and encoder selection.
-It lives apart from the readers themselves (:mod:`align_jax.data.sources`,
+It lives apart from the readers themselves (:mod:`align_jax.data.tfds_manifest_readers`,
 :mod:`align_jax.data.webdataset`, :mod:`align_jax.data.parquet`,
 :mod:`align_jax.data.synthetic_images`), which all build on
 :mod:`align_jax.data.records`, so the module graph has no cycle.
@@ -21,7 +21,7 @@ import ml_collections
 from align_jax.config import schema as config_lib
 from align_jax.data import parquet
 from align_jax.data import records
-from align_jax.data import sources
+from align_jax.data import tfds_manifest_readers as sources
 from align_jax.data import synthetic_images
 from align_jax.data import webdataset
 
@@ -98,5 +98,5 @@ def make_reader(data_config: Any) -> records.RecordReader:
   if build is None:
     raise ValueError(f"unknown data.source {data.source!r}; expected one of "
                      f"{', '.join(repr(name) for name in READERS)} (stored features and the "
-                     "synthetic latent world are built by align_jax.data.features)")
+                     "synthetic latent world are built by align_jax.data.array_sources)")
   return build(data)

@@ -4,7 +4,7 @@ A reader is a sized, picklable sequence of raw records (image bytes + raw captio
 workers read by index; shuffling, sharding, decoding and batching live in ``pipeline.py``. Random
 access by index is what makes the order a pure function of (seed, position), hence exact resume.
 WebDataset tars are read by :mod:`align_jax.data.webdataset`, and the reader a config names is
-built by :func:`align_jax.data.readers.make_reader`.
+built by :func:`align_jax.data.reader_factory.make_reader`.
 
 Bad input is reported by raising ``records.SkipRecord(reason, detail)``; the consumer counts it as
 ``data/skipped_<reason>`` (:class:`align_jax.data.records.SkipCounter`), logs it with the file or
