@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from align_jax.parallel import mesh as sharding
+from align_jax.run import reader as run_dir
 from align_jax.train import loop as train
 from helpers_metrics import assert_tensorboard_equals_metrics, tensorboard
 from train_utils import tiny_config
@@ -105,3 +106,35 @@ def test_non_finite_loss_names_the_step(tmp_path, devices):
   config.evals = {}
   with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_run_stopping_on_an_error_waits_for_its_pending_save(tmp_path, devices, monkeypatch):
+  """An error inside the loop (here a non-finite loss at step 3, after the async save of step 2)
+  first lets the save in flight finish (orbax's writer threads die with the process), then
+  raises the run's own error; the step-2 checkpoint is complete and restorable."""
+  from align_jax.run import checkpoint as checkpoint_lib
+  closed = []
+  original_close = checkpoint_lib.Checkpointer.close
+  def close(self):
+    original_close(self)
+    closed.append(self.last_good)
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "close", close)
+  features = tmp_path / "features"
+  features.mkdir()
+  image = np.random.default_rng(0).normal(size=(128, 8)).astype(np.float32)
+  np.save(features / "image.npy", image)
+  np.save(features / "text.npy", np.random.default_rng(1).normal(size=(128, 6)).astype(np.float32))
+  config = tiny_config(**{"data.source": "features", "data.path": str(features),
+                          "model.image_encoder": "features", "model.text_encoder": "features",
+                          "checkpoint_every": 2, "log_every": 1, "async_checkpointing": True})
+  config.evals = {}
+  real_check = train._check_finite
+  def nan_at_step_3(pending, hint=""):
+    if pending and pending[-1][0] == 3:
+      raise FloatingPointError("non-finite loss nan at step 3 (injected)")
+    return real_check(pending, hint)
+  monkeypatch.setattr(train, "_check_finite", nan_at_step_3)
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert closed == [2], closed  # waited for, and the step-2 save was the last complete one
+  assert run_dir.restore_params(str(tmp_path / "run"), 2) is not None

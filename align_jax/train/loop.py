@@ -150,6 +150,23 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
   return steps[-1]
 
 
+def _finish_saves_after_error(checkpointer: checkpoint_lib.Checkpointer) -> None:
+  """Before a run stops on an error (a non-finite loss, bad data), a save still in flight finishes.
+
+  orbax writes asynchronously on daemon threads, which end with the process: without this wait a
+  save started a step before the error could be cut off, and the restart would fall back to the
+  save before it. One process only: with several, the save's commit waits at a barrier for
+  every process, which the others (stopped by the same error, or by a lost-peer watch) may never
+  reach.
+  """
+  if jax.process_count() != 1:
+    return
+  try:
+    checkpointer.close()
+  except Exception as error:  # pylint: disable=broad-except  # the run's own error is reported
+    logger.warning("while stopping: the pending checkpoint save failed too: %s", error)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns the last train and eval metrics.
 
@@ -221,41 +238,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
 
   peer_watch.set_progress(last_checkpoint)
   one_at_a_time = distributed.one_program_at_a_time()
-  with preemption.PreemptionWatch() as watch:
-    for step in range(start_step + 1, config.total_steps + 1):
-      state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
-      # XLA:CPU with several processes: no second program while this one runs. The first step
-      # is waited for anyway: compiled and run once, the ETA is timed from there.
-      if one_at_a_time or step == start_step + 1:
-        jax.block_until_ready(metrics)
-      if step == start_step + 1:
-        writer.start_clock(step)
-      checkpointer.check(collective=step % config.log_every == 0)  # a failed async save stops here
-      pending.append((step, metrics))
-      window_steps += 1
-      is_last = step == config.total_steps
-      if step % config.log_every == 0 or is_last:
-        _check_finite(pending, finite_hint)
-        elapsed = time.time() - window_start
-        last = {k: float(v) for k, v in pending[-1][1].items()}
-        last["train/examples_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-        last.update(source.skipped())  # data/skipped_<reason> counters
-        writer.write(step, last)
-        writer.progress(step, last)
-        pending, window_start, window_steps = [], time.time(), 0
-      regular_save = step % config.checkpoint_every == 0 or is_last
-      preempted = watch.reached(step)  # every process answers the same at every step
-      # A preemption saves at once; evaluations due at this step run after the restart.
-      if not (preempted and not regular_save) and any(
-          evaluator.is_due(step, is_last) for evaluator in evaluators):
-        _check_finite(pending, finite_hint)
-        last.update(evaluate(step))
-      if regular_save or preempted:
-        _check_finite(pending, finite_hint)
-        checkpointer.maybe_save(step, state, source.get_state(), force=is_last or preempted)
-      if preempted:
-        preempted_at = step
-        break
+  try:
+    with preemption.PreemptionWatch() as watch:
+      for step in range(start_step + 1, config.total_steps + 1):
+        state, metrics = trainer.train_step(state, frozen, trainer.next_batch())
+        # XLA:CPU with several processes: no second program while this one runs. The first step
+        # is waited for anyway: compiled and run once, the ETA is timed from there.
+        if one_at_a_time or step == start_step + 1:
+          jax.block_until_ready(metrics)
+        if step == start_step + 1:
+          writer.start_clock(step)
+        checkpointer.check(collective=step % config.log_every == 0)  # a failed async save stops here
+        pending.append((step, metrics))
+        window_steps += 1
+        is_last = step == config.total_steps
+        if step % config.log_every == 0 or is_last:
+          _check_finite(pending, finite_hint)
+          elapsed = time.time() - window_start
+          last = {k: float(v) for k, v in pending[-1][1].items()}
+          last["train/examples_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+          last.update(source.skipped())  # data/skipped_<reason> counters
+          writer.write(step, last)
+          writer.progress(step, last)
+          pending, window_start, window_steps = [], time.time(), 0
+        regular_save = step % config.checkpoint_every == 0 or is_last
+        preempted = watch.reached(step)  # every process answers the same at every step
+        # A preemption saves at once; evaluations due at this step run after the restart.
+        if not (preempted and not regular_save) and any(
+            evaluator.is_due(step, is_last) for evaluator in evaluators):
+          _check_finite(pending, finite_hint)
+          last.update(evaluate(step))
+        if regular_save or preempted:
+          _check_finite(pending, finite_hint)
+          checkpointer.maybe_save(step, state, source.get_state(), force=is_last or preempted)
+        if preempted:
+          preempted_at = step
+          break
+  except BaseException:
+    _finish_saves_after_error(checkpointer)
+    raise
   checkpointer.close()
   writer.close()
   if preempted_at is not None:
